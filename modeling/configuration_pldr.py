@@ -1,0 +1,122 @@
+"""Configuration of PLDR-LLM (Large Language Model from Power Law Decoder Representations).
+
+The config keys are those of the published PLDR-LLM checkpoints (``model_type: "pldrllm"``), so a published
+``config.json`` loads as it is. Defaults are the PLDR-LLM-v51-110M models of arXiv 2502.13502.
+"""
+
+from transformers import PreTrainedConfig
+
+CUSTOM_G_TYPES = (None, "identity", "random", "external")
+
+
+class PldrConfig(PreTrainedConfig):
+    r"""
+    Configuration of a PLDR-LLM.
+
+    Args:
+        vocab_size: Vocabulary size.
+        hidden_size: Model width D; must equal ``num_attention_heads * head_dim``.
+        intermediate_size: Hidden width of the SwiGLU feed-forward network (``floor(D * 4 * 2 / 3)`` in the papers).
+        num_hidden_layers: Number of post-norm decoder layers.
+        num_attention_heads: Number of Power Law Graph Attention heads H.
+        head_dim: Width d of a head; the deductive tensors A, A_LM and G_LM are d x d per head.
+        hidden_act: Activation of the gated linear units (SwiGLU uses ``"silu"``).
+        max_position_embeddings: Longest context the model was trained for.
+        layer_norm_eps: Epsilon of every LayerNorm.
+        rope_theta: Rotary embedding base.
+        reference_rope: ``True`` rotates interleaved pairs (2i, 2i+1) as the original implementation does;
+            ``False`` uses the ``rotate_half`` pairing (i, i + d/2) of most transformers models.
+        attention_bias: Biases on the query/key/value/output projections.
+        glu_bias: Biases in the gated linear units (feed-forward network and metric learner).
+        final_bias: Bias on the LM head.
+        num_reslayerA: Number of residual units in the metric learner.
+        num_denseA: Number of gated linear units inside each residual unit of the metric learner.
+        A_dff: Hidden width of the metric learner's gated linear units.
+        custom_G_type: ``None`` learns G_LM with the full PLGA (metric learner + power law); ``"identity"`` fixes
+            G_LM to the identity (no metric learner: scaled dot-product attention); ``"random"`` fixes it to a random
+            tensor; ``"external"`` expects G_LM to be supplied after loading (for instance a G file exported from
+            another model). Fixed G tensors live in the ``decoder.past_G_values`` buffer and are saved with the model.
+        cache_first_G: With ``use_cache=True``, keep only the first batch row's A/A_LM/G_LM and use it for every row.
+        use_g_cache: With ``use_cache=True``, cache A_LM and G_LM (the G-cache) besides k, v and A. Without it, the
+            power law step is recomputed from the cached A at every decoding step (same numbers, slower).
+        output_pldr_attentions: Return the deductive outputs (A, A_LM, exponents, G_LM...) of every layer.
+        attention_dropout: Dropout on the attention probabilities.
+        initializer_range: Kept for compatibility with the published configs (the original's init is used).
+    """
+
+    model_type = "pldrllm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 896
+    intermediate_size: int = 2389
+    num_hidden_layers: int = 5
+    num_attention_heads: int = 14
+    head_dim: int = 64
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 1024
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 3
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = True
+    glu_bias: bool = True
+    final_bias: bool = True
+    reference_rope: bool = True
+    attention_dropout: float = 0.0
+    num_reslayerA: int = 8
+    num_denseA: int = 2
+    A_dff: int = 170
+    custom_G_type: str | None = None
+    cache_first_G: bool = False
+    use_g_cache: bool = True
+    output_pldr_attentions: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check_pldr_options()
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        self.check_pldr_options()
+
+    def check_pldr_options(self):
+        """Checks every size and option, raising a ValueError that names the offending config key."""
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "head_dim", "max_position_embeddings", "A_dff"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PldrConfig: `{key}` must be a positive integer, got {value!r}.")
+        for key in ("num_reslayerA", "num_denseA"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"PldrConfig: `{key}` must be a non-negative integer, got {value!r}.")
+        if self.hidden_size != self.num_attention_heads * self.head_dim:
+            raise ValueError(
+                f"PldrConfig: `hidden_size` ({self.hidden_size}) must equal `num_attention_heads` "
+                f"({self.num_attention_heads}) x `head_dim` ({self.head_dim})."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"PldrConfig: `head_dim` must be even for rotary embeddings, got {self.head_dim}.")
+        if self.custom_G_type not in CUSTOM_G_TYPES:
+            raise ValueError(
+                f"PldrConfig: `custom_G_type` must be one of {list(CUSTOM_G_TYPES)}, got {self.custom_G_type!r}."
+            )
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"PldrConfig: `layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
+        if not self.rope_theta > 0:
+            raise ValueError(f"PldrConfig: `rope_theta` must be positive, got {self.rope_theta!r}.")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"PldrConfig: `attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
+        if self.tie_word_embeddings:
+            raise ValueError("PldrConfig: `tie_word_embeddings` must be False: PLDR-LLM's LM head is not tied.")
+        if self.rope_scaling is not None:
+            raise ValueError("PldrConfig: `rope_scaling` is not supported by PLDR-LLM; leave it null.")
+
+
+__all__ = ["PldrConfig"]

@@ -1,0 +1,819 @@
+"""PLDR-LLM: Large Language Model from Power Law Decoder Representations (arXiv 2410.16703, 2502.13502).
+
+PLDR-LLM replaces dot-product attention by Power Law Graph Attention (PLGA). Each layer first *deduces* a small tensor
+per head and then *induces* the next token with it:
+
+* the metric tensor ``A`` (d x d per head) is the LayerNorm of ``sum_s q_s^T q_s`` over the (non-padding) positions of
+  the input, refined by a residual *metric learner* of SwiGLU units;
+* ``A_LM = iSwiGLU(W A + b) + 1e-9`` (positive), ``G_LM = a (A_LM ** p) + ba`` with learnable W, b, p, a, ba; G_LM is
+  the *energy-curvature tensor*;
+* attention is scaled dot-product attention on ``q' = q G_LM``: ``softmax(q G_LM k^T / sqrt(d)) v``, so the usual fused
+  attention kernels (SDPA, FlashAttention) apply unchanged.
+
+A, A_LM, G_LM (with the learned exponents p and couplings a, ba) are the *deductive outputs*. Because G_LM is nearly
+input-invariant, a cache holds it besides k and v: the *G-cache*. With a cache, A is computed once from the prompt and
+kept frozen while decoding, as in the original implementation.
+
+This file depends only on torch and transformers, so that it can travel with a saved model as remote code.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .configuration_pldr import PldrConfig
+
+logger = logging.get_logger(__name__)
+
+A_LM_EPSILON = 1e-9
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class PldrDeductiveOutputs(ModelOutput):
+    """Deductive outputs of one PLGA layer (shapes: [batch or 1, heads, head_dim, head_dim] unless stated).
+
+    Args:
+        A: metric tensor after the residual metric learner.
+        A_LM: ``iSwiGLU(W A + b) + 1e-9``, the positive tensor raised to the learned power.
+        power_exponents: learned exponents p, [heads, head_dim, head_dim].
+        coupling: learned coupling coefficients a, [heads, head_dim, head_dim].
+        coupling_bias: learned coupling bias ba, [heads, head_dim, head_dim].
+        G_LM: energy-curvature tensor ``a (A_LM ** p) + ba``.
+        attention_weights: softmax attention probabilities [batch, heads, query_len, key_len]; only computed with
+            ``attn_implementation="eager"`` (fused kernels never materialise them).
+    """
+
+    A: torch.Tensor | None = None
+    A_LM: torch.Tensor | None = None
+    power_exponents: torch.Tensor | None = None
+    coupling: torch.Tensor | None = None
+    coupling_bias: torch.Tensor | None = None
+    G_LM: torch.Tensor | None = None
+    attention_weights: torch.Tensor | None = None
+
+
+@dataclass
+class PldrModelOutputWithPast(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus ``pldr_attentions``: one :class:`PldrDeductiveOutputs` per layer."""
+
+    pldr_attentions: tuple[PldrDeductiveOutputs, ...] | None = None
+
+
+@dataclass
+class PldrCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``pldr_attentions``: one :class:`PldrDeductiveOutputs` per layer."""
+
+    pldr_attentions: tuple[PldrDeductiveOutputs, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cache: k, v through any transformers Cache, plus the per-layer deductive cache (A and the G-cache A_LM, G_LM)
+# ----------------------------------------------------------------------------------------------------------------------
+class PldrCacheMixin:
+    """Adds PLDR-LLM's deductive cache to a transformers ``Cache``.
+
+    Per layer it holds ``A`` (the metric tensor of the prompt, after the metric learner) and, when the G-cache is on,
+    ``A_LM`` and ``G_LM``. They are filled by the first forward pass that sees an empty entry (the prompt) and stay
+    frozen afterwards, as in the original implementation. Batch operations of the cache (beam reordering, repeats,
+    selection, reset) apply to them too; cropping keeps them (they summarise the prompt) unless the cache is emptied.
+    """
+
+    def _init_deductive(self, num_layers: int | None = None):
+        n = num_layers if num_layers is not None else 0
+        self.deductive_A: list[torch.Tensor | None] = [None] * n
+        self.deductive_A_LM: list[torch.Tensor | None] = [None] * n
+        self.deductive_G_LM: list[torch.Tensor | None] = [None] * n
+
+    def _ensure_deductive(self, layer_idx: int):
+        if not hasattr(self, "deductive_A"):
+            self._init_deductive()
+        while len(self.deductive_A) <= layer_idx:
+            self.deductive_A.append(None)
+            self.deductive_A_LM.append(None)
+            self.deductive_G_LM.append(None)
+
+    def get_deductive(self, layer_idx: int):
+        """Returns ``(A, A_LM, G_LM)`` of a layer; entries not cached are None."""
+        if not hasattr(self, "deductive_A") or layer_idx >= len(self.deductive_A):
+            return None, None, None
+        return self.deductive_A[layer_idx], self.deductive_A_LM[layer_idx], self.deductive_G_LM[layer_idx]
+
+    def set_deductive(self, layer_idx: int, A: torch.Tensor, A_LM: torch.Tensor | None, G_LM: torch.Tensor | None):
+        self._ensure_deductive(layer_idx)
+        self.deductive_A[layer_idx] = A
+        self.deductive_A_LM[layer_idx] = A_LM
+        self.deductive_G_LM[layer_idx] = G_LM
+
+    def clear_deductive(self):
+        self._init_deductive(len(getattr(self, "deductive_A", [])))
+
+    def _map_deductive(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        # Tensors of batch size 1 (cache_first_G, or an imported G) are shared by every row and stay as they are.
+        for store in (getattr(self, "deductive_A", []), getattr(self, "deductive_A_LM", []),
+                      getattr(self, "deductive_G_LM", [])):
+            for i, t in enumerate(store):
+                if t is not None and t.shape[0] > 1:
+                    store[i] = fn(t)
+
+    def reset(self):
+        super().reset()
+        self.clear_deductive()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._map_deductive(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._map_deductive(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._map_deductive(lambda t: t[indices])
+
+    def crop(self, max_length: int):
+        super().crop(max_length)
+        if self.get_seq_length() == 0:
+            self.clear_deductive()
+
+
+class PldrDynamicCache(PldrCacheMixin, DynamicCache):
+    """``DynamicCache`` with PLDR-LLM's deductive cache (A, A_LM, G_LM per layer)."""
+
+
+class PldrStaticCache(PldrCacheMixin, StaticCache):
+    """``StaticCache`` with PLDR-LLM's deductive cache (A, A_LM, G_LM per layer)."""
+
+
+_PLDR_CACHE_CLASSES: dict[type, type] = {DynamicCache: PldrDynamicCache, StaticCache: PldrStaticCache}
+
+
+def as_pldr_cache(cache: Cache) -> Cache:
+    """Gives a transformers ``Cache`` (as ``generate`` or a user creates it) PLDR-LLM's deductive cache, in place.
+
+    The object keeps its identity and its key/value storage; only its class gains :class:`PldrCacheMixin`.
+    """
+    if isinstance(cache, PldrCacheMixin):
+        return cache
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"past_key_values must be a transformers Cache (e.g. DynamicCache) or None, got {type(cache).__name__}."
+        )
+    base = type(cache)
+    cls = _PLDR_CACHE_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"Pldr{base.__name__}", (PldrCacheMixin, base), {"__doc__": f"{base.__name__} + PLDR deductive cache."})
+        _PLDR_CACHE_CLASSES[base] = cls
+    cache.__class__ = cls
+    cache._init_deductive(len(cache.layers) if hasattr(cache, "layers") else None)
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+class PldrGLU(nn.Module):
+    """SwiGLU with biases: ``gluw3(act(gluw1 z) * gluw2 z)``."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, bias: bool, act: str):
+        super().__init__()
+        self.gluw1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.gluw2 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.gluw3 = nn.Linear(hidden_features, out_features, bias=bias)
+        self.act_fn = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gluw3(self.act_fn(self.gluw1(x)) * self.gluw2(x))
+
+
+class PldrResidualMetricUnit(nn.Module):
+    """One unit of the residual metric learner: ``A = LayerNorm(A + GLU_n(...GLU_1(A)))`` on the rows of A."""
+
+    def __init__(self, config: PldrConfig):
+        super().__init__()
+        d = config.head_dim
+        self.denseAs = nn.ModuleList(
+            [PldrGLU(d, config.A_dff, d, config.glu_bias, config.hidden_act) for _ in range(config.num_denseA)]
+        )
+        self.layernormA = nn.LayerNorm(d, eps=config.layer_norm_eps)
+
+    def forward(self, A: torch.Tensor) -> torch.Tensor:
+        residual = A
+        for glu in self.denseAs:
+            A = glu(A)
+        return self.layernormA(A + residual)
+
+
+class PldrPowerLaw(nn.Module):
+    """The power law step: ``A_LM = iSwiGLU(W @ A + b) + 1e-9``, ``G_LM = a @ (A_LM ** p) + ba`` per head.
+
+    Computed in float32 whatever the model's dtype: the tensors are tiny ([heads, d, d]) and fp16/bf16 would turn small
+    A_LM into 0 and the power law into inf/NaN.
+    """
+
+    def __init__(self, config: PldrConfig):
+        super().__init__()
+        shape = (config.num_attention_heads, config.head_dim, config.head_dim)
+        self.Wlst = nn.Parameter(torch.empty(shape))
+        self.blst = nn.Parameter(torch.empty(shape))
+        self.pwlst = nn.Parameter(torch.empty(shape))
+        self.alst = nn.Parameter(torch.empty(shape))
+        self.balst = nn.Parameter(torch.empty(shape))
+
+    def forward(self, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=A.device.type, enabled=False):
+            z = torch.matmul(self.Wlst.float(), A.float()) + self.blst.float()
+            A_LM = z * F.silu(z) + A_LM_EPSILON
+            G_LM = torch.matmul(self.alst.float(), torch.pow(A_LM, self.pwlst.float())) + self.balst.float()
+        return A_LM, G_LM
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles ``p * base^(-2i/d)``, float32, shape [batch, seq, head_dim / 2]."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.to(torch.float32)[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of x [batch, seq, heads, head_dim], in float32, cast back to x's dtype.
+
+    ``interleaved=True`` rotates the pairs (2i, 2i+1) (the original PLDR-LLM); otherwise (i, i + d/2) (``rotate_half``).
+    """
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.float()
+    if interleaved:
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    else:
+        half = xf.shape[-1] // 2
+        x0, x1 = xf[..., :half], xf[..., half:]
+        out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with an explicit score matrix (returns the weights). query/key/value: [batch, heads, seq, head_dim]."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Power Law Graph Attention
+# ----------------------------------------------------------------------------------------------------------------------
+class PldrAttention(nn.Module):
+    """Power Law Graph Attention (PLGA) of one decoder layer.
+
+    Attribute names follow the original implementation: ``wq, wk, wv, dense`` (projections), ``layernorm1`` (the
+    d-sized LayerNorm on A), ``reslayerAs`` (metric learner), ``plgatt_layer`` (power law parameters).
+    """
+
+    def __init__(self, config: PldrConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.learned_G = config.custom_G_type is None
+        D = config.hidden_size
+        self.wq = nn.Linear(D, D, bias=config.attention_bias)
+        self.wk = nn.Linear(D, D, bias=config.attention_bias)
+        self.wv = nn.Linear(D, D, bias=config.attention_bias)
+        self.wv._pldr_torch_default_init = True  # the original leaves Wv at PyTorch's default initialisation
+        self.dense = nn.Linear(D, D, bias=config.attention_bias)
+        if self.learned_G:
+            self.layernorm1 = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+            self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
+            self.plgatt_layer = PldrPowerLaw(config)
+
+    def metric_tensor(self, q: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """A = metric learner(LayerNorm(sum over non-padding positions s of q_s^T q_s)); q: [B, H, S, d]."""
+        qf = q.float()
+        masked = qf if token_mask is None else qf * token_mask[:, None, :, None].to(torch.float32)
+        A = torch.matmul(masked.transpose(-1, -2), qf)
+        A = self.layernorm1(A.to(self.layernorm1.weight.dtype))
+        for unit in self.reslayerAs:
+            A = unit(A)
+        return A
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        fixed_G: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        output_pldr_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
+        B, S, _ = hidden_states.shape
+        shape = (B, S, self.num_heads, self.head_dim)
+        cos, sin = cos_sin
+        interleaved = self.config.reference_rope
+        q = apply_rotary(self.wq(hidden_states).view(shape), cos, sin, interleaved).transpose(1, 2)
+        k = apply_rotary(self.wk(hidden_states).view(shape), cos, sin, interleaved).transpose(1, 2)
+        v = self.wv(hidden_states).view(shape).transpose(1, 2)
+
+        # Deduction: A -> A_LM -> G_LM, or their cached / fixed values.
+        if fixed_G is not None:
+            A, A_LM, G_LM = fixed_G
+        else:
+            A, A_LM, G_LM = past_key_values.get_deductive(self.layer_idx) if past_key_values is not None else (None,) * 3
+            if A is None:
+                A = self.metric_tensor(q, token_mask)
+            if G_LM is None:
+                A_LM, G_LM = self.plgatt_layer(A)
+                if past_key_values is not None:
+                    first = self.config.cache_first_G
+                    store = (lambda t: t[:1]) if first else (lambda t: t)
+                    keep_g = self.config.use_g_cache if kwargs.get("use_g_cache") is None else kwargs["use_g_cache"]
+                    past_key_values.set_deductive(
+                        self.layer_idx, store(A), store(A_LM) if keep_g else None, store(G_LM) if keep_g else None
+                    )
+
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+
+        # Induction: scaled dot-product attention on q' = q G_LM.
+        query = torch.matmul(q, G_LM.to(q.dtype))
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, weights = attention_interface(
+            self,
+            query,
+            k,
+            v,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        out = self.dense(out.reshape(B, S, -1))
+        deductive = None
+        if output_pldr_attentions:
+            power = self.plgatt_layer if self.learned_G else None
+            deductive = PldrDeductiveOutputs(
+                A=A,
+                A_LM=A_LM,
+                power_exponents=power.pwlst if power is not None else None,
+                coupling=power.alst if power is not None else None,
+                coupling_bias=power.balst if power is not None else None,
+                G_LM=G_LM,
+                attention_weights=weights,
+            )
+        return out, deductive
+
+
+class PldrDecoderLayer(GradientCheckpointingLayer):
+    """Post-norm decoder layer: ``h = LN(x + PLGA(x))``, ``out = LN(h + FFN(h))``."""
+
+    def __init__(self, config: PldrConfig, layer_idx: int):
+        super().__init__()
+        self.mha1 = PldrAttention(config, layer_idx)
+        self.ffn = PldrGLU(config.hidden_size, config.intermediate_size, config.hidden_size, config.glu_bias,
+                           config.hidden_act)
+        self.layernorm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
+        attn, deductive = self.mha1(hidden_states, **kwargs)
+        hidden_states = self.layernorm1(hidden_states + attn)
+        hidden_states = self.layernorm2(hidden_states + self.ffn(hidden_states))
+        return hidden_states, deductive
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+class PldrPreTrainedModel(PreTrainedModel):
+    config_class = PldrConfig
+    config: PldrConfig
+    base_model_prefix = "decoder"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PldrDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    # The published port also saves a boolean "status" buffer next to past_G_values; it carries no information.
+    _keys_to_ignore_on_load_unexpected = [r"past_G_values_status"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """The original implementation's initialisation (see architecture notes in the project docs)."""
+        if isinstance(module, nn.Linear):
+            if getattr(module, "_pldr_torch_default_init", False):
+                init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                if module.bias is not None:
+                    bound = 1.0 / math.sqrt(module.in_features)
+                    init.uniform_(module.bias, -bound, bound)
+            else:
+                init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, PldrPowerLaw):
+            init.xavier_normal_(module.Wlst)
+            init.zeros_(module.blst)
+            init.xavier_normal_(module.pwlst)
+            init.xavier_normal_(module.alst)
+            init.zeros_(module.balst)
+        elif isinstance(module, PldrModel) and module.past_G_values is not None:
+            init.copy_(module.past_G_values, module.initial_fixed_G())
+
+
+class PldrModel(PldrPreTrainedModel):
+    """The PLDR-LLM decoder: embedding, post-norm PLGA decoder layers; no final norm.
+
+    With ``config.custom_G_type`` set, the per-layer ``[A, A_LM, G_LM]`` are fixed and stored in the buffer
+    ``past_G_values`` of shape (num_layers, 3, 1, heads, head_dim, head_dim), as in the published port.
+    """
+
+    def __init__(self, config: PldrConfig):
+        super().__init__(config)
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layernorm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dec_layers = nn.ModuleList([PldrDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        if config.custom_G_type is not None:
+            self.register_buffer("past_G_values", self.initial_fixed_G(), persistent=True)
+        else:
+            self.past_G_values = None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def initial_fixed_G(self) -> torch.Tensor:
+        """[A, A_LM, G_LM] per layer for a fixed-G model: zeros, zeros, and identity (or random for "random")."""
+        c = self.config
+        shape = (c.num_hidden_layers, 1, c.num_attention_heads, c.head_dim, c.head_dim)
+        if c.custom_G_type == "random":
+            G = torch.randn(shape)
+        else:
+            G = torch.eye(c.head_dim).expand(shape).clone()
+        return torch.stack([torch.zeros(shape), torch.zeros(shape), G], dim=1)
+
+    def set_fixed_G(self, G_LM: torch.Tensor, A_LM: torch.Tensor | None = None):
+        """Sets the fixed G_LM (and optionally A_LM) of a ``custom_G_type`` model, shape [layers, heads, d, d]."""
+        if self.past_G_values is None:
+            raise ValueError("set_fixed_G needs a model with config.custom_G_type set (e.g. 'external').")
+        expected = (self.config.num_hidden_layers, self.config.num_attention_heads, self.config.head_dim,
+                    self.config.head_dim)
+        for name, t in (("G_LM", G_LM), ("A_LM", A_LM)):
+            if t is not None and tuple(t.shape) != expected:
+                raise ValueError(f"{name} must have shape {expected} (layers, heads, head_dim, head_dim), "
+                                 f"got {tuple(t.shape)}.")
+        with torch.no_grad():
+            self.past_G_values[:, 2, 0] = G_LM.to(self.past_G_values)
+            if A_LM is not None:
+                self.past_G_values[:, 1, 0] = A_LM.to(self.past_G_values)
+
+    def get_input_embeddings(self):
+        return self.embedding
+
+    def set_input_embeddings(self, value):
+        self.embedding = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_pldr_attentions: bool | None = None,
+        use_g_cache: bool | None = None,
+        **kwargs,
+    ) -> PldrModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}.")
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size):
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, seq_len, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}."
+            )
+        c = self.config
+        use_cache = use_cache if use_cache is not None else c.use_cache
+        output_attentions = output_attentions if output_attentions is not None else c.output_attentions
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else c.output_hidden_states
+        output_pldr_attentions = output_pldr_attentions if output_pldr_attentions is not None else c.output_pldr_attentions
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embedding(input_ids)
+        B, S, D = inputs_embeds.shape
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != B:
+            raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {B}.")
+
+        if use_cache:
+            past_key_values = PldrDynamicCache(config=c) if past_key_values is None else as_pldr_cache(past_key_values)
+        elif past_key_values is not None:
+            past_key_values = as_pldr_cache(past_key_values)
+
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(S, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+        if past_seen + S > c.max_position_embeddings and not getattr(self, "_warned_long", False):
+            logger.warning(f"Sequence length {past_seen + S} exceeds max_position_embeddings ({c.max_position_embeddings}).")
+            self._warned_long = True
+
+        causal_mask = create_causal_mask(
+            config=c,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        # Positions excluded from the metric tensor A: the padding of the current input.
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if attention_mask.shape[1] < S:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, the input has {S}.")
+            token_mask = attention_mask[:, -S:]
+
+        cos, sin = rotary_cos_sin(position_ids, c.head_dim, c.rope_theta)
+        if cos.shape[0] != B:
+            cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+
+        hidden_states = inputs_embeds * math.sqrt(D)
+        hidden_states = self.layernorm1(hidden_states)
+
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        all_deductive = () if output_pldr_attentions else None
+        for i, layer in enumerate(self.dec_layers):
+            fixed = None
+            if self.past_G_values is not None:
+                fixed = (self.past_G_values[i, 0], self.past_G_values[i, 1], self.past_G_values[i, 2])
+            hidden_states, deductive = layer(
+                hidden_states,
+                cos_sin=(cos, sin),
+                attention_mask=causal_mask,
+                token_mask=token_mask,
+                past_key_values=past_key_values,
+                fixed_G=fixed,
+                output_pldr_attentions=output_pldr_attentions or output_attentions,
+                use_g_cache=use_g_cache,
+            )
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_pldr_attentions:
+                all_deductive += (deductive,)
+            if output_attentions:
+                all_attn += (deductive.attention_weights,)
+
+        return PldrModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden,
+            attentions=all_attn,
+            pldr_attentions=all_deductive,
+        )
+
+
+class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
+    """PLDR-LLM with its LM head ``final_layer`` (a Linear with bias, not tied to the embedding)."""
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: PldrConfig):
+        super().__init__(config)
+        self.decoder = PldrModel(config)
+        self.final_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=config.final_bias)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.decoder.embedding
+
+    def set_input_embeddings(self, value):
+        self.decoder.embedding = value
+
+    def get_output_embeddings(self):
+        return self.final_layer
+
+    def set_output_embeddings(self, new_embeddings):
+        self.final_layer = new_embeddings
+
+    def get_decoder(self):
+        return self.decoder
+
+    def set_decoder(self, decoder):
+        self.decoder = decoder
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_pldr_attentions: bool | None = None,
+        use_g_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> PldrCausalLMOutputWithPast:
+        outputs = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_pldr_attentions=output_pldr_attentions,
+            use_g_cache=use_g_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.final_layer(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            if labels.shape != hidden_states.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}.")
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return PldrCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            pldr_attentions=outputs.pldr_attentions,
+        )
+
+
+class PldrForSequenceClassification(PldrPreTrainedModel):
+    """PLDR-LLM with a linear head on the last non-padding token (like other decoder-only models)."""
+
+    def __init__(self, config: PldrConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.decoder = PldrModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.decoder.embedding
+
+    def set_input_embeddings(self, value):
+        self.decoder.embedding = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                output_pldr_attentions=None, **kwargs) -> SequenceClassifierOutputWithPast:
+        outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               output_pldr_attentions=output_pldr_attentions)
+        logits = self.score(outputs.last_hidden_state)
+        batch = logits.shape[0]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = attention_mask[:, -logits.shape[1]:].to(torch.int32)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            mask = (input_ids != self.config.pad_token_id).to(torch.int32)
+        else:
+            mask = None
+        if mask is not None:
+            positions = torch.arange(mask.shape[-1], device=logits.device, dtype=torch.int32)
+            last = (positions * mask.to(logits.device)).argmax(-1)
+        else:
+            last = torch.full((batch,), logits.shape[1] - 1, device=logits.device)
+        pooled = logits[torch.arange(batch, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=outputs.past_key_values,
+                                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class PldrForTokenClassification(PldrPreTrainedModel):
+    """PLDR-LLM with a linear head on every token."""
+
+    def __init__(self, config: PldrConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.decoder = PldrModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.decoder.embedding
+
+    def set_input_embeddings(self, value):
+        self.decoder.embedding = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                output_attentions=None, output_hidden_states=None, output_pldr_attentions=None,
+                **kwargs) -> TokenClassifierOutput:
+        outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states,
+                               output_pldr_attentions=output_pldr_attentions)
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
+
+
+class PldrForQuestionAnswering(PldrPreTrainedModel):
+    """PLDR-LLM with a span head (start and end logits) for extractive question answering."""
+
+    def __init__(self, config: PldrConfig):
+        super().__init__(config)
+        self.decoder = PldrModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.decoder.embedding
+
+    def set_input_embeddings(self, value):
+        self.decoder.embedding = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                output_pldr_attentions=None, **kwargs) -> QuestionAnsweringModelOutput:
+        outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states,
+                               output_pldr_attentions=output_pldr_attentions)
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+__all__ = [
+    "PldrPreTrainedModel",
+    "PldrModel",
+    "PldrForCausalLM",
+    "PldrForSequenceClassification",
+    "PldrForTokenClassification",
+    "PldrForQuestionAnswering",
+    "PldrDynamicCache",
+    "PldrStaticCache",
+    "PldrCacheMixin",
+    "PldrDeductiveOutputs",
+    "PldrModelOutputWithPast",
+    "PldrCausalLMOutputWithPast",
+    "as_pldr_cache",
+]
