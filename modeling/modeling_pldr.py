@@ -358,9 +358,9 @@ class PldrAttention(nn.Module):
             A, A_LM, G_LM = fixed_G
         else:
             A, A_LM, G_LM = past_key_values.get_deductive(self.layer_idx) if past_key_values is not None else (None,) * 3
-            if A is None:
-                A = self.metric_tensor(q, token_mask)
             if G_LM is None:
+                if A is None:
+                    A = self.metric_tensor(q, token_mask)
                 A_LM, G_LM = self.plgatt_layer(A)
                 if past_key_values is not None:
                     first = self.config.cache_first_G
