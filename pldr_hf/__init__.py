@@ -6,7 +6,17 @@ AutoModelForQuestionAnswering), and with the ``auto_map`` machinery used when a 
 also loads with ``trust_remote_code=True`` and plain transformers.
 """
 
-from transformers import (
+import os as _os
+
+# In a source checkout (not installed), the modelling code sits in <repo>/modeling rather than pldr_hf/modeling:
+# let the import system find it there too, so that `import pldr_hf` from the repository root works.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+if not _os.path.isdir(_os.path.join(_here, "modeling")) and _os.path.isfile(
+    _os.path.join(_here, _os.pardir, "modeling", "modeling_pldr.py")
+):
+    __path__.append(_os.path.join(_here, _os.pardir))  # noqa: F821  (package __path__)
+
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
@@ -15,7 +25,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from .modeling import (
+from .modeling import (  # noqa: E402
     PldrCausalLMOutputWithPast,
     PldrConfig,
     PldrDeductiveOutputs,
