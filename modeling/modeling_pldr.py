@@ -250,26 +250,26 @@ class PldrPowerLaw(nn.Module):
         return A_LM, G_LM
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles ``p * base^(-2i/d)``, float32, shape [batch, seq, head_dim / 2]."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    angles = position_ids.to(torch.float32)[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+def rotary_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """Rotation angles ``p * base^(-2i/d)`` in float32, shape [batch, seq, head_dim / 2] (same float ops as the
+    original implementation, whose outputs are sensitive to the last bit of these angles)."""
+    theta = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device)[: head_dim // 2].float() / head_dim))
+    return position_ids.to(torch.float32)[..., None] * theta
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotary embedding of x [batch, seq, heads, head_dim], in float32, cast back to x's dtype.
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of x [batch, seq, heads, head_dim], computed in float32 and cast back to x's dtype.
 
     ``interleaved=True`` rotates the pairs (2i, 2i+1) (the original PLDR-LLM); otherwise (i, i + d/2) (``rotate_half``).
     """
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    angles = angles[:, :, None, :]
+    cos, sin = angles.cos(), angles.sin()
     xf = x.float()
     if interleaved:
-        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        x0, x1 = xf.unflatten(-1, (-1, 2)).unbind(-1)
         out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
     else:
-        half = xf.shape[-1] // 2
-        x0, x1 = xf[..., :half], xf[..., half:]
+        x0, x1 = xf.chunk(2, dim=-1)
         out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
     return out.to(x.dtype)
 
@@ -325,10 +325,14 @@ class PldrAttention(nn.Module):
             self.plgatt_layer = PldrPowerLaw(config)
 
     def metric_tensor(self, q: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        """A = metric learner(LayerNorm(sum over non-padding positions s of q_s^T q_s)); q: [B, H, S, d]."""
-        qf = q.float()
-        masked = qf if token_mask is None else qf * token_mask[:, None, :, None].to(torch.float32)
-        A = torch.matmul(masked.transpose(-1, -2), qf)
+        """A = metric learner(LayerNorm(sum over non-padding positions s of q_s^T q_s)); q: [B, H, S, d] contiguous.
+
+        The sum is taken in float32 (also under autocast): it runs over the whole sequence.
+        """
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            qf = q.float()
+            masked = qf if token_mask is None else qf * token_mask[:, None, :, None].to(torch.float32)
+            A = torch.matmul(masked.transpose(-1, -2), qf)
         A = self.layernorm1(A.to(self.layernorm1.weight.dtype))
         for unit in self.reslayerAs:
             A = unit(A)
@@ -337,7 +341,7 @@ class PldrAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope_angles: torch.Tensor,
         attention_mask: torch.Tensor | None,
         token_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
@@ -347,10 +351,10 @@ class PldrAttention(nn.Module):
     ) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
         B, S, _ = hidden_states.shape
         shape = (B, S, self.num_heads, self.head_dim)
-        cos, sin = cos_sin
         interleaved = self.config.reference_rope
-        q = apply_rotary(self.wq(hidden_states).view(shape), cos, sin, interleaved).transpose(1, 2)
-        k = apply_rotary(self.wk(hidden_states).view(shape), cos, sin, interleaved).transpose(1, 2)
+        # [B, S, H, d] -> [B, H, S, d]; q contiguous so that q^T q and q G_LM are plain batched GEMMs.
+        q = apply_rotary(self.wq(hidden_states).view(shape), rope_angles, interleaved).transpose(1, 2).contiguous()
+        k = apply_rotary(self.wk(hidden_states).view(shape), rope_angles, interleaved).transpose(1, 2)
         v = self.wv(hidden_states).view(shape).transpose(1, 2)
 
         # Deduction: A -> A_LM -> G_LM, or their cached / fixed values.
@@ -579,9 +583,9 @@ class PldrModel(PldrPreTrainedModel):
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, the input has {S}.")
             token_mask = attention_mask[:, -S:]
 
-        cos, sin = rotary_cos_sin(position_ids, c.head_dim, c.rope_theta)
-        if cos.shape[0] != B:
-            cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+        rope_angles = rotary_angles(position_ids, c.head_dim, c.rope_theta)
+        if rope_angles.shape[0] != B:
+            rope_angles = rope_angles.expand(B, -1, -1)
 
         hidden_states = inputs_embeds * math.sqrt(D)
         hidden_states = self.layernorm1(hidden_states)
@@ -595,7 +599,7 @@ class PldrModel(PldrPreTrainedModel):
                 fixed = (self.past_G_values[i, 0], self.past_G_values[i, 1], self.past_G_values[i, 2])
             hidden_states, deductive = layer(
                 hidden_states,
-                cos_sin=(cos, sin),
+                rope_angles=rope_angles,
                 attention_mask=causal_mask,
                 token_mask=token_mask,
                 past_key_values=past_key_values,

@@ -37,6 +37,7 @@ class BenchArguments:
     gradient_checkpointing: bool = field(default=False)
     models: str = field(default="pldr,llama", metadata={"help": "comma list of pldr, llama"})
     tiny: bool = field(default=False, metadata={"help": "tiny configs (smoke test)"})
+    profile: str = field(default="", metadata={"help": "write a torch.profiler table of 2 steps per model to this folder"})
 
 
 def model_configs(tiny: bool):
@@ -84,6 +85,20 @@ def bench_train(name, cls, config, args) -> dict:
     for _ in range(args.warmup):
         step()
     _sync(device)
+    if args.profile:
+        import os
+
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with profile(activities=acts) as prof:
+            for _ in range(2):
+                step()
+            _sync(device)
+        os.makedirs(args.profile, exist_ok=True)
+        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        with open(os.path.join(args.profile, f"profile_{name}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
