@@ -195,17 +195,34 @@ def as_pldr_cache(cache: Cache) -> Cache:
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------------
 class PldrGLU(nn.Module):
-    """SwiGLU with biases: ``gluw3(act(gluw1 z) * gluw2 z)``."""
+    """SwiGLU with biases: ``gluw3(act(gluw1 z) * gluw2 z)``.
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int, bias: bool, act: str):
+    The papers' hidden widths (2389 for the FFN, 170 for the metric learner) are not multiples of 8, which pushes GPU
+    GEMMs off the tensor-core kernels (16-byte aligned rows). On accelerators the hidden width is therefore padded
+    on the fly with zero rows/columns (zero pre-activations give ``act(0) * 0 = 0`` and zero gradients, so outputs and
+    gradients of the real parameters are unchanged); the stored parameters keep the checkpoint's shapes. Only the FFN
+    does this (``align_hidden=True``): the metric learner's GEMMs are tiny, launch-bound, and the extra ops cost more.
+    """
+
+    ALIGN = 8
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, bias: bool, act: str,
+                 align_hidden: bool = False):
         super().__init__()
         self.gluw1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.gluw2 = nn.Linear(in_features, hidden_features, bias=bias)
         self.gluw3 = nn.Linear(hidden_features, out_features, bias=bias)
         self.act_fn = ACT2FN[act]
+        self.hidden_pad = (-hidden_features) % self.ALIGN if align_hidden else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gluw3(self.act_fn(self.gluw1(x)) * self.gluw2(x))
+        pad = self.hidden_pad
+        if pad == 0 or x.device.type == "cpu":
+            return self.gluw3(self.act_fn(self.gluw1(x)) * self.gluw2(x))
+        padded = lambda b: None if b is None else F.pad(b, (0, pad))
+        h1 = F.linear(x, F.pad(self.gluw1.weight, (0, 0, 0, pad)), padded(self.gluw1.bias))
+        h2 = F.linear(x, F.pad(self.gluw2.weight, (0, 0, 0, pad)), padded(self.gluw2.bias))
+        return F.linear(self.act_fn(h1) * h2, F.pad(self.gluw3.weight, (0, pad)), self.gluw3.bias)
 
 
 class PldrResidualMetricUnit(nn.Module):
@@ -414,7 +431,7 @@ class PldrDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.mha1 = PldrAttention(config, layer_idx)
         self.ffn = PldrGLU(config.hidden_size, config.intermediate_size, config.hidden_size, config.glu_bias,
-                           config.hidden_act)
+                           config.hidden_act, align_hidden=True)
         self.layernorm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layernorm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
