@@ -139,7 +139,6 @@ def eval_results_from_lm_eval(path: str | os.PathLike, model_name: str) -> list[
                 metric_type=metric, metric_name=metric if filt in ("", "none") else f"{metric} ({filt})",
                 metric_value=float(value), metric_config=filt if filt not in ("", "none") else None,
                 dataset_args={"num_few_shot": int(shots)} if isinstance(shots, int) else None,
-                source_name="lm-evaluation-harness",
             ))
     if not out:
         raise ValueError(f"{path}: no numeric metrics in 'results'")
@@ -193,6 +192,8 @@ def assemble(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = read_port_config(model_dir)
     cls = model_class_for(config)
+    if options.eval_results:  # fail before writing anything
+        eval_results_from_lm_eval(options.eval_results, options.repo_id)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: output folder exists and is not empty")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -289,7 +290,6 @@ def validate(folder: str | os.PathLike, timeout: float = 300) -> dict:
 def upload(folder: str | os.PathLike, repo_id: str, private: bool = False, revision: str | None = None,
            commit_message: str | None = None, token: str | None = None, endpoint: str | None = None):
     """Uploads an assembled folder: creates the repo (and branch ``revision``) if missing, then one commit."""
-    import httpx
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -314,8 +314,14 @@ def upload(folder: str | os.PathLike, repo_id: str, private: bool = False, revis
             raise HubUploadError(f"{where} refused access to {repo_id} (403 Forbidden): the token needs write access "
                                  "to this namespace") from e
         raise HubUploadError(f"upload to {where}/{repo_id} failed (HTTP {status}): {e}") from e
-    except (httpx.TransportError, ConnectionError, OSError) as e:
-        raise HubUploadError(f"cannot reach {where} ({type(e).__name__}: {e}); check the network or HF_ENDPOINT") from e
+    except Exception as e:
+        # huggingface_hub's HTTP client (httpx, or httpx2 in newer releases) raises TransportError subclasses when
+        # the endpoint cannot be reached; match them by name so that either client works.
+        names = {c.__name__ for c in type(e).__mro__}
+        if isinstance(e, OSError) or names & {"TransportError", "NetworkError", "ConnectError", "TimeoutException"}:
+            raise HubUploadError(f"cannot reach {where} ({type(e).__name__}: {e}); check the network or "
+                                 "HF_ENDPOINT") from e
+        raise
 
 
 def push(model_dir: str | os.PathLike, options: CardOptions, private: bool = False, revision: str | None = None,
