@@ -429,3 +429,17 @@ def test_port_errors_name_the_problem(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs PATH"):
         main(["convert", "--from", "port", "--out", str(tmp_path / "o")])
+
+
+def test_push_script_dry_run(run_dir, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("push_to_hub", Path(__file__).parents[1] / "scripts" / "push_to_hub.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "repo"
+    assert mod.main(["--model_dir", str(run_dir), "--repo_id", "me/x", "--dry_run", str(out), "--license", "mit",
+                     "--datasets", "a/b", "c/d"]) == 0
+    meta = ModelCard.load(out / "README.md").data.to_dict()
+    assert meta["license"] == "mit" and meta["datasets"] == ["a/b", "c/d", "tiiuae/falcon-refinedweb"]
+    assert json.loads((out / "config.json").read_text())["auto_map"] == AUTO_MAP
