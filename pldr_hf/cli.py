@@ -16,6 +16,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         n = sum(p.numel() for p in model.parameters())
         print(f"converted {args.checkpoint} -> {args.out} ({n:,} parameters, {model.config.num_hidden_layers} layers)")
         return 0
+    if args.source == "port":
+        if not args.path:
+            raise SystemExit("pldr-hf convert --from port needs PATH (a folder with config.json + weights)")
+        from .convert import convert_port, port_tokenizer_class
+
+        model = convert_port(args.path, args.out)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"converted {args.path} -> {args.out} ({n:,} parameters, {model.config.num_hidden_layers} layers)")
+        tok_cls = port_tokenizer_class(args.out)
+        if tok_cls and tok_cls.startswith("Pldrllm"):
+            print(f"note: tokenizer_config.json names the port's tokenizer class {tok_cls!r}, which plain transformers "
+                  "does not know; the tokenizer files were copied unchanged")
+        return 0
     raise SystemExit(f"unknown --from {args.source!r}")
 
 
@@ -28,16 +41,69 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        help="import a checkpoint of the original PLDR-LLM implementation into a transformers folder",
+        help="import a checkpoint of the original PLDR-LLM implementation (or a port-format folder) into a transformers folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  pldr-hf convert --from original --checkpoint model.pth --hparams model_hparams.pkl --out runs/imported",
+        epilog="example:\n  pldr-hf convert --from original --checkpoint model.pth --hparams model_hparams.pkl --out runs/imported"
+               "\n  pldr-hf convert --from port path/to/PLDR-LLM-v51-110M-1 --out runs/v51",
     )
-    p.add_argument("--from", dest="source", choices=["original"], required=True, help="checkpoint format")
+    p.add_argument("--from", dest="source", choices=["original", "port"], required=True,
+                   help="checkpoint format: 'original' (.pth + hparams) or 'port' (a published PLDR-LLM-v51 folder)")
+    p.add_argument("path", nargs="?", help="--from port: folder with config.json (model_type pldrllm) and weights")
     p.add_argument("--checkpoint", help="original .pth checkpoint (read with weights_only=True)")
     p.add_argument("--hparams", help="original _hparams.pkl (read with a restricted unpickler) or a JSON with the same keys")
     p.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
     p.set_defaults(func=_cmd_convert)
+    _add_6_commands(sub)
     return parser
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import CardOptions, HubUploadError, push
+
+    options = CardOptions(repo_id=args.repo_id, license=args.license, language=args.language or ["en"],
+                          datasets=args.dataset or [], base_model=args.base_model, tags=args.tag or [],
+                          eval_results=args.eval_results, model_name=args.model_name)
+    try:
+        folder, report, info = push(args.model_dir, options, private=args.private, revision=args.revision,
+                                    commit_message=args.commit_message, dry_run=args.dry_run, token=args.token,
+                                    endpoint=args.endpoint, check=not args.no_check)
+    except HubUploadError as e:
+        print(f"pldr-hf push: error: {e}", file=sys.stderr)
+        return 1
+    if folder is not None:
+        print(f"dry run: wrote {folder} ({', '.join(report['files'])})")
+        print(f"validated: card metadata parses; loads with trust_remote_code=True without pldr_hf "
+              f"({report['remote']['model_class']}, max |logits diff| {report['max_abs_diff']:.2g})")
+    else:
+        print(f"uploaded to {info.commit_url}")
+    return 0
+
+
+def _add_6_commands(sub) -> None:
+    p = sub.add_parser(
+        "push",
+        help="publish a model folder on the Hugging Face Hub (model card, remote code, weights), or --dry-run it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  pldr-hf push runs/tiny --repo-id me/pldr-tiny --dry-run out/\n"
+               "  pldr-hf push runs/tiny --repo-id me/pldr-tiny --private --revision dev --eval-results results.json",
+    )
+    p.add_argument("model_dir", help="a saved PLDR-LLM folder (config.json + weights [+ tokenizer, trainer_state.json])")
+    p.add_argument("--repo-id", required=True, help="Hub repository, e.g. me/pldr-tiny")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", help="branch to commit to (created if missing); default main")
+    p.add_argument("--commit-message", help="commit message")
+    p.add_argument("--dry-run", metavar="OUT", help="write the repository folder to OUT and validate it; upload nothing")
+    p.add_argument("--license", default="apache-2.0", help="card license (default apache-2.0)")
+    p.add_argument("--language", action="append", help="card language (repeatable; default en)")
+    p.add_argument("--dataset", action="append", help="training dataset id for the card (repeatable)")
+    p.add_argument("--base-model", help="card base_model (e.g. the checkpoint this one was fine-tuned from)")
+    p.add_argument("--tag", action="append", help="extra card tag (repeatable)")
+    p.add_argument("--eval-results", help="lm-eval results JSON: becomes the card's model-index")
+    p.add_argument("--model-name", help="name in the card (default: the repository name)")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login)")
+    p.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--no-check", action="store_true", help="skip the remote-code load check before uploading")
+    p.set_defaults(func=_cmd_push)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         print(f"pldr-hf {args.command}: error: {e}", file=sys.stderr)
         return 1
     except __import__("pickle").UnpicklingError as e:

@@ -142,7 +142,8 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     return clean
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                     built_from: str = "its hyperparameters") -> None:
     """Raises one ValueError listing every missing, unexpected and mis-shaped tensor."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -153,7 +154,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         if tuple(state[k].shape) != tuple(expected[k].shape)
     )
     if missing or unexpected or misshaped:
-        lines = [f"{source} does not match the PLDR-LLM built from its hyperparameters:"]
+        lines = [f"{source} does not match the PLDR-LLM built from {built_from}:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
@@ -175,4 +176,156 @@ def convert_original(checkpoint: str | os.PathLike, hparams: str | os.PathLike, 
     model.generation_config.bos_token_id = config.bos_token_id
     model.generation_config.eos_token_id = config.eos_token_id
     model.save_pretrained(out_dir)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Port-format checkpoints (the transformers port: model_type "pldrllm", classes Pldrllm*; the published PLDR-LLM-v51)
+# ----------------------------------------------------------------------------------------------------------------------
+# The port's parameter names are the ones this project's model uses (decoder.embedding, decoder.dec_layers.{i}.mha1...,
+# decoder.layernorm1, final_layer; score / qa_outputs for the task heads), so its tensors map one to one. The only
+# difference: with custom_G_type the port also saves the boolean buffer ``decoder.past_G_values_status`` [num_layers]
+# (always all True for a fixed G), which carries no information here and is dropped.
+PORT_IGNORED_SUFFIXES = ("past_G_values_status",)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+)
+
+
+def _port_architectures():
+    from .modeling import (PldrForQuestionAnswering, PldrForSequenceClassification, PldrForTokenClassification,
+                           PldrModel)
+
+    classes = {"ForCausalLM": PldrForCausalLM, "ForSequenceClassification": PldrForSequenceClassification,
+               "ForTokenClassification": PldrForTokenClassification, "ForQuestionAnswering": PldrForQuestionAnswering,
+               "Model": PldrModel}
+    out = {}
+    for suffix, cls in classes.items():
+        out[f"Pldrllm{suffix}"] = cls  # the port
+        out[f"Pldr{suffix}"] = cls  # this project
+    return out
+
+
+def model_class_for(config: PldrConfig):
+    """The PLDR class for ``config.architectures[0]`` (port or project name); PldrForCausalLM when none is given."""
+    archs = getattr(config, "architectures", None) or ["PldrForCausalLM"]
+    table = _port_architectures()
+    if archs[0] not in table:
+        raise ValueError(f"config.json: unknown architecture {archs[0]!r}; expected one of {sorted(table)}")
+    return table[archs[0]]
+
+
+def read_port_config(path: str | os.PathLike) -> PldrConfig:
+    """Reads a port-format ``config.json`` (model_type "pldrllm") into a :class:`PldrConfig`."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (a port-format PLDR-LLM folder has config.json + weights)")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+    if raw.get("model_type") != PldrConfig.model_type:
+        raise ValueError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 'pldrllm' (a PLDR-LLM folder)")
+    raw.pop("auto_map", None)  # remote code of the publisher is not used: this project's classes are
+    return PldrConfig.from_dict(raw)
+
+
+def _load_weight_file(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: cannot be read as safetensors ({e})") from e
+    try:  # legacy pytorch_model.bin: tensors only, nothing else is unpickled
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file}: expected a state dict of tensors")
+    return state
+
+
+def load_port_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a port-format folder: model.safetensors, sharded safetensors, or legacy pytorch_model.bin."""
+    path = Path(path)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+            state = {}
+            for s in shards:
+                state.update(_load_weight_file(path / s))
+            return state
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return _load_weight_file(path / name)
+    raise FileNotFoundError(
+        f"{path}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
+        "pytorch_model.bin.index.json)"
+    )
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer files present in ``src`` to ``dst``; returns their names."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def port_tokenizer_class(path: str | os.PathLike) -> str | None:
+    """The ``tokenizer_class`` named in a folder's tokenizer_config.json (the port's is ``PldrllmTokenizer``)."""
+    f = Path(path) / "tokenizer_config.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get("tokenizer_class")
+    except json.JSONDecodeError:
+        return None
+
+
+def convert_port(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Converts a port-format folder (config.json with model_type "pldrllm" + weights) into this project's format.
+
+    Every tensor is checked against the model built from config.json (one error lists all missing, unexpected and
+    mis-shaped tensors). The weights keep their stored dtype unless ``dtype`` is given. Tokenizer files and
+    generation_config.json are copied.
+    """
+    path = Path(path)
+    config = read_port_config(path)
+    cls = model_class_for(config)
+    state = load_port_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.endswith(PORT_IGNORED_SUFFIXES)}
+    config.architectures = [cls.__name__]
+    model = cls(config)
+    check_state_dict(model, state, str(path), built_from="its config.json")
+    model.load_state_dict(state, strict=True)
+    if dtype is None:
+        float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        dtype = float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32
+    model = model.to(dtype).eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (path / "generation_config.json").is_file() and hasattr(model, "generation_config"):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.save_pretrained(out_dir)
+    copy_tokenizer_files(path, out_dir)
     return model
