@@ -274,21 +274,37 @@ def rotary_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> tor
     return position_ids.to(torch.float32)[..., None] * theta
 
 
-def apply_rotary(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotary embedding of x [batch, seq, heads, head_dim], computed in float32 and cast back to x's dtype.
+def rotary_tables(
+    position_ids: torch.Tensor, head_dim: int, base: float, interleaved: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width cos and signed sin [batch, seq, 1, head_dim] (float32) for :func:`apply_rotary_tables`.
 
-    ``interleaved=True`` rotates the pairs (2i, 2i+1) (the original PLDR-LLM); otherwise (i, i + d/2) (``rotate_half``).
+    Computed once per forward and shared by every layer, so that each layer rotates q and k with a few elementwise
+    operations instead of re-deriving the angles (the decoding step is launch-bound at small batch).
     """
-    angles = angles[:, :, None, :]
+    angles = rotary_angles(position_ids, head_dim, base)
     cos, sin = angles.cos(), angles.sin()
+    if interleaved:
+        cos_full = torch.stack((cos, cos), dim=-1).flatten(-2)
+        sin_signed = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    else:
+        cos_full = torch.cat((cos, cos), dim=-1)
+        sin_signed = torch.cat((-sin, sin), dim=-1)
+    return cos_full[:, :, None, :], sin_signed[:, :, None, :]
+
+
+def apply_rotary_tables(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor, interleaved: bool):
+    """Rotary embedding of x [batch, seq, heads, head_dim] in float32, cast back to x's dtype, from the tables of
+    :func:`rotary_tables`: ``x * cos + swap(x) * signed_sin`` where swap exchanges the two members of every rotated
+    pair: ``(x0 cos - x1 sin, x1 cos + x0 sin)``, the original's float ops. ``interleaved=True`` pairs (2i, 2i+1) (the
+    original PLDR-LLM), otherwise (i, i + d/2) (``rotate_half``)."""
     xf = x.float()
     if interleaved:
-        x0, x1 = xf.unflatten(-1, (-1, 2)).unbind(-1)
-        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     else:
-        x0, x1 = xf.chunk(2, dim=-1)
-        out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-    return out.to(x.dtype)
+        swapped = xf.roll(xf.shape[-1] // 2, dims=-1)
+    # Not addcmul: its fused multiply-add rounds differently from the original's separate products.
+    return (xf * cos_full + swapped * sin_signed).to(x.dtype)
 
 
 def eager_attention_forward(
@@ -358,7 +374,7 @@ class PldrAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        rope_angles: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         token_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
@@ -368,10 +384,12 @@ class PldrAttention(nn.Module):
     ) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
         B, S, _ = hidden_states.shape
         shape = (B, S, self.num_heads, self.head_dim)
+        cos, sin = cos_sin
         interleaved = self.config.reference_rope
-        # [B, S, H, d] -> [B, H, S, d]; q contiguous so that q^T q and q G_LM are plain batched GEMMs.
-        q = apply_rotary(self.wq(hidden_states).view(shape), rope_angles, interleaved).transpose(1, 2).contiguous()
-        k = apply_rotary(self.wk(hidden_states).view(shape), rope_angles, interleaved).transpose(1, 2)
+        # q and k rotated in one go (fewer kernel launches per decoding step; elementwise, so the same numbers).
+        qk = torch.cat((self.wq(hidden_states).view(shape), self.wk(hidden_states).view(shape)), dim=2)
+        q, k = apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(self.num_heads, dim=1)
+        q = q.contiguous()  # [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs
         v = self.wv(hidden_states).view(shape).transpose(1, 2)
 
         # Deduction: A -> A_LM -> G_LM, or their cached / fixed values.
@@ -384,12 +402,11 @@ class PldrAttention(nn.Module):
                     A = self.metric_tensor(q, token_mask)
                 A_LM, G_LM = self.plgatt_layer(A)
                 if past_key_values is not None:
-                    first = self.config.cache_first_G
-                    store = (lambda t: t[:1]) if first else (lambda t: t)
+                    if self.config.cache_first_G:
+                        # The first row's A, A_LM, G_LM serve the whole batch, from this (prefill) step on.
+                        A, A_LM, G_LM = A[:1], A_LM[:1], G_LM[:1]
                     keep_g = self.config.use_g_cache if kwargs.get("use_g_cache") is None else kwargs["use_g_cache"]
-                    past_key_values.set_deductive(
-                        self.layer_idx, store(A), store(A_LM) if keep_g else None, store(G_LM) if keep_g else None
-                    )
+                    past_key_values.set_deductive(self.layer_idx, A, A_LM if keep_g else None, G_LM if keep_g else None)
 
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
@@ -582,7 +599,10 @@ class PldrModel(PldrPreTrainedModel):
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(S, device=inputs_embeds.device) + past_seen).unsqueeze(0)
-        if past_seen + S > c.max_position_embeddings and not getattr(self, "_warned_long", False):
+        # A static cache reports its length as a tensor: reading it would sync the device and break a compiled graph.
+        if isinstance(past_seen, int) and past_seen + S > c.max_position_embeddings and not getattr(
+            self, "_warned_long", False
+        ):
             logger.warning(f"Sequence length {past_seen + S} exceeds max_position_embeddings ({c.max_position_embeddings}).")
             self._warned_long = True
 
@@ -599,10 +619,15 @@ class PldrModel(PldrPreTrainedModel):
             if attention_mask.shape[1] < S:
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, the input has {S}.")
             token_mask = attention_mask[:, -S:]
+        elif kwargs.get("pldr_token_mask") is not None:
+            # generate() turns the 2D mask into a 4D one for static caches; it passes the 2D one along for A.
+            token_mask = kwargs["pldr_token_mask"]
+            if tuple(token_mask.shape) != (B, S):
+                raise ValueError(f"pldr_token_mask must have shape {(B, S)}, got {tuple(token_mask.shape)}.")
 
-        rope_angles = rotary_angles(position_ids, c.head_dim, c.rope_theta)
-        if rope_angles.shape[0] != B:
-            rope_angles = rope_angles.expand(B, -1, -1)
+        cos, sin = rotary_tables(position_ids, c.head_dim, c.rope_theta, c.reference_rope)
+        if cos.shape[0] != B:
+            cos, sin = cos.expand(B, -1, -1, -1), sin.expand(B, -1, -1, -1)
 
         hidden_states = inputs_embeds * math.sqrt(D)
         hidden_states = self.layernorm1(hidden_states)
@@ -616,7 +641,7 @@ class PldrModel(PldrPreTrainedModel):
                 fixed = (self.past_G_values[i, 0], self.past_G_values[i, 1], self.past_G_values[i, 2])
             hidden_states, deductive = layer(
                 hidden_states,
-                rope_angles=rope_angles,
+                cos_sin=(cos, sin),
                 attention_mask=causal_mask,
                 token_mask=token_mask,
                 past_key_values=past_key_values,
@@ -669,6 +694,68 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
     def set_decoder(self, decoder):
         self.decoder = decoder
 
+    # ------------------------------------------------------------------------------------------------------------------
+    # generate() support. A is a summary of the whole prompt (its sum runs over every prompt position), so the first
+    # forward of a generation must see exactly the prompt. Two strategies feed more or less than that and get the
+    # prompt's deductive tensors filled in beforehand: assisted decoding (its first forward is prompt + draft tokens)
+    # and chunked prefill (each chunk would otherwise see only part of the prompt).
+    # ------------------------------------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        mask = inputs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() == 2 and (mask is None or mask.dim() != 2):
+            # A static cache gets a 4D mask; keep the padding of the new tokens for the metric tensor A.
+            ids = inputs.get("input_ids")
+            seq = ids.shape[1] if ids is not None else inputs["inputs_embeds"].shape[1]
+            inputs["pldr_token_mask"] = attention_mask[:, -seq:]
+        return inputs
+
+    @torch.no_grad()
+    def fill_deductive_cache(
+        self,
+        input_ids: torch.LongTensor | None,
+        past_key_values: Cache,
+        attention_mask: torch.Tensor | None = None,
+        use_g_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> Cache:
+        """Stores the prompt's A (and with the G-cache A_LM, G_LM) of every layer in ``past_key_values``, leaving its
+        keys and values empty, so that a later forward over the prompt plus other tokens uses the prompt's deductive
+        tensors, exactly as step-by-step decoding would. Does nothing for a fixed-G model or a cache that already
+        holds deductive tensors (e.g. one made by ``pldr_hf.gfile.cache_with_g``)."""
+        cache = as_pldr_cache(past_key_values)
+        if self.decoder.past_G_values is not None or any(t is not None for t in cache.get_deductive(0)):
+            return cache
+        out = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           use_cache=False, output_pldr_attentions=True)
+        keep_g = self.config.use_g_cache if use_g_cache is None else use_g_cache
+        for i, d in enumerate(out.pldr_attentions):
+            A, A_LM, G_LM = (d.A[:1], d.A_LM[:1], d.G_LM[:1]) if self.config.cache_first_G else (d.A, d.A_LM, d.G_LM)
+            cache.set_deductive(i, A, A_LM if keep_g else None, G_LM if keep_g else None)
+        return cache
+
+    def _assisted_decoding(self, input_ids, *args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None or kwargs.get("use_cache") is False:
+            raise ValueError(
+                "Assisted decoding with PLDR-LLM needs use_cache=True: without a cache the metric tensor A sums over "
+                "the whole input, so one forward over the draft tokens would score each of them with A of later ones."
+            )
+        if cache.get_seq_length() == 0:
+            self.fill_deductive_cache(input_ids, cache, attention_mask=kwargs.get("attention_mask"),
+                                      use_g_cache=kwargs.get("use_g_cache"))
+        return super()._assisted_decoding(input_ids, *args, **kwargs)
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        cache = model_kwargs.get("past_key_values")
+        if getattr(generation_config, "prefill_chunk_size", None) is not None and cache is not None and \
+                cache.get_seq_length() == 0:
+            embeds = model_kwargs.get("inputs_embeds")
+            self.fill_deductive_cache(None if embeds is not None else input_ids, cache,
+                                      attention_mask=model_kwargs.get("attention_mask"),
+                                      use_g_cache=model_kwargs.get("use_g_cache"), inputs_embeds=embeds)
+        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -696,6 +783,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_pldr_attentions=output_pldr_attentions,
             use_g_cache=use_g_cache,
+            pldr_token_mask=kwargs.pop("pldr_token_mask", None),
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

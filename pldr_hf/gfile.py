@@ -105,6 +105,9 @@ def check_g_fits(g: GTensors, config, source: str = "G") -> None:
             f"{source}: G_LM has shape {tuple(g.G_LM.shape)} (layers, heads, head_dim, head_dim) but the model needs "
             f"{want}"
         )
+    for name, t in (("A_LM", g.A_LM), ("A", g.A)):
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)} but the model needs {want} like G_LM")
 
 
 def cache_with_g(model, g: GTensors) -> PldrDynamicCache:
@@ -124,3 +127,61 @@ def apply_g_to_model(model, g: GTensors) -> None:
     check_g_fits(g, model.config)
     base = getattr(model, model.base_model_prefix, model)
     base.set_fixed_G(g.G_LM, g.A_LM)
+
+
+def g_from_cache(cache, row: int = 0) -> GTensors:
+    """The G-cache of one batch row of a cache that a forward or ``generate`` filled (e.g. ``out.past_key_values``
+    of ``generate(..., return_dict_in_generate=True)``): per layer A, A_LM and G_LM of that row's prompt.
+
+    The cache must hold the G-cache (``use_g_cache=True``, the default)."""
+    get = getattr(cache, "get_deductive", None)
+    if get is None:
+        raise ValueError(
+            f"{type(cache).__name__} holds no PLDR-LLM deductive cache: pass the past_key_values that a PLDR-LLM "
+            "forward or generate() returned."
+        )
+    A, A_LM, G_LM = [], [], []
+    i = 0
+    while True:
+        a, a_lm, g_lm = get(i)
+        if a is None and a_lm is None and g_lm is None:
+            break
+        if a_lm is None or g_lm is None:
+            raise ValueError(
+                f"layer {i} of the cache has no G-cache (A_LM, G_LM): it was filled with use_g_cache=False; "
+                "generate with use_g_cache=True to export G."
+            )
+        batch = g_lm.shape[0]
+        if not -batch <= row < batch and batch != 1:
+            raise ValueError(f"row {row} is out of range: the cache holds {batch} rows.")
+        pick = lambda t: (t[0] if t.shape[0] == 1 else t[row]).float().cpu()  # noqa: E731 (batch 1: shared by all rows)
+        A.append(pick(a) if a is not None else None)
+        A_LM.append(pick(a_lm))
+        G_LM.append(pick(g_lm))
+        i += 1
+    if i == 0:
+        raise ValueError("the cache holds no deductive tensors yet: run a forward or generate() with use_cache=True.")
+    return GTensors(A_LM=torch.stack(A_LM), G_LM=torch.stack(G_LM),
+                    A=torch.stack(A) if all(a is not None for a in A) else None)
+
+
+def generate_with_g(model, g: GTensors | str | os.PathLike, input_ids: torch.Tensor | None = None, **generate_kwargs):
+    """``model.generate`` with G fixed to ``g`` (a :class:`GTensors` or the path of a G file) for every layer and
+    every row, instead of each prompt's own G: the paper's G-cache experiment (G_LM is nearly input-invariant).
+
+    Example: ``generate_with_g(model, "prompt_a.g.safetensors", **tok("prompt b", return_tensors="pt"),
+    max_new_tokens=50)``."""
+    if not isinstance(g, GTensors):
+        g = load_g_file(g, model.config)
+    if generate_kwargs.get("past_key_values") is not None:
+        raise ValueError("generate_with_g makes its own past_key_values (holding g); do not pass one.")
+    if generate_kwargs.get("use_cache") is False:
+        raise ValueError("generate_with_g needs use_cache=True: the fixed G lives in the cache.")
+    if generate_kwargs.get("use_g_cache") is False:
+        raise ValueError("generate_with_g needs the G-cache (use_g_cache=True): the fixed G is held there.")
+    if getattr(model.config, "custom_G_type", None) is not None:
+        raise ValueError(
+            f"this model has custom_G_type={model.config.custom_G_type!r} (a fixed G); load g into it with "
+            "apply_g_to_model(model, g) and call generate directly."
+        )
+    return model.generate(input_ids, past_key_values=cache_with_g(model, g), **generate_kwargs)

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Decoding speed of PLDR-LLM with generate(): KV+G cache, KV only, no cache, static cache + torch.compile, next to a
+same-size LlamaForCausalLM (dynamic cache and static + compiled), in one run. Prints JSON.
+
+Every run is greedy and generates exactly ``new_tokens`` tokens per row (min_new_tokens = max_new_tokens); timings
+follow warm-up runs (which also compile) and torch.cuda.synchronize; tokens/s = batch * new_tokens / seconds (best of
+``repeats``; the median is reported too).
+
+GPU (the papers' 110M configuration, bf16):
+    python scripts/bench_decode.py --output bench_decode.json
+Quick check on CPU with tiny models:
+    python scripts/bench_decode.py --tiny --device cpu
+"""
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import CompileConfig, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pldr_hf  # noqa: E402,F401  (registers the model)
+from pldr_hf import PldrConfig, PldrForCausalLM  # noqa: E402
+
+VARIANTS = ("pldr_kv_g", "pldr_kv", "pldr_nocache", "pldr_static_compiled", "llama_dynamic", "llama_static_compiled")
+
+
+@dataclass
+class BenchDecodeArguments:
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cuda or cpu"})
+    dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32"})
+    prompt_len: int = field(default=128, metadata={"help": "prompt tokens per row"})
+    new_tokens: int = field(default=256, metadata={"help": "generated tokens per row (exactly)"})
+    batch_sizes: str = field(default="1,32", metadata={"help": "comma-separated batch sizes"})
+    variants: str = field(default=",".join(VARIANTS), metadata={"help": f"comma-separated subset of {VARIANTS}"})
+    repeats: int = field(default=3, metadata={"help": "timed runs per measurement"})
+    warmup: int = field(default=2, metadata={"help": "untimed runs first (they compile the static variants)"})
+    compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of the static variants"})
+    fullgraph: bool = field(default=True, metadata={"help": "compile with fullgraph=True (fails on a graph break)"})
+    tiny: bool = field(default=False, metadata={"help": "tiny models and lengths, to check the script on CPU"})
+    seed: int = field(default=0, metadata={"help": "random seed (weights and prompts)"})
+    output: str | None = field(default=None, metadata={"help": "also write the JSON here"})
+
+
+def model_configs(tiny: bool):
+    if tiny:
+        pldr = PldrConfig(vocab_size=256, hidden_size=32, num_attention_heads=4, head_dim=8, num_hidden_layers=2,
+                          intermediate_size=85, A_dff=12, num_reslayerA=2, num_denseA=2, max_position_embeddings=512)
+        llama = dict(vocab_size=256, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                     num_hidden_layers=2, intermediate_size=85, max_position_embeddings=512)
+    else:
+        pldr = PldrConfig()  # the papers' 110M: 896 wide, 14 heads of 64, 5 layers, dff 2389, vocab 32000
+        llama = dict(vocab_size=32000, hidden_size=896, num_attention_heads=14, num_key_value_heads=14,
+                     num_hidden_layers=5, intermediate_size=2389, max_position_embeddings=1024)
+    return pldr, LlamaConfig(**llama, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_variant(name, models, args, batch, device):
+    model = models["llama" if name.startswith("llama") else "pldr"]
+    g = torch.Generator().manual_seed(args.seed + batch)
+    ids = torch.randint(4, model.config.vocab_size, (batch, args.prompt_len), generator=g).to(device)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+              min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    if name == "pldr_kv":
+        kw["use_g_cache"] = False
+    elif name == "pldr_nocache":
+        kw["use_cache"] = False
+    elif name.endswith("static_compiled"):
+        cfg = CompileConfig(fullgraph=args.fullgraph, backend=args.compile_backend)
+        if device.type == "cpu":
+            cfg._compile_all_devices = True  # generate compiles on accelerators only unless told otherwise
+        kw.update(cache_implementation="static", compile_config=cfg)
+
+    def once():
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**kw)
+        sync(device)
+        dt = time.perf_counter() - t0
+        if out.shape != (batch, args.prompt_len + args.new_tokens):
+            raise RuntimeError(f"{name}: generated shape {tuple(out.shape)}, expected exactly {args.new_tokens} tokens")
+        return dt
+
+    t_first = once()
+    for _ in range(max(args.warmup - 1, 0)):
+        once()
+    times = [once() for _ in range(args.repeats)]
+    tokens = batch * args.new_tokens
+    return {
+        "tokens_per_s": round(tokens / min(times), 1),
+        "tokens_per_s_median": round(tokens / statistics.median(times), 1),
+        "ms_per_step": round(1000 * min(times) / args.new_tokens, 3),
+        "first_run_s": round(t_first, 2),
+        "times_s": [round(t, 4) for t in times],
+    }
+
+
+def main(argv=None):
+    (args,) = HfArgumentParser(BenchDecodeArguments).parse_args_into_dataclasses(args=argv)
+    if args.tiny:
+        args.prompt_len, args.new_tokens = min(args.prompt_len, 16), min(args.new_tokens, 16)
+        args.batch_sizes = args.batch_sizes if args.batch_sizes != "1,32" else "1,4"
+        args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
+        if args.compile_backend == "inductor" and args.device == "cpu":
+            args.compile_backend = "eager"  # no C++ toolchain needed for the check
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    device = torch.device(args.device)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    torch.manual_seed(args.seed)
+    pldr_cfg, llama_cfg = model_configs(args.tiny)
+    models = {"pldr": PldrForCausalLM(pldr_cfg).to(device, dtype).eval(),
+              "llama": LlamaForCausalLM(llama_cfg).to(device, dtype).eval()}
+    for m in models.values():  # random weights: never stop early on an end-of-sequence token
+        m.generation_config.eos_token_id = None
+
+    results = {}
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for name in variants:
+            key = f"{name}@b{batch}"
+            try:
+                results[key] = run_variant(name, models, args, batch, device)
+            except Exception as e:  # one failing variant must not hide the others' numbers
+                results[key] = {"error": f"{type(e).__name__}: {e}"[:800]}
+            print(f"{key}: {results[key]}", file=sys.stderr, flush=True)
+            torch._dynamo.reset()
+
+    report = {
+        "benchmark": "decode",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "settings": asdict(args),
+        "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""generate() with PLDR-LLM's KV-cache + G-cache: every strategy, padding, G files, static cache and compile.
+
+Tiny random models on CPU; every test compares tokens or logits against an independent way of getting them.
+"""
+
+import pytest
+import torch
+from transformers import CompileConfig, DynamicCache, StaticCache
+
+import pldr_hf  # noqa: F401  (registers the model)
+from pldr_hf import PldrConfig, PldrDynamicCache, PldrForCausalLM
+from pldr_hf.gfile import (
+    GTensors,
+    apply_g_to_model,
+    cache_with_g,
+    extract_g,
+    g_from_cache,
+    generate_with_g,
+    load_g_file,
+    save_g_file,
+)
+
+TINY = dict(vocab_size=64, hidden_size=16, num_attention_heads=2, head_dim=8, num_hidden_layers=2,
+            intermediate_size=42, A_dff=12, num_reslayerA=2, num_denseA=2, max_position_embeddings=128,
+            pad_token_id=0, bos_token_id=None, eos_token_id=None)
+N = 10  # new tokens per generation
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return PldrForCausalLM(PldrConfig(**{**TINY, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(0)
+
+
+def prompt(seed, length):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 64, (1, length), generator=g)
+
+
+def gen(model, ids, **kw):
+    kw.setdefault("do_sample", False)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N, **kw)
+
+
+def left_pad(prompts):
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - p.shape[1]:] = p[0]
+        mask[i, width - p.shape[1]:] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Strategies
+# ----------------------------------------------------------------------------------------------------------------------
+def test_greedy_cached_matches_step_by_step_forward(model):
+    p = prompt(1, 7)
+    out = gen(model, p)
+    # Independent loop: prefill the prompt, then feed one token at a time through forward with the same cache.
+    cache, ids, toks = None, p, []
+    with torch.no_grad():
+        for _ in range(N):
+            o = model(ids, past_key_values=cache, use_cache=True)
+            cache = o.past_key_values
+            ids = o.logits[:, -1:].argmax(-1)
+            toks.append(ids)
+    assert torch.equal(out[:, 7:], torch.cat(toks, 1))
+    assert torch.equal(gen(model, p, use_g_cache=False), out)  # G-cache changes speed, not tokens
+
+
+def test_no_cache_recomputes_A(model):
+    p = prompt(1, 7)
+    out = gen(model, p, use_cache=False)
+    ids = p
+    with torch.no_grad():
+        for _ in range(N):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, ids)
+
+
+def test_sampling_seeded_and_top_k_1_is_greedy(model):
+    p = prompt(2, 6)
+    kw = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
+    torch.manual_seed(5)
+    a = gen(model, p, **kw)
+    torch.manual_seed(5)
+    b = gen(model, p, **kw)
+    torch.manual_seed(6)
+    c = gen(model, p, do_sample=True, temperature=1.5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    torch.manual_seed(7)
+    assert torch.equal(gen(model, p, do_sample=True, top_k=1), gen(model, p))
+
+
+def test_beam_search_same_with_and_without_g_cache(model):
+    p = prompt(3, 6)
+    kw = dict(num_beams=4, num_return_sequences=4, return_dict_in_generate=True, output_scores=True)
+    with_g = gen(model, p, **kw)
+    without_g = gen(model, p, use_g_cache=False, **kw)
+    assert torch.equal(with_g.sequences, without_g.sequences)
+    torch.testing.assert_close(with_g.sequences_scores, without_g.sequences_scores)
+    assert with_g.sequences.shape == (4, 6 + N)
+
+
+def test_beam_search_batch_with_padding_equals_each_prompt_alone(model):
+    prompts = [prompt(4, 5), prompt(5, 8)]
+    ids, mask = left_pad(prompts)
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, num_beams=3, max_new_tokens=N, min_new_tokens=N,
+                               do_sample=False)
+    for i, p in enumerate(prompts):
+        alone = gen(model, p, num_beams=3)
+        assert torch.equal(batch[i, ids.shape[1]:], alone[0, p.shape[1]:])
+
+
+def test_cache_batch_operations_move_deductive_tensors():
+    cache = PldrDynamicCache()
+    A = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 4, 4).clone()
+    shared = torch.ones(1, 2, 4, 4)
+    k = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 5, 4).clone()
+    cache.update(k, k.clone(), 0)
+    cache.set_deductive(0, A, shared, A * 2)
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    a, a_lm, g = cache.get_deductive(0)
+    assert a[:, 0, 0, 0].tolist() == [2, 2, 0] and g[:, 0, 0, 0].tolist() == [4, 4, 0]
+    assert a_lm.shape[0] == 1  # a batch-1 (shared) tensor is left as it is
+    assert cache.layers[0].keys[:, 0, 0, 0].tolist() == [2, 2, 0]
+    cache.batch_repeat_interleave(2)
+    assert cache.get_deductive(0)[0][:, 0, 0, 0].tolist() == [2, 2, 2, 2, 0, 0]
+    cache.batch_select_indices(torch.tensor([0, 5]))
+    assert cache.get_deductive(0)[0][:, 0, 0, 0].tolist() == [2, 0]
+    cache.crop(-2)  # dropping tokens keeps the prompt's deductive tensors
+    assert cache.get_seq_length() == 3 and cache.get_deductive(0)[0] is not None
+    cache.reset()
+    assert cache.get_deductive(0) == (None, None, None)
+
+
+def test_assisted_decoding_equals_greedy(model):
+    draft = make_model(1)  # a different tiny PLDR model proposes tokens; the main model decides
+    for seed in (6, 7):
+        p = prompt(seed, 7)
+        greedy = gen(model, p)
+        assert torch.equal(gen(model, p, assistant_model=draft), greedy)
+        assert torch.equal(gen(model, p, assistant_model=model), greedy)  # every draft accepted
+        assert torch.equal(gen(model, p, prompt_lookup_num_tokens=3), greedy)
+        assert torch.equal(gen(model, p, assistant_model=draft, use_g_cache=False), greedy)
+
+
+def test_assisted_decoding_without_cache_is_refused(model):
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        gen(model, prompt(6, 5), assistant_model=make_model(1), use_cache=False)
+
+
+def test_chunked_prefill_equals_greedy(model):
+    p = prompt(8, 9)
+    assert torch.equal(gen(model, p, prefill_chunk_size=4), gen(model, p))
+
+
+def test_continue_from_returned_cache(model):
+    p = prompt(9, 6)
+    full = gen(model, p)
+    with torch.no_grad():
+        first = model.generate(p, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                               return_dict_in_generate=True)
+        rest = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=N - 4,
+                              min_new_tokens=N - 4, do_sample=False)
+    assert torch.equal(rest, full)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batches with padding, cache_first_G
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_left_padded_batch_equals_each_prompt_alone(model, cache_implementation):
+    prompts = [prompt(10, 4), prompt(11, 9), prompt(12, 6)]
+    ids, mask = left_pad(prompts)
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                               cache_implementation=cache_implementation)
+    for i, p in enumerate(prompts):
+        assert torch.equal(batch[i, ids.shape[1]:], gen(model, p)[0, p.shape[1]:]), f"row {i}"
+
+
+def test_cache_first_G_uses_first_rows_G_for_whole_batch():
+    m = make_model(0, cache_first_G=True)
+    plain = make_model(0)
+    prompts = [prompt(13, 6), prompt(14, 6)]
+    ids = torch.cat(prompts)
+    with torch.no_grad():
+        out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                         do_sample=False, return_dict_in_generate=True)
+    assert out.past_key_values.get_deductive(0)[2].shape[0] == 1  # one G for the batch
+    g0 = extract_g(plain, prompts[0])
+    assert torch.equal(out.sequences[0], gen(plain, prompts[0])[0])
+    row1 = generate_with_g(plain, g0, prompts[1], max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    assert torch.equal(out.sequences[1], row1[0])
+    assert not torch.equal(row1, gen(plain, prompts[1]))  # prompt 1 with its own G goes elsewhere
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# G files
+# ----------------------------------------------------------------------------------------------------------------------
+def test_g_exported_from_generate_cache_round_trips_to_identical_logits(model, tmp_path):
+    p = prompt(15, 8)
+    with torch.no_grad():
+        out = model.generate(p, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    g = g_from_cache(out.past_key_values)
+    ref = extract_g(model, p)
+    torch.testing.assert_close(g.G_LM, ref.G_LM, rtol=0, atol=0)
+    torch.testing.assert_close(g.A_LM, ref.A_LM, rtol=0, atol=0)
+    path = save_g_file(tmp_path / "p.g.safetensors", g)
+    loaded = load_g_file(path, model.config)
+    other = prompt(16, 7)
+    with torch.no_grad():
+        own = model(p).logits
+        from_file = model(p, past_key_values=cache_with_g(model, loaded)).logits
+        taken = model(other, past_key_values=cache_with_g(model, g)).logits
+        again = model(other, past_key_values=cache_with_g(model, loaded)).logits
+    torch.testing.assert_close(from_file, own, rtol=0, atol=1e-6)
+    assert torch.equal(taken, again)
+    # generate_with_g accepts the path and decodes the other prompt with p's G.
+    a = generate_with_g(model, path, other, max_new_tokens=N, do_sample=False)
+    b = model.generate(other, past_key_values=cache_with_g(model, g), max_new_tokens=N, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_g_from_cache_needs_the_g_cache(model):
+    with torch.no_grad():
+        out = model(prompt(1, 5), use_g_cache=False)
+    with pytest.raises(ValueError, match="use_g_cache=False"):
+        g_from_cache(out.past_key_values)
+    with pytest.raises(ValueError, match="no PLDR-LLM deductive cache"):
+        g_from_cache(object())
+    with pytest.raises(ValueError, match="use_cache=True"):
+        generate_with_g(model, extract_g(model, prompt(1, 5)), prompt(1, 5), use_cache=False)
+
+
+def test_malformed_g_files_are_refused(model, tmp_path):
+    from safetensors.torch import save_file
+
+    g = extract_g(model, prompt(1, 6))
+    three_layers = GTensors(A_LM=torch.cat([g.A_LM, g.A_LM[:1]]), G_LM=torch.cat([g.G_LM, g.G_LM[:1]]))
+    with pytest.raises(ValueError, match=r"G_LM has shape \(3, 2, 8, 8\).*needs \(2, 2, 8, 8\)"):
+        load_g_file(save_g_file(tmp_path / "layers.safetensors", three_layers), model.config)
+    wrong_heads = GTensors(A_LM=torch.rand(2, 3, 8, 8), G_LM=torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="G_LM has shape"):
+        load_g_file(save_g_file(tmp_path / "heads.safetensors", wrong_heads), model.config)
+    bad_a_lm = GTensors(A_LM=torch.rand(2, 2, 4, 4), G_LM=g.G_LM)
+    with pytest.raises(ValueError, match="A_LM has shape"):
+        load_g_file(save_g_file(tmp_path / "alm.safetensors", bad_a_lm), model.config)
+    save_file({"layer0.G_LM": g.G_LM[0].contiguous(), "layer1.G_LM": g.G_LM[1].contiguous(),
+               "layer0.A_LM": g.A_LM[0].contiguous()}, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match=r"missing tensors \['layer1.A_LM'\]"):
+        load_g_file(tmp_path / "missing.safetensors", model.config)
+    save_file({"weights": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="expected tensors layer0.G_LM"):
+        load_g_file(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors G file"):
+        load_g_file(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="G file not found"):
+        load_g_file(tmp_path / "absent.safetensors")
+
+
+def test_external_G_model_loads_g_file(model, tmp_path):
+    p, other = prompt(17, 8), prompt(18, 6)
+    path = save_g_file(tmp_path / "g.safetensors", extract_g(model, p))
+    ext = PldrForCausalLM(PldrConfig(**{**TINY, "custom_G_type": "external"})).eval()
+    missing, unexpected = ext.load_state_dict(model.state_dict(), strict=False)
+    assert all(".mha1.layernorm1" in k or "reslayerAs" in k or "plgatt_layer" in k for k in unexpected)
+    assert missing == ["decoder.past_G_values"]
+    apply_g_to_model(ext, load_g_file(path, ext.config))
+    with torch.no_grad():
+        want = model(other, past_key_values=cache_with_g(model, load_g_file(path))).logits
+        got = ext(other).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    ext.save_pretrained(tmp_path / "ext")  # the G travels with the model
+    again = PldrForCausalLM.from_pretrained(tmp_path / "ext").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(other).logits, got, rtol=0, atol=0)
+    assert torch.equal(gen(again, other), generate_with_g(model, path, other, max_new_tokens=N, min_new_tokens=N,
+                                                          do_sample=False, attention_mask=torch.ones_like(other)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Static cache and torch.compile
+# ----------------------------------------------------------------------------------------------------------------------
+def test_static_cache_generate_matches_dynamic(model):
+    p = prompt(19, 7)
+    with torch.no_grad():
+        out = model.generate(p, max_new_tokens=N, min_new_tokens=N, do_sample=False, cache_implementation="static",
+                             return_dict_in_generate=True)
+    assert type(out.past_key_values).__name__ == "PldrStaticCache"
+    assert torch.equal(out.sequences, gen(model, p))
+    assert torch.equal(gen(model, p, cache_implementation="static", use_g_cache=False), gen(model, p))
+
+
+def test_decode_step_compiles_fullgraph_without_graph_breaks(model):
+    import torch._dynamo as dynamo
+
+    p = torch.cat([prompt(20, 6), prompt(21, 6)])
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        first = model(p, past_key_values=cache, use_cache=True)
+    assert type(cache).__name__ == "PldrStaticCache"  # swapped in place, storage kept
+    nxt = first.logits[:, -1:].argmax(-1)
+    pos = torch.full((2, 1), 6)
+
+    explained = dynamo.explain(model.forward)(input_ids=nxt, past_key_values=cache, position_ids=pos)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+    dynamo.reset()
+    eager_cache = StaticCache(config=model.config, max_cache_len=16)
+    compiled_cache = StaticCache(config=model.config, max_cache_len=16)
+    compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for c in (eager_cache, compiled_cache):
+            model(p, past_key_values=c, use_cache=True)
+        tok_e = tok_c = nxt
+        for step in range(3):
+            pos = torch.full((2, 1), 6 + step)
+            le = model(tok_e, past_key_values=eager_cache, position_ids=pos).logits
+            lc = compiled(input_ids=tok_c, past_key_values=compiled_cache, position_ids=pos).logits
+            torch.testing.assert_close(lc, le, rtol=0, atol=1e-6)
+            tok_e, tok_c = le.argmax(-1), lc.argmax(-1)
+
+
+def test_generate_autocompiles_static_decode_step(model):
+    p = prompt(22, 7)
+    cfg = CompileConfig(fullgraph=True, backend="eager")
+    cfg._compile_all_devices = True  # generate compiles on accelerators only unless told otherwise
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        out = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=N, min_new_tokens=N,
+                             do_sample=False, cache_implementation="static", compile_config=cfg)
+    assert torch.equal(out, gen(model, p))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
