@@ -205,6 +205,7 @@ class PldrGLU(nn.Module):
     """
 
     ALIGN = 8
+    MIN_PADDED_ROWS = 1024
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, bias: bool, act: str,
                  align_hidden: bool = False):
@@ -217,7 +218,9 @@ class PldrGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = self.hidden_pad
-        if pad == 0 or x.device.type == "cpu":
+        # Only worth it for large GEMMs (training, prefill): a decoding step is memory-bound and the padded weight
+        # copies would double its FFN weight traffic.
+        if pad == 0 or x.device.type == "cpu" or x.numel() < self.MIN_PADDED_ROWS * x.shape[-1]:
             return self.gluw3(self.act_fn(self.gluw1(x)) * self.gluw2(x))
         padded = lambda b: None if b is None else F.pad(b, (0, pad))
         h1 = F.linear(x, F.pad(self.gluw1.weight, (0, 0, 0, pad)), padded(self.gluw1.bias))
