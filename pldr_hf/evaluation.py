@@ -90,6 +90,7 @@ class PldrLM(HFLM):
                         f"{s} has no tokenizer (tokenizer.json / tokenizer_config.json); pass tokenizer=PATH in "
                         "model_args (pldr-hf eval: --tokenizer PATH)"
                     )
+        kwargs.setdefault("backend", "causal")
         super().__init__(pretrained=pretrained, **kwargs)
         special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
         self._zero_is_padding = 0 in special or getattr(self.config, "pad_token_id", None) == 0
