@@ -135,3 +135,51 @@ def test_clear_errors_missing_model_and_unknown_task(saved, tmp_path):
     cli = [sys.executable, "-m", "pldr_hf.cli"]
     r = subprocess.run(cli + ["eval", str(tmp_path / "nope"), "--tasks", "pldr_offline"], capture_output=True, text=True)
     assert r.returncode == 1 and "model folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_writes_report_and_pngs_identity_invariance_is_zero(tmp_path):
+    from pldr_hf.deductive import inspect_prompts
+
+    tok = make_tokenizer()
+    prompts = CORPUS[:3]
+    learned = inspect_prompts(make_model(), tok, prompts, tmp_path / "learned")
+    ident = inspect_prompts(make_model(custom_G_type="identity"), tok, prompts, tmp_path / "ident")
+    for d in ("learned", "ident"):
+        rep = json.loads((tmp_path / d / "report.json").read_text())
+        assert len(rep["per_layer_head"]["G_LM_relative_rmse"]) == 2 and len(rep["per_layer_head"]["G_LM_relative_rmse"][0]) == 2
+        assert len(rep["per_layer_head"]["det_G_LM_per_prompt"]) == 3
+        for png in ("spread_rel_rmse.png", "G_LM_mean.png", "g_cache_swap.png"):
+            assert (tmp_path / d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ident["summary"]["G_LM_relative_rmse_max"] == 0.0
+    assert ident["summary"]["swap_mean_kl"] == 0.0 and ident["summary"]["swap_mean_relative_logit_change"] == 0.0
+    assert ident["per_layer_head"]["det_G_LM_mean"][0][0] == pytest.approx(1.0)
+    # A random learned-G model's G depends on the prompt, and swapping G-caches changes its predictions.
+    assert learned["summary"]["G_LM_relative_rmse_mean"] > 1e-4
+    assert learned["summary"]["swap_mean_relative_logit_change"] > 1e-4
+    # Diagonal of the swap matrix: a G-cache of the prompt itself changes nothing.
+    kl = torch.tensor(learned["g_cache_swap"]["kl"])
+    assert kl.diagonal().abs().max() < 1e-5
+
+
+def test_export_g_loads_into_external_model(saved, tmp_path):
+    from pldr_hf.deductive import export_g
+    from pldr_hf.gfile import load_g_file
+
+    rep = export_g(saved, "four score and seven years", tmp_path / "g.safetensors", bench_seq_len=16, repeats=2)
+    assert rep["max_abs_logit_diff_vs_full_with_g_cache"] < 1e-4
+    assert rep["parameters_skipped"] > 0
+    assert rep["parameters_g_only"] == rep["parameters_full"] - rep["parameters_skipped"]
+    assert rep["forward_seconds_full"] > 0 and rep["forward_seconds_g_only"] > 0
+    g = load_g_file(tmp_path / "g.safetensors", PldrConfig(**TINY))
+    assert g.G_LM.shape == (2, 2, 8, 8)
+
+
+def test_cli_eval_writes_results_json(saved, tmp_path):
+    from pldr_hf.cli import main
+
+    out = tmp_path / "res.json"
+    assert main(["eval", str(saved), "--tasks", "pldr_pd_word_order", "--out", str(out), "--limit", "4",
+                 "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["results"]["pldr_pd_word_order"]["acc,none"] <= 1.0
+    assert main(["eval", str(saved), "--tasks", "bogus_task"]) == 1
