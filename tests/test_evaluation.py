@@ -1,0 +1,185 @@
+"""lm-eval integration, offline tasks, perplexity, deductive inspection and G export (tiny models, CPU, offline)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pldr_hf
+from pldr_hf import PldrConfig, PldrForCausalLM
+
+TINY = dict(vocab_size=64, hidden_size=16, num_attention_heads=2, head_dim=8, num_hidden_layers=2,
+            intermediate_size=42, A_dff=12, num_reslayerA=2, num_denseA=2, max_position_embeddings=128,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+CORPUS = [
+    "four score and seven years ago our fathers brought forth on this continent a new nation",
+    "we the people of the united states in order to form a more perfect union establish justice",
+    "with malice toward none with charity for all with firmness in the right",
+    "now we are engaged in a great civil war testing whether that nation can long endure",
+]
+
+
+def make_tokenizer(vocab_size=64):
+    """A word-level tokenizer built offline: [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3, then the most frequent words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[BOS]", "[EOS]", "[UNK]"])
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                   unk_token="[UNK]")
+
+
+def make_model(seed=0, **over):
+    torch.manual_seed(seed)
+    return PldrForCausalLM(PldrConfig(**{**TINY, **over})).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    make_model().save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_simple_evaluate_offline_tasks_through_registered_name(saved, tmp_path):
+    import lm_eval
+
+    from pldr_hf import evaluation
+
+    res = lm_eval.simple_evaluate(model="pldr", model_args={"pretrained": str(saved), "batch_size": 4},
+                                  tasks=["pldr_offline"], task_manager=evaluation.task_manager(), device="cpu",
+                                  limit=6)
+    r = res["results"]
+    assert 0.0 <= r["pldr_pd_word_order"]["acc,none"] <= 1.0
+    assert 0.0 <= r["pldr_pd_next_sentence"]["acc,none"] <= 1.0
+    ppl = r["pldr_pd_perplexity"]["word_perplexity,none"]
+    assert math.isfinite(ppl) and ppl > 1.0
+    assert math.isfinite(r["pldr_pd_perplexity"]["bits_per_byte,none"])
+    assert res["config"]["model"] == "pldr"
+
+
+def test_loglikelihood_is_sum_of_token_logprobs_and_batch_invariant(saved):
+    from lm_eval.api.instance import Instance
+
+    from pldr_hf.evaluation import PldrLM
+
+    model = PldrForCausalLM.from_pretrained(saved).eval()
+    tok = make_tokenizer()
+    pairs = [("four score and seven", " years ago our fathers"), ("we the people", " of the united states in order"),
+             ("with malice", " toward none")]
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    lm1 = PldrLM(pretrained=str(saved), batch_size=1, device="cpu")
+    lm3 = PldrLM(pretrained=str(saved), batch_size=3, device="cpu")
+    got1 = [ll for ll, _ in lm1.loglikelihood(reqs)]
+    got3 = [ll for ll, _ in lm3.loglikelihood(reqs)]
+    for (ctx, cont), ll1, ll3 in zip(pairs, got1, got3):
+        c = tok(ctx, add_special_tokens=False)["input_ids"]
+        k = tok(cont, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([c + k])
+        # lm-eval's causal scoring: one uncached pass over context + continuation minus its last token.
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids[:, :-1], use_cache=False).logits, -1)[0]
+        want = sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(k))
+        assert ll1 == pytest.approx(want, abs=1e-4)
+        assert ll3 == pytest.approx(want, abs=1e-4)  # padding in a batch must not leak into A
+
+
+def test_generate_until_uses_cached_decoding(saved):
+    from lm_eval.api.instance import Instance
+
+    from pldr_hf.evaluation import PldrLM
+
+    lm = PldrLM(pretrained=str(saved), batch_size=2, device="cpu")
+    out = lm.generate_until([Instance("generate_until", {}, ("four score and", {"until": ["zzz"], "do_sample": False, "max_gen_toks": 5}), 0)])
+    tok = make_tokenizer()
+    model = PldrForCausalLM.from_pretrained(saved).eval()
+    ids = tok("four score and", return_tensors="pt", add_special_tokens=False)
+    ref = model.generate(**ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    assert out[0] == tok.decode(ref[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_perplexity_matches_loss_and_rejects_bad_input():
+    from pldr_hf.evaluation import perplexity
+
+    model = make_model()
+    tok = make_tokenizer()
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in CORPUS]
+    stream = sum(ids, [])
+    block = torch.tensor([stream[:16], stream[16:32]])
+    with torch.no_grad():
+        loss = model(input_ids=block, labels=block, use_cache=False).loss.item()
+    assert perplexity(model, [stream[:32]], block_size=16) == pytest.approx(math.exp(loss), rel=1e-5)
+    assert perplexity(model, tok, CORPUS, block_size=16) > 1.0
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        perplexity(model, tok, CORPUS, block_size=1000)
+    with pytest.raises(ValueError, match="vocab_size"):
+        perplexity(model, [[1, 2, 500]], block_size=16)
+
+
+def test_clear_errors_missing_model_and_unknown_task(saved, tmp_path):
+    from pldr_hf.evaluation import run_offline_eval
+
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        run_offline_eval(tmp_path / "nope")
+    with pytest.raises(ValueError, match="unknown lm-eval task.*no_such_task.*pldr_offline"):
+        run_offline_eval(saved, tasks=["no_such_task"])
+    cli = [sys.executable, "-m", "pldr_hf.cli"]
+    r = subprocess.run(cli + ["eval", str(tmp_path / "nope"), "--tasks", "pldr_offline"], capture_output=True, text=True)
+    assert r.returncode == 1 and "model folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_writes_report_and_pngs_identity_invariance_is_zero(tmp_path):
+    from pldr_hf.deductive import inspect_prompts
+
+    tok = make_tokenizer()
+    prompts = CORPUS[:3]
+    learned = inspect_prompts(make_model(), tok, prompts, tmp_path / "learned")
+    ident = inspect_prompts(make_model(custom_G_type="identity"), tok, prompts, tmp_path / "ident")
+    for d in ("learned", "ident"):
+        rep = json.loads((tmp_path / d / "report.json").read_text())
+        assert len(rep["per_layer_head"]["G_LM_relative_rmse"]) == 2 and len(rep["per_layer_head"]["G_LM_relative_rmse"][0]) == 2
+        assert len(rep["per_layer_head"]["det_G_LM_per_prompt"]) == 3
+        for png in ("spread_rel_rmse.png", "G_LM_mean.png", "g_cache_swap.png"):
+            assert (tmp_path / d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ident["summary"]["G_LM_relative_rmse_max"] == 0.0
+    assert ident["summary"]["swap_mean_kl"] == 0.0 and ident["summary"]["swap_mean_relative_logit_change"] == 0.0
+    assert ident["per_layer_head"]["det_G_LM_mean"][0][0] == pytest.approx(1.0)
+    # A random learned-G model's G depends on the prompt, and swapping G-caches changes its predictions.
+    assert learned["summary"]["G_LM_relative_rmse_mean"] > 1e-4
+    assert learned["summary"]["swap_mean_relative_logit_change"] > 1e-4
+    # Diagonal of the swap matrix: a G-cache of the prompt itself changes nothing.
+    kl = torch.tensor(learned["g_cache_swap"]["kl"])
+    assert kl.diagonal().abs().max() < 1e-5
+
+
+def test_export_g_loads_into_external_model(saved, tmp_path):
+    from pldr_hf.deductive import export_g
+    from pldr_hf.gfile import load_g_file
+
+    rep = export_g(saved, "four score and seven years", tmp_path / "g.safetensors", bench_seq_len=16, repeats=2)
+    assert rep["max_abs_logit_diff_vs_full_with_g_cache"] < 1e-4
+    assert rep["parameters_skipped"] > 0
+    assert rep["parameters_g_only"] == rep["parameters_full"] - rep["parameters_skipped"]
+    assert rep["forward_seconds_full"] > 0 and rep["forward_seconds_g_only"] > 0
+    g = load_g_file(tmp_path / "g.safetensors", PldrConfig(**TINY))
+    assert g.G_LM.shape == (2, 2, 8, 8)
+
+
+def test_cli_eval_writes_results_json(saved, tmp_path):
+    from pldr_hf.cli import main
+
+    out = tmp_path / "res.json"
+    assert main(["eval", str(saved), "--tasks", "pldr_pd_word_order", "--out", str(out), "--limit", "4",
+                 "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["results"]["pldr_pd_word_order"]["acc,none"] <= 1.0
+    assert main(["eval", str(saved), "--tasks", "bogus_task"]) == 1
