@@ -1,0 +1,474 @@
+"""The model (issue "The model"): config validation, Auto classes, parity with the original implementation's golden
+fixtures, attention implementations, padding, deductive outputs, numerics, initialisation, checkpoint conversion
+and remote code."""
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+import pldr_hf
+from pldr_hf import (
+    PldrConfig,
+    PldrDeductiveOutputs,
+    PldrForCausalLM,
+    PldrForQuestionAnswering,
+    PldrForSequenceClassification,
+    PldrForTokenClassification,
+    PldrModel,
+)
+from pldr_hf.cli import main as cli_main
+from pldr_hf.convert import convert_original, load_hparams
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURE = FIXTURES / "reference-v510-tiny"
+
+TINY = dict(vocab_size=64, hidden_size=16, num_attention_heads=2, head_dim=8, num_hidden_layers=2,
+            intermediate_size=42, A_dff=12, num_reslayerA=2, num_denseA=2, max_position_embeddings=128)
+
+
+def tiny_model(seed=0, cls=PldrForCausalLM, **overrides):
+    torch.manual_seed(seed)
+    return cls(PldrConfig(**{**TINY, **overrides})).eval()
+
+
+def ids(seed, shape):
+    return torch.randint(4, 64, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+def test_config_defaults_are_the_published_110m_model():
+    c = PldrConfig()
+    assert c.model_type == "pldrllm"
+    expected = dict(vocab_size=32000, hidden_size=896, intermediate_size=2389, num_hidden_layers=5,
+                    num_attention_heads=14, head_dim=64, hidden_act="silu", max_position_embeddings=1024,
+                    layer_norm_eps=1e-6, pad_token_id=0, bos_token_id=2, eos_token_id=3, rope_theta=10000,
+                    attention_bias=True, glu_bias=True, final_bias=True, reference_rope=True, num_reslayerA=8,
+                    num_denseA=2, A_dff=170, custom_G_type=None, cache_first_G=False, output_pldr_attentions=False,
+                    tie_word_embeddings=False)
+    for key, value in expected.items():
+        assert getattr(c, key) == value, key
+
+
+def test_published_config_json_loads(tmp_path):
+    # A config.json as the published port writes it (its keys, its architectures name, no auto_map).
+    published = {**PldrConfig().to_dict(), "architectures": ["PldrllmForCausalLM"], "transformers_version": "4.56.0",
+                 "initializer_range": 0.02, "use_cache": True, "rope_scaling": None, "attention_dropout": 0.0}
+    published.pop("auto_map", None)
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    c = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(c, PldrConfig) and c.A_dff == 170 and c.num_reslayerA == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(hidden_size=100), "hidden_size"),
+        (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(vocab_size=-3), "vocab_size"),
+        (dict(A_dff=0), "A_dff"),
+        (dict(num_denseA=-1), "num_denseA"),
+        (dict(custom_G_type="banana"), "custom_G_type"),
+        (dict(layer_norm_eps=0.0), "layer_norm_eps"),
+        (dict(head_dim=7, hidden_size=14, num_attention_heads=2), "head_dim"),
+        (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+        (dict(intermediate_size="big"), "intermediate_size"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=f"`{key}`"):
+        PldrConfig(**{**TINY, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Auto classes, save/load, remote code
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "auto_cls, model_cls",
+    [
+        (AutoModel, PldrModel),
+        (AutoModelForCausalLM, PldrForCausalLM),
+        (AutoModelForSequenceClassification, PldrForSequenceClassification),
+        (AutoModelForTokenClassification, PldrForTokenClassification),
+        (AutoModelForQuestionAnswering, PldrForQuestionAnswering),
+    ],
+)
+def test_auto_classes_build_and_reload(tmp_path, auto_cls, model_cls):
+    config = PldrConfig(**TINY)
+    torch.manual_seed(0)
+    model = auto_cls.from_config(config)
+    assert type(model) is model_cls
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "pldrllm"
+    again = auto_cls.from_pretrained(tmp_path)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_task_heads_outputs_and_losses():
+    x = ids(1, (2, 7))
+    mask = torch.ones_like(x)
+    mask[1, 5:] = 0
+    seq = tiny_model(cls=PldrForSequenceClassification, num_labels=3)
+    out = seq(x, attention_mask=mask, labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
+    # The pooled logits are those of the last real token (position 4 for the padded row).
+    full = seq.score(seq.decoder(x, attention_mask=mask).last_hidden_state)
+    torch.testing.assert_close(out.logits[1], full[1, 4])
+    tok = tiny_model(cls=PldrForTokenClassification, num_labels=4)
+    out = tok(x, labels=torch.zeros_like(x))
+    assert out.logits.shape == (2, 7, 4) and torch.isfinite(out.loss)
+    qa = tiny_model(cls=PldrForQuestionAnswering)
+    out = qa(x, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4]))
+    assert out.start_logits.shape == (2, 7) and out.end_logits.shape == (2, 7) and torch.isfinite(out.loss)
+
+
+def test_saved_folder_loads_with_trust_remote_code_without_the_plugin(tmp_path):
+    model = tiny_model(3)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_pldr.PldrForCausalLM"
+    assert (tmp_path / "modeling_pldr.py").is_file() and (tmp_path / "configuration_pldr.py").is_file()
+    x = ids(4, (1, 9))
+    with torch.no_grad():
+        expected = model(x).logits
+    code = (
+        "import sys, json, torch\n"
+        "sys.modules['pldr_hf'] = None  # the plugin cannot be imported\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()\n"
+        "assert not type(m).__module__.startswith('pldr_hf'), type(m).__module__\n"
+        f"x = torch.tensor({x.tolist()!r})\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps(m(x).logits.flatten().tolist()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.tensor(json.loads(r.stdout.strip().splitlines()[-1])).view_as(expected)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with the original implementation (golden fixtures)
+# ---------------------------------------------------------------------------------------------------------------------
+def fixture_dirs():
+    if not FIXTURES.is_dir():
+        return []
+    return sorted(p for p in FIXTURES.iterdir() if (p / "expected.safetensors").is_file())
+
+
+@pytest.fixture(scope="module", params=fixture_dirs() or [None], ids=lambda p: p.name if p else "missing")
+def converted(request, tmp_path_factory):
+    fx = request.param
+    if fx is None:
+        pytest.skip(f"golden fixtures not found at {FIXTURES}")
+    out = tmp_path_factory.mktemp(fx.name)
+    rc = cli_main(["convert", "--from", "original", "--checkpoint", str(fx / "checkpoint.pth"),
+                   "--hparams", str(fx / "hparams.pkl"), "--out", str(out)])
+    assert rc == 0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return fx, model, load_file(str(fx / "expected.safetensors"))
+
+
+def test_fixture_forward_logits_and_deductive_outputs(converted):
+    fx, model, exp = converted
+    x = exp["input_ids"][:1]
+    with torch.no_grad():
+        out = model(x, output_pldr_attentions=True)
+    assert (out.logits - exp["logits"][:1]).abs().max() < 1e-4
+    for i, layer in enumerate(out.pldr_attentions):
+        for name in ("A", "A_LM", "G_LM"):
+            want = exp[f"layer{i}.{name}"][:1]
+            tol = 1e-4 * max(1.0, want.abs().max().item())
+            assert (getattr(layer, name) - want).abs().max() < tol, (i, name)
+
+
+@pytest.mark.parametrize("tag, use_cache", [("kvg", True), ("kv", True), ("nocache", False)])
+def test_fixture_greedy_generation(converted, tag, use_cache):
+    fx, model, exp = converted
+    prompt = exp["gen.prompt"]
+    n = exp[f"gen.{tag}_tokens"].shape[1]
+    g = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, use_cache=use_cache, use_g_cache=(tag != "kv"), output_logits=True,
+                       return_dict_in_generate=True)
+    assert torch.equal(g.sequences[:, prompt.shape[1]:], exp[f"gen.{tag}_tokens"])
+    assert (torch.stack(g.logits, 1) - exp[f"gen.{tag}_logits"]).abs().max() < 1e-4
+
+
+def test_fixture_padding_is_excluded_from_A(converted):
+    fx, model, exp = converted
+    row = exp["input_ids"][1:2]
+    real = int((row != 0).sum())
+    with torch.no_grad():
+        padded = model(row, attention_mask=(row != 0).long()).logits[:, :real]
+        alone = model(row[:, :real]).logits
+    assert (padded - alone).abs().max() < 1e-5
+    # ...whereas the original (padding summed into A) differs: the exclusion is a real change, not a no-op.
+    assert (alone - exp["logits"][1:2, :real]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention implementations, custom G, deductive outputs
+# ---------------------------------------------------------------------------------------------------------------------
+def test_eager_and_sdpa_agree_with_padding():
+    model = tiny_model(5)
+    x = ids(6, (2, 11))
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        model.config._attn_implementation = "eager"
+        eager = model(x, attention_mask=mask).logits
+        model.config._attn_implementation = "sdpa"
+        sdpa = model(x, attention_mask=mask).logits
+    torch.testing.assert_close(eager[mask.bool()], sdpa[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def reference_sdpa_forward(model, x):
+    """Independent forward of an identity-G model: plain post-norm transformer with interleaved RoPE and
+    F.scaled_dot_product_attention, written from the architecture notes."""
+    c = model.config
+    dec = model.decoder
+    h = F.layer_norm(dec.embedding(x) * math.sqrt(c.hidden_size), (c.hidden_size,), dec.layernorm1.weight,
+                     dec.layernorm1.bias, c.layer_norm_eps)
+    B, S, _ = h.shape
+    pos = torch.arange(S, dtype=torch.float32)
+    theta = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
+    ang = pos[:, None] * theta
+    cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+
+    def rope(t):
+        t0, t1 = t[..., 0::2], t[..., 1::2]
+        return torch.stack((t0 * cos - t1 * sin, t1 * cos + t0 * sin), -1).flatten(-2)
+
+    for layer in dec.dec_layers:
+        a = layer.mha1
+        split = lambda t: t.view(B, S, c.num_attention_heads, c.head_dim)
+        q, k, v = rope(split(a.wq(h))), rope(split(a.wk(h))), split(a.wv(h))
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        h = layer.layernorm1(h + a.dense(o.transpose(1, 2).reshape(B, S, -1)))
+        f = layer.ffn
+        h = layer.layernorm2(h + f.gluw3(F.silu(f.gluw1(h)) * f.gluw2(h)))
+    return model.final_layer(h)
+
+
+def test_identity_G_is_plain_sdpa_attention():
+    model = tiny_model(7, custom_G_type="identity")
+    assert not hasattr(model.decoder.dec_layers[0].mha1, "reslayerAs")  # no metric learner
+    x = ids(8, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference_sdpa_forward(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_random_and_external_G():
+    rnd = tiny_model(9, custom_G_type="random")
+    G = rnd.decoder.past_G_values[:, 2]
+    assert not torch.allclose(G, torch.eye(8).expand_as(G))
+    ext = tiny_model(9, custom_G_type="external")
+    x = ids(10, (1, 8))
+    with torch.no_grad():
+        before = ext(x).logits
+        new_G = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+        ext.decoder.set_fixed_G(new_G)
+        after = ext(x).logits
+    assert torch.equal(ext.decoder.past_G_values[:, 2, 0], new_G)
+    assert (after - before).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="shape"):
+        ext.decoder.set_fixed_G(torch.zeros(3, 2, 8, 8))
+
+
+def test_output_pldr_attentions_named_fields():
+    model = tiny_model(11)
+    model.config._attn_implementation = "eager"
+    x = ids(12, (2, 6))
+    out = model(x, output_pldr_attentions=True)
+    assert len(out.pldr_attentions) == 2
+    d = out.pldr_attentions[1]
+    assert isinstance(d, PldrDeductiveOutputs)
+    assert d.A.shape == d.A_LM.shape == d.G_LM.shape == (2, 2, 8, 8)
+    assert d.power_exponents is model.decoder.dec_layers[1].mha1.plgatt_layer.pwlst
+    assert d.attention_weights.shape == (2, 2, 6, 6)
+    torch.testing.assert_close(d.attention_weights.sum(-1), torch.ones(2, 2, 6))
+    assert (d.A_LM > 0).all()
+    # G_LM = a (A_LM ** p) + ba, as the architecture defines it
+    pl = model.decoder.dec_layers[1].mha1.plgatt_layer
+    torch.testing.assert_close(d.G_LM, pl.alst @ d.A_LM.pow(pl.pwlst) + pl.balst)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Numerics, training plumbing, initialisation
+# ---------------------------------------------------------------------------------------------------------------------
+# fp16's range (65504) cannot hold G_LM ~ a * 1e-9 ** -0.5 ~ 1e4 times q; bf16 can. The power law itself runs in fp32.
+@pytest.mark.parametrize("dtype, exponent", [(torch.bfloat16, -0.5), (torch.float16, -0.1)])
+def test_half_precision_forward_backward_finite_with_tiny_A_LM(dtype, exponent):
+    model = tiny_model(13)
+    with torch.no_grad():  # drive W A + b far negative: A_LM ~ 1e-9, and negative exponents
+        for layer in model.decoder.dec_layers:
+            pl = layer.mha1.plgatt_layer
+            pl.Wlst.zero_()
+            pl.blst.fill_(-30.0)
+            pl.pwlst.fill_(exponent)
+    model = model.to(dtype).train()
+    x = ids(14, (2, 12))
+    mask = torch.ones_like(x)
+    mask[1, 8:] = 0
+    out = model(x, attention_mask=mask, labels=x, output_pldr_attentions=True)
+    assert out.pldr_attentions[0].A_LM.min() < 1e-6
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), n
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    torch.manual_seed(0)
+    x = ids(15, (2, 10))
+    ref = tiny_model(16).train()
+    ref.config.attention_dropout = 0.0
+    loss = ref(x, labels=x).loss
+    loss.backward()
+    ck = tiny_model(16).train()
+    ck.gradient_checkpointing_enable()
+    assert ck.decoder.dec_layers[0].gradient_checkpointing
+    loss2 = ck(x, labels=x).loss
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    for (n, a), (_, b) in zip(ref.named_parameters(), ck.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=n)
+    assert PldrForCausalLM._no_split_modules == ["PldrDecoderLayer"]
+
+
+def test_initialisation_as_the_original():
+    torch.manual_seed(0)
+    model = PldrForCausalLM(PldrConfig(**{**TINY, "hidden_size": 64, "head_dim": 32, "vocab_size": 500}))
+    emb = model.decoder.embedding.weight
+    assert abs(emb.std().item() - 1.0) < 0.05  # N(0, 1)
+    a = model.decoder.dec_layers[0].mha1
+    for lin in (a.wq, a.wk, a.dense, model.decoder.dec_layers[0].ffn.gluw1):
+        bound = math.sqrt(6 / (lin.in_features + lin.out_features))  # xavier_uniform
+        assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.8 * bound
+        assert torch.count_nonzero(lin.bias) == 0
+    bound_v = 1 / math.sqrt(a.wv.in_features)  # PyTorch's default init (the original's typo)
+    assert a.wv.weight.abs().max() <= bound_v and torch.count_nonzero(a.wv.bias) > 0
+    pl = a.plgatt_layer
+    assert torch.count_nonzero(pl.blst) == 0 and torch.count_nonzero(pl.balst) == 0
+    assert pl.Wlst.std() > 0 and pl.pwlst.std() > 0 and pl.alst.std() > 0
+    ln = model.decoder.dec_layers[0].layernorm1
+    assert torch.equal(ln.weight, torch.ones_like(ln.weight)) and torch.count_nonzero(ln.bias) == 0
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_model(17)
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model()
+    with pytest.raises(ValueError, match=r"input_ids must have shape \[batch, seq_len\]"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="attention_mask has batch size"):
+        model(ids(1, (2, 5)), attention_mask=torch.ones(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(ids(1, (2, 5)), labels=ids(1, (2, 4)))
+    with pytest.raises(TypeError, match="past_key_values must be a transformers Cache"):
+        model(ids(1, (1, 5)), past_key_values=((torch.zeros(1),),))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conversion of original checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+def original_checkpoint(tmp_path, model):
+    state = {k: v for k, v in model.state_dict().items()}
+    path = tmp_path / "model.pth"
+    torch.save({"model_state_dict": state, "optimizer_state_dict": None, "loss": None, "accuracy": None}, path)
+    hp = {"num_layers": 2, "d_model": 16, "num_heads": 2, "dff": 42, "num_reslayerA": 2, "num_denseA": 2,
+          "A_dff": 12, "input_vocab_size": 64, "max_seq_len": 128, "epochs": 1, "learning_rate": 1e-3}
+    return path, hp
+
+
+def test_convert_from_json_hparams_roundtrip(tmp_path):
+    model = tiny_model(18)
+    ckpt, hp = original_checkpoint(tmp_path, model)
+    (tmp_path / "h.json").write_text(json.dumps({**hp, "activation": "silu"}))
+    assert cli_main(["convert", "--from", "original", "--checkpoint", str(ckpt), "--hparams",
+                     str(tmp_path / "h.json"), "--out", str(tmp_path / "out")]) == 0
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "out"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = ids(19, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_hparams_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad_hparams.pkl"
+    bad.write_bytes(pickle.dumps({"num_layers": 2, "activation": _Evil()}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load 'posix.system'|refusing to load 'os.system'"):
+        load_hparams(bad)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+    # the CLI reports it as an error and exits non-zero
+    model = tiny_model(20)
+    ckpt, _ = original_checkpoint(tmp_path, model)
+    assert cli_main(["convert", "--from", "original", "--checkpoint", str(ckpt), "--hparams", str(bad),
+                     "--out", str(tmp_path / "o")]) == 1
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists() and not (tmp_path / "o").exists()
+
+
+def test_original_hparams_pickle_with_silu_is_read(tmp_path):
+    pkl = FIXTURE / "hparams.pkl"
+    if not pkl.is_file():
+        pytest.skip("fixture hparams.pkl not available")
+    hp = load_hparams(pkl)
+    assert hp["d_model"] == 16 and hp["activation"] == "silu"
+
+
+def test_convert_lists_missing_unexpected_and_misshaped_tensors(tmp_path):
+    model = tiny_model(21)
+    ckpt, hp = original_checkpoint(tmp_path, model)
+    state = torch.load(ckpt, weights_only=True)["model_state_dict"]
+    del state["decoder.dec_layers.1.ffn.gluw2.weight"]
+    state["decoder.extra.weight"] = torch.zeros(3)
+    state["decoder.dec_layers.0.mha1.plgatt_layer.pwlst"] = torch.zeros(2, 8, 7)
+    torch.save({"model_state_dict": state}, ckpt)
+    (tmp_path / "h.json").write_text(json.dumps(hp))
+    with pytest.raises(ValueError) as err:
+        convert_original(ckpt, tmp_path / "h.json", tmp_path / "out")
+    msg = str(err.value)
+    assert "missing (1): decoder.dec_layers.1.ffn.gluw2.weight" in msg
+    assert "unexpected (1): decoder.extra.weight" in msg
+    assert "mis-shaped (1): decoder.dec_layers.0.mha1.plgatt_layer.pwlst: checkpoint (2, 8, 7) vs model (2, 8, 8)" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_missing_files_and_bad_hparams(tmp_path, capsys):
+    assert cli_main(["convert", "--from", "original", "--checkpoint", str(tmp_path / "nope.pth"),
+                     "--hparams", str(tmp_path / "nope.pkl"), "--out", str(tmp_path / "o")]) == 1
+    assert "not found" in capsys.readouterr().err
+    model = tiny_model(22)
+    ckpt, hp = original_checkpoint(tmp_path, model)
+    hp.pop("d_model")
+    (tmp_path / "h.json").write_text(json.dumps(hp))
+    with pytest.raises(ValueError, match="missing hyperparameter 'd_model'"):
+        convert_original(ckpt, tmp_path / "h.json", tmp_path / "out")
