@@ -284,7 +284,7 @@ def last_checkpoint(output_dir: str) -> str | None:
 
 
 def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args: PldrTrainingArguments,
-             resume: str | bool | None = None, callbacks=None, eval_before: bool = False):
+             resume: str | bool | None = None, callbacks=None, eval_before: bool = False, quiet: bool = False):
     """Builds the model, packs the corpus and trains with :class:`PldrTrainer`. ``resume``: a checkpoint folder,
     ``True`` for the last checkpoint in ``output_dir``, or ``None``/``False`` to start fresh. Returns the trainer,
     with ``trainer.eval_before`` / ``trainer.eval_after`` (held-out loss) when there is a validation split."""
@@ -306,6 +306,11 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         callbacks=callbacks,
     )
     trainer._block_size = block
+    if quiet:  # the caller prints its own log lines
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     n_params = sum(p.numel() for p in model.parameters())
     if training_args.process_index == 0:
         print(f"[pldr-hf] model: {n_params / 1e6:.2f}M parameters, {model.config.num_hidden_layers} layers; "
