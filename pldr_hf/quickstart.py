@@ -31,7 +31,7 @@ def unigram_perplexity(train_ids: list[list[int]], val_ids: list[list[int]], voc
 def run_quickstart(out_dir: str = "runs/quickstart", max_steps: int = 600, vocab_size: int = 4000,
                    block_size: int = 128, batch_size: int = 16, learning_rate: float = 3e-3, max_chars: int | None = None,
                    preset: str = "tiny", config_overrides: str | None = None, prompt: str | None = None,
-                   new_tokens: int = 40, seed: int = 42, log=print) -> dict:
+                   new_tokens: int = 40, seed: int = 42, log=None) -> dict:
     """Runs the whole quickstart; returns a dict of the measured numbers (also written to out_dir/quickstart.json)."""
     import json
 
@@ -41,6 +41,9 @@ def run_quickstart(out_dir: str = "runs/quickstart", max_steps: int = 600, vocab
     from .tokenizer import train_tokenizer
     from .training import DataArguments, ModelArguments, PldrTrainingArguments, perplexity, pretrain
 
+    if log is None:
+        def log(*a):
+            print(*a, flush=True)
     t_start = time.perf_counter()
     out = Path(out_dir)
     work = out / "work"
