@@ -88,7 +88,7 @@ def _add_issue4_commands(sub) -> None:
                "  pldr-hf quickstart --steps 100     # shorter",
     )
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
-    p.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    p.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
     p.add_argument("--vocab-size", type=int, default=4000, help="tokenizer size (default 4000)")
     p.add_argument("--block-size", type=int, default=128, help="tokens per training block (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="blocks per step (default 16)")

@@ -28,7 +28,7 @@ def unigram_perplexity(train_ids: list[list[int]], val_ids: list[list[int]], voc
     return math.exp(nll / n)
 
 
-def run_quickstart(out_dir: str = "runs/quickstart", max_steps: int = 600, vocab_size: int = 4000,
+def run_quickstart(out_dir: str = "runs/quickstart", max_steps: int = 800, vocab_size: int = 4000,
                    block_size: int = 128, batch_size: int = 16, learning_rate: float = 3e-3, max_chars: int | None = None,
                    preset: str = "tiny", config_overrides: str | None = None, prompt: str | None = None,
                    new_tokens: int = 40, seed: int = 42, log=None) -> dict:

@@ -119,7 +119,7 @@ def train_tokenizer(
             pad_id=0, unk_id=1, bos_id=2, eos_id=3,
             pad_piece=specials[0], unk_piece=specials[1], bos_piece=specials[2], eos_piece=specials[3],
             character_coverage=1.0,
-            byte_fallback=True,
+            byte_fallback=False,
             hard_vocab_limit=False,
             num_threads=min(os.cpu_count() or 1, 8),
             minloglevel=2,
