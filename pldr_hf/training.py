@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import SaveStrategy, SchedulerType
 
 from .modeling import PldrConfig
 
@@ -88,7 +89,7 @@ class PldrTrainingArguments(TrainingArguments):
     adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW epsilon"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "learning rate schedule"})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine_with_min_lr", metadata={"help": "learning rate schedule"})
     lr_scheduler_kwargs: dict | str | None = field(
         default_factory=lambda: {"min_lr_rate": 0.1},
         metadata={"help": "schedule options; min_lr_rate is the floor as a fraction of the peak lr (lr_alpha)"},
@@ -96,10 +97,10 @@ class PldrTrainingArguments(TrainingArguments):
     warmup_steps: float = field(default=0.05, metadata={"help": "warm-up steps (an int) or fraction of all steps (<1)"})
     bf16: bool = field(default_factory=_bf16_default, metadata={"help": "bf16 mixed precision (default: on a GPU)"})
     logging_steps: float = field(default=10, metadata={"help": "log every N steps"})
-    save_strategy: str = field(default="steps", metadata={"help": "checkpoint strategy"})
+    save_strategy: SaveStrategy | str = field(default="steps", metadata={"help": "checkpoint strategy"})
     save_steps: float = field(default=500, metadata={"help": "checkpoint every N steps"})
     save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "experiment trackers"})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})
     dag_weight: float = field(default=0.0, metadata={"help": "weight of the DAG regulariser (0: off)"})
     log_dag: bool = field(default=False, metadata={"help": "log the DAG loss as a metric even when dag_weight is 0"})
 
@@ -197,7 +198,7 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's config name"})
     text_column: str = field(default="text", metadata={"help": "column holding the text"})
     block_size: int | None = field(default=None, metadata={"help": "tokens per packed block (default: the context)"})
-    validation_split_percentage: float = field(default=5.0, metadata={"help": "% of train held out if no validation"})
+    validation_split_percentage: float = field(default=5.0, metadata={"help": "percent of train held out if no validation"})
     max_train_samples: int | None = field(default=None, metadata={"help": "keep only the first N packed blocks"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N packed blocks"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenising"})

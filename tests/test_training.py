@@ -113,11 +113,19 @@ def test_recipe_trains_and_loss_falls(corpus, tok_dir, tmp_path):
 def test_resume_gives_same_next_losses(corpus, tok_dir, tmp_path):
     data = DataArguments(train_file=[str(corpus)], block_size=32)
     full = _losses(pretrain(_model_args(tok_dir), data, _args(tmp_path / "full", 8)))
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):  # the same 8-step run, killed right after the checkpoint at step 4
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 4:
+                control.should_training_stop = True
+
     part = tmp_path / "part"
-    pretrain(_model_args(tok_dir), data, _args(part, 8, save_strategy="steps", save_steps=4, max_steps=4))
-    # a fresh process would call this with max_steps=8: Trainer restores weights, optimiser, schedule, RNG, data order
-    args = _args(part, 8, save_strategy="steps", save_steps=4)
-    resumed = _losses(pretrain(_model_args(tok_dir), data, args, resume=True))
+    pretrain(_model_args(tok_dir), data, _args(part, 8, save_strategy="steps", save_steps=4), callbacks=[Interrupt()])
+    assert (part / "checkpoint-4").is_dir()
+    # Trainer restores weights, optimiser, schedule, RNG states and the data order from the last checkpoint
+    resumed = _losses(pretrain(_model_args(tok_dir), data, _args(part, 8, save_strategy="steps", save_steps=4),
+                               resume=True))
     for step in (5, 6, 7, 8):
         assert resumed[step] == pytest.approx(full[step], rel=1e-4, abs=1e-4), (step, resumed, full)
 
