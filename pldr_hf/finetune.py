@@ -76,7 +76,11 @@ def finetune(ft_args: FinetuneArguments, data_args: DataArguments, training_args
     merged_dir = None
     if ft_args.merge and trainer.is_world_process_zero():
         merged_dir = Path(training_args.output_dir) / "merged"
-        merged = trainer.model.merge_and_unload()
+        from peft import PeftModel
+
+        # Merge from the saved files (base folder + saved adapters), leaving the trained PeftModel untouched.
+        base = AutoModelForCausalLM.from_pretrained(ft_args.model_name_or_path)
+        merged = PeftModel.from_pretrained(base, training_args.output_dir).merge_and_unload()
         merged.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
     return trainer, merged_dir

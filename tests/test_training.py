@@ -194,7 +194,7 @@ def test_lora_trains_only_adapters_and_merge_equals_adapter(corpus, tok_dir, tmp
     peft_model = trainer.model
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    wrapped = {n.split(".")[-3] for n in trainable}
+    wrapped = {n.split(".")[-4] for n in trainable}  # ...mha1.wq.lora_A.default.weight
     assert wrapped == {"wq", "wk", "wv", "dense", "gluw1", "gluw2", "gluw3"}
     assert not any("reslayerAs" in n for n in trainable)  # the metric learner's GLUs are not targeted
     # base weights unchanged, adapters moved
