@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Fine-tune a saved PLDR-LLM as a causal LM on a text/JSON dataset: all weights, or LoRA adapters (peft).
+
+Examples:
+  python scripts/finetune.py --model_name_or_path runs/quickstart --train_file my.txt --block_size 128 \\
+      --use_lora --learning_rate 1e-3 --max_steps 100 --output_dir runs/ft-lora --merge
+  python scripts/finetune.py --model_name_or_path runs/quickstart --train_file my.jsonl --text_column text \\
+      --learning_rate 1e-4 --max_steps 100 --output_dir runs/ft-full
+The adapters go to --output_dir; with --merge a standalone model goes to --output_dir/merged.
+"""
+
+import sys
+
+from transformers import HfArgumentParser
+
+import pldr_hf  # noqa: F401  (registers the model with the Auto classes)
+from pldr_hf.finetune import FinetuneArguments, finetune
+from pldr_hf.training import DataArguments, PldrTrainingArguments, perplexity
+
+
+def main(argv=None):
+    parser = HfArgumentParser((FinetuneArguments, DataArguments, PldrTrainingArguments))
+    ft_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        trainer, merged = finetune(ft_args, data_args, training_args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"finetune.py: error: {e}", file=sys.stderr)
+        return 2
+    loss = trainer.evaluate()["eval_loss"]
+    if trainer.is_world_process_zero():
+        print(f"[pldr-hf] held-out loss {loss:.4f}, perplexity {perplexity(loss):.2f}; saved to {training_args.output_dir}"
+              + (f"; merged model in {merged}" if merged else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
