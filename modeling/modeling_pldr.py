@@ -432,12 +432,14 @@ class PldrAttention(nn.Module):
         deductive = None
         if output_pldr_attentions:
             power = self.plgatt_layer if self.learned_G else None
+            # Copies, not the parameters themselves: under FSDP a parameter's unsharded storage is freed after the
+            # layer's forward, and a loss on the deductive outputs (e.g. the DAG regulariser) must not read it.
             deductive = PldrDeductiveOutputs(
                 A=A,
                 A_LM=A_LM,
-                power_exponents=power.pwlst if power is not None else None,
-                coupling=power.alst if power is not None else None,
-                coupling_bias=power.balst if power is not None else None,
+                power_exponents=power.pwlst.clone() if power is not None else None,
+                coupling=power.alst.clone() if power is not None else None,
+                coupling_bias=power.balst.clone() if power is not None else None,
                 G_LM=G_LM,
                 attention_weights=weights,
             )

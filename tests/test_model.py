@@ -306,7 +306,7 @@ def test_output_pldr_attentions_named_fields():
     d = out.pldr_attentions[1]
     assert isinstance(d, PldrDeductiveOutputs)
     assert d.A.shape == d.A_LM.shape == d.G_LM.shape == (2, 2, 8, 8)
-    assert d.power_exponents is model.decoder.dec_layers[1].mha1.plgatt_layer.pwlst
+    assert torch.equal(d.power_exponents, model.decoder.dec_layers[1].mha1.plgatt_layer.pwlst)
     assert d.attention_weights.shape == (2, 2, 6, 6)
     torch.testing.assert_close(d.attention_weights.sum(-1), torch.ones(2, 2, 6))
     assert (d.A_LM > 0).all()
