@@ -18,6 +18,7 @@ This file depends only on torch and transformers, so that it can travel with a s
 """
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -270,6 +271,404 @@ class PldrPowerLaw(nn.Module):
         return A_LM, G_LM
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The metric learner's training path: one autograd node per layer, optionally replayed as CUDA graphs
+# ----------------------------------------------------------------------------------------------------------------------
+# The learner works on the rows of A ([batch * heads * d] rows of width d = 64) with 8 units x 2 SwiGLUs (d -> 170 -> d)
+# per layer: some 100 forward and 250 backward kernels per layer on tiny matrices, so module-by-module autograd is bound
+# by the host's kernel launches and keeps every SwiGLU's activations (~300 MB per layer at batch 16 x 1024). Training
+# therefore runs the whole learner of a layer as one autograd.Function that keeps only each GLU's input (and the
+# LayerNorm statistics) and recomputes the rest in its backward, with the hidden width padded to a multiple of 8 on
+# CUDA (tensor-core GEMMs). On CUDA its forward and backward are captured once per input shape as CUDA graphs
+# (``config.metric_learner_cuda_graphs``), so each costs a single launch. The graphs read the parameters where they
+# live: they are replayed only while every parameter is still at the address it had at capture (checked in forward
+# and backward; otherwise, e.g. under FSDP or after ``.to()``, the same math runs op by op). Inference and
+# ``torch.compile`` use the modules themselves.
+
+_GRAPH_SHAPES_PER_LAYER = 2  # input shapes (batch sizes) with captured graphs kept per layer
+_GRAPH_MAX_RECAPTURES = 3  # a layer whose parameters keep moving stops capturing (FSDP, repeated .to())
+_graph_pools: dict = {}
+
+
+def _graph_pool(device: torch.device):
+    """The memory pool (and the set of graphs using it) for the graphs' scratch memory on ``device``: graphs write
+    their results into buffers allocated outside the pool, so nothing stays alive inside it between replays and all
+    graphs may share it. A pool whose graphs were all freed is released by PyTorch and cannot take new captures, so
+    a fresh one is started then."""
+    key = (device.type, device.index)
+    entry = _graph_pools.get(key)
+    if entry is None or len(entry[1]) == 0:
+        entry = (torch.cuda.graph_pool_handle(), weakref.WeakSet())
+        _graph_pools[key] = entry
+    return entry
+
+
+@dataclass(frozen=True)
+class _LearnerSpec:
+    """Sizes and dtypes of one call of the fused metric learner (hashable: part of the CUDA-graph key)."""
+
+    units: int  # num_reslayerA
+    glus: int  # num_denseA
+    d: int
+    hidden: int  # A_dff
+    hidden_padded: int
+    bias: bool
+    eps: float
+    compute_dtype: torch.dtype  # GEMM dtype (the autocast dtype under autocast)
+    param_dtype: torch.dtype
+
+    @property
+    def params_per_glu(self) -> int:
+        return 6 if self.bias else 3
+
+
+def _learner_params(units: nn.ModuleList) -> list[torch.Tensor] | None:
+    """The learner's tensors in the fused path's order, or None when the fused path must not run: a GLU that is not a
+    plain ``nn.Linear`` (PEFT adapters, quantised layers), module hooks (offloading, ZeRO-3), a non-SiLU activation or
+    mixed parameter dtypes."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None
+    params: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
+    for unit in units:
+        if type(unit) is not PldrResidualMetricUnit or unit._forward_hooks or unit._forward_pre_hooks:
+            return None
+        for glu in unit.denseAs:
+            if type(glu) is not PldrGLU or glu._forward_hooks or glu._forward_pre_hooks:
+                return None
+            if type(glu.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+                return None
+            for lin in (glu.gluw1, glu.gluw2, glu.gluw3):
+                if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
+                    return None
+            params += [glu.gluw1.weight, glu.gluw1.bias, glu.gluw2.weight, glu.gluw2.bias, glu.gluw3.weight,
+                       glu.gluw3.bias]
+        ln = unit.layernormA
+        if type(ln) is not nn.LayerNorm or ln._forward_hooks or ln._forward_pre_hooks or ln.weight is None:
+            return None
+        norms += [ln.weight, ln.bias]
+    weights, biases = params[0::2], params[1::2]
+    has_bias = biases[0] is not None
+    if any((b is not None) != has_bias for b in biases) or any(w is None for w in weights):
+        return None
+    params = [p for p in params if p is not None] + norms
+    if any(p is None or p.dtype != params[0].dtype for p in params):
+        return None
+    return params
+
+
+def _learner_pack(spec: _LearnerSpec, params):
+    """Stacks the learner's weights per kind, cast to the compute dtype, hidden width zero-padded:
+    W12 [G, 2 * hp, d] (gluw1 and gluw2 of a GLU in one GEMM), B12 [G, 2 * hp], W3 [G, d, hp], B3 [G, d],
+    and the LayerNorm weights LNW, LNB [U, d]."""
+    G, per, pad, h, d = spec.units * spec.glus, spec.params_per_glu, spec.hidden_padded - spec.hidden, spec.hidden, spec.d
+    glu = params[: G * per]
+    norms = params[G * per:]
+    cd = spec.compute_dtype
+    if spec.bias:
+        w12 = [w for i in range(G) for w in (glu[i * 6], glu[i * 6 + 2])]
+        b12 = [b for i in range(G) for b in (glu[i * 6 + 1], glu[i * 6 + 3])]
+        w3, b3 = glu[4::6], glu[5::6]
+    else:
+        w12 = [w for i in range(G) for w in (glu[i * 3], glu[i * 3 + 1])]
+        w3, b12, b3 = glu[2::3], None, None
+    W12 = F.pad(torch.stack(w12).to(cd).view(G, 2, h, d), (0, 0, 0, pad)).view(G, 2 * (h + pad), d)
+    W3 = F.pad(torch.stack(w3).to(cd), (0, pad))
+    B12 = F.pad(torch.stack(b12).to(cd).view(G, 2, h), (0, pad)).view(G, 2 * (h + pad)) if b12 is not None else None
+    B3 = torch.stack(b3).to(cd) if b3 is not None else None
+    return W12, B12, W3, B3, torch.stack(norms[0::2]), torch.stack(norms[1::2])
+
+
+def _linear(x, w, b):
+    return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+
+
+def _learner_forward(spec: _LearnerSpec, x0: torch.Tensor, packed):
+    """The learner on rows x0 [N, d]; returns the output and what the backward needs (each GLU's input in the compute
+    dtype, each unit's pre-LayerNorm sum with its mean and reciprocal standard deviation)."""
+    W12, B12, W3, B3, LNW, LNB = packed
+    hp = spec.hidden_padded
+    x = x0
+    xins, zs, means, rstds = [], [], [], []
+    for u in range(spec.units):
+        y = x
+        for j in range(spec.glus):
+            g = u * spec.glus + j
+            xin = y.to(spec.compute_dtype)
+            xins.append(xin)
+            hid = _linear(xin, W12[g], None if B12 is None else B12[g])
+            y = _linear(F.silu(hid[:, :hp]).mul_(hid[:, hp:]), W3[g], None if B3 is None else B3[g])
+        z = x + y
+        x, mean, rstd = torch.native_layer_norm(z, (spec.d,), LNW[u].to(z.dtype), LNB[u].to(z.dtype), spec.eps)
+        zs.append(z)
+        means.append(mean)
+        rstds.append(rstd)
+    return x, (xins, zs, means, rstds)
+
+
+def _learner_backward(spec: _LearnerSpec, grad_out: torch.Tensor, saved, packed, x0_dtype: torch.dtype,
+                      param_grads: bool = True):
+    """Gradient of :func:`_learner_forward` with respect to x0 and (``param_grads``) to every parameter, the latter as
+    one flat tensor laid out by kind: W12 [G, 2, h, d], B12 [G, 2, h], W3 [G, d, h], B3 [G, d], LNW [U, d], LNB [U, d]
+    (see :func:`_learner_grads_as_params`)."""
+    W12, B12, W3, B3, LNW, LNB = packed
+    xins, zs, means, rstds = saved
+    U, J, d, h, hp = spec.units, spec.glus, spec.d, spec.hidden, spec.hidden_padded
+    G = U * J
+    cd = spec.compute_dtype
+    gW12 = gB12 = gW3 = gB3 = None
+    if param_grads:
+        gW12 = W12.new_empty(G, 2 * hp, d)
+        gW3 = W3.new_empty(G, d, hp)
+        if B12 is not None:
+            gB12 = W12.new_empty(G, 2 * hp)
+            gB3 = W12.new_empty(G, d)
+    gLNW, gLNB = [None] * U, [None] * U
+    gx = grad_out
+    for u in reversed(range(U)):
+        z = zs[u]
+        gz, gLNW[u], gLNB[u] = torch.ops.aten.native_layer_norm_backward(
+            gx.to(z.dtype), z, (d,), means[u], rstds[u], LNW[u].to(z.dtype), LNB[u].to(z.dtype),
+            [True, param_grads, param_grads],
+        )
+        gy = gz.to(cd)
+        for j in reversed(range(J)):
+            g = u * J + j
+            xin = xins[g]
+            hid = _linear(xin, W12[g], None if B12 is None else B12[g])
+            h1, h2 = hid[:, :hp], hid[:, hp:]
+            s = F.silu(h1)
+            if param_grads:
+                torch.mm(gy.t(), s * h2, out=gW3[g])
+                if gB3 is not None:
+                    torch.sum(gy, 0, out=gB3[g])
+            gp = torch.mm(gy, W3[g])
+            ghid = torch.empty_like(hid)
+            torch.mul(gp, s, out=ghid[:, hp:])
+            torch.ops.aten.silu_backward.grad_input(gp * h2, h1, grad_input=ghid[:, :hp])
+            if param_grads:
+                torch.mm(ghid.t(), xin, out=gW12[g])
+                if gB12 is not None:
+                    torch.sum(ghid, 0, out=gB12[g])
+            gy = torch.mm(ghid, W12[g])
+        gx = gz + gy
+    gx = gx.to(x0_dtype)
+    if not param_grads:
+        return gx, None
+    pd = spec.param_dtype
+    pieces = [gW12.view(G, 2, hp, d)[:, :, :h], gW3[:, :, :h]]
+    if gB12 is not None:
+        pieces += [gB12.view(G, 2, hp)[:, :, :h], gB3]
+    pieces += [torch.stack(gLNW), torch.stack(gLNB)]
+    flat = torch.empty(sum(p.numel() for p in pieces), dtype=pd, device=gx.device)
+    offset = 0
+    for p in pieces:
+        flat[offset: offset + p.numel()].view(p.shape).copy_(p)
+        offset += p.numel()
+    return gx, flat
+
+
+def _learner_grads_as_params(spec: _LearnerSpec, flat: torch.Tensor) -> list[torch.Tensor]:
+    """Splits the flat gradient of :func:`_learner_backward` into per-parameter views, in :func:`_learner_params`
+    order."""
+    U, J, d, h = spec.units, spec.glus, spec.d, spec.hidden
+    G = U * J
+    sizes = [G * 2 * h * d, G * d * h] + ([G * 2 * h, G * d] if spec.bias else []) + [U * d, U * d]
+    parts = list(flat.split(sizes))
+    gW12, gW3 = parts[0].view(G, 2, h, d), parts[1].view(G, d, h)
+    out = []
+    if spec.bias:
+        gB12, gB3 = parts[2].view(G, 2, h), parts[3].view(G, d)
+        for g in range(G):
+            out += [gW12[g, 0], gB12[g, 0], gW12[g, 1], gB12[g, 1], gW3[g], gB3[g]]
+    else:
+        for g in range(G):
+            out += [gW12[g, 0], gW12[g, 1], gW3[g]]
+    lnw, lnb = parts[-2].view(U, d), parts[-1].view(U, d)
+    for u in range(U):
+        out += [lnw[u], lnb[u]]
+    return out
+
+
+def _data_ptrs(params) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for p in params)
+
+
+class _LearnerGraph:
+    """The learner's forward and backward for one input shape, captured as two CUDA graphs that read the parameters
+    in place and write into static buffers (allocated outside the graph pool)."""
+
+    def __init__(self, spec: _LearnerSpec, x0: torch.Tensor, params):
+        self.spec = spec
+        self.ptrs = _data_ptrs(params)
+        self.x0_dtype = x0.dtype
+        self.token = 0
+        self.static_x0 = x0.detach().clone()
+        stream = torch.cuda.Stream(device=x0.device)
+        stream.wait_stream(torch.cuda.current_stream(x0.device))
+        with torch.cuda.stream(stream):  # warm-up (cuBLAS handles and workspaces) off the capture, outside the pool
+            for _ in range(2):
+                packed = _learner_pack(spec, params)
+                out, saved = _learner_forward(spec, self.static_x0, packed)
+                _learner_backward(spec, torch.ones_like(out), saved, packed, x0.dtype)
+        torch.cuda.current_stream(x0.device).wait_stream(stream)
+        xins, zs, means, rstds = saved
+        self.static_out = torch.empty_like(out)
+        self.static_grad_out = torch.zeros_like(out)
+        self.static_packed = tuple(None if t is None else torch.empty_like(t) for t in packed)
+        self.static_saved = tuple(torch.empty((len(ts),) + ts[0].shape, dtype=ts[0].dtype, device=x0.device)
+                                  for ts in (xins, zs, means, rstds))
+        gx, flat = _learner_backward(spec, torch.ones_like(out), saved, packed, x0.dtype)
+        self.static_grad_x0 = torch.empty_like(gx)
+        self.static_grad_params = torch.empty_like(flat)
+        del out, saved, packed, gx, flat, xins, zs, means, rstds
+        pool, users = _graph_pool(x0.device)
+        self.forward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
+            packed = _learner_pack(spec, params)
+            out, saved = _learner_forward(spec, self.static_x0, packed)
+            self.static_out.copy_(out)
+            for buf, t in zip(self.static_packed, packed):
+                if buf is not None:
+                    buf.copy_(t)
+            for buf, ts in zip(self.static_saved, saved):
+                torch.stack(ts, out=buf)
+            del out, saved, packed
+        self.backward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
+            saved = tuple(buf.unbind(0) for buf in self.static_saved)
+            gx, flat = _learner_backward(spec, self.static_grad_out, saved, self.static_packed, x0.dtype)
+            self.static_grad_x0.copy_(gx)
+            self.static_grad_params.copy_(flat)
+            del gx, flat, saved
+        users.add(self)
+
+    def forward(self, x0: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self.static_x0.copy_(x0)
+        self.forward_graph.replay()
+        self.token += 1
+        return self.static_out.clone(), self.token
+
+    def backward(self, grad_out: torch.Tensor, x0: torch.Tensor, token: int):
+        if token != self.token:  # another forward replayed since (two forwards before their backwards): redo this one
+            self.static_x0.copy_(x0)
+            self.forward_graph.replay()
+            self.token = token
+        self.static_grad_out.copy_(grad_out)
+        self.backward_graph.replay()
+        return self.static_grad_x0.clone(), self.static_grad_params.clone()
+
+
+class _LearnerGraphCache:
+    """Per-layer captured graphs, keyed by spec and input shape/dtype. Not copied or pickled with the model."""
+
+    def __init__(self):
+        self.graphs: dict = {}
+        self.recaptures = 0
+        self.disabled = False
+
+    def __deepcopy__(self, memo):
+        return _LearnerGraphCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def get(self, spec: _LearnerSpec, x0: torch.Tensor, params) -> _LearnerGraph | None:
+        if self.disabled:
+            return None
+        key = (spec, tuple(x0.shape), x0.dtype, x0.device)
+        graph = self.graphs.get(key)
+        if graph is not None and graph.ptrs != _data_ptrs(params):
+            del self.graphs[key]
+            graph = None
+            self.recaptures += 1
+            if self.recaptures > _GRAPH_MAX_RECAPTURES:
+                logger.info("PLDR metric learner: parameters keep moving; CUDA graphs off for this layer.")
+                self.disabled = True
+                self.graphs.clear()
+                return None
+        if graph is None:
+            while len(self.graphs) >= _GRAPH_SHAPES_PER_LAYER:
+                self.graphs.pop(next(iter(self.graphs)))
+            try:
+                graph = _LearnerGraph(spec, x0, params)
+            except Exception as err:  # capture is an optimisation: fall back to the same math op by op
+                logger.warning(f"PLDR metric learner: CUDA graph capture failed ({err}); running it op by op.")
+                self.disabled = True
+                return None
+            self.graphs[key] = graph
+        return graph
+
+
+class _FusedMetricLearner(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec: _LearnerSpec, graphs: _LearnerGraphCache | None, x0: torch.Tensor, *params):
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            graph = graphs.get(spec, x0, params) if graphs is not None else None
+            ctx.spec, ctx.graph, ctx.x0_dtype = spec, graph, x0.dtype
+            if graph is not None:
+                out, ctx.token = graph.forward(x0)
+                ctx.save_for_backward(x0, *params)
+                return out
+            out, saved = _learner_forward(spec, x0, _learner_pack(spec, params))
+            ctx.n_params = len(params)
+            ctx.save_for_backward(x0, *params, *[t for ts in saved for t in ts])
+            return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        spec = ctx.spec
+        x0, *rest = ctx.saved_tensors
+        param_grads = any(ctx.needs_input_grad[3:])
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            if ctx.graph is not None:
+                params = rest
+                if ctx.graph.ptrs == _data_ptrs(params):
+                    gx, flat = ctx.graph.backward(grad_out, x0, ctx.token)
+                else:  # parameters moved since capture (FSDP re-gathered them elsewhere): recompute op by op
+                    packed = _learner_pack(spec, params)
+                    _, saved = _learner_forward(spec, x0, packed)
+                    gx, flat = _learner_backward(spec, grad_out, saved, packed, ctx.x0_dtype, param_grads)
+            else:
+                params, flat_saved = rest[: ctx.n_params], rest[ctx.n_params:]
+                G = spec.units * spec.glus
+                U = spec.units
+                saved = (flat_saved[:G], flat_saved[G: G + U], flat_saved[G + U: G + 2 * U], flat_saved[G + 2 * U:])
+                gx, flat = _learner_backward(spec, grad_out, saved, _learner_pack(spec, params), ctx.x0_dtype,
+                                             param_grads)
+        grads = _learner_grads_as_params(spec, flat) if param_grads else [None] * (len(ctx.needs_input_grad) - 3)
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])]
+        return (None, None, gx, *grads)
+
+
+def fused_metric_learner(
+    units: nn.ModuleList, A: torch.Tensor, graphs: "_LearnerGraphCache | None"
+) -> torch.Tensor | None:
+    """Runs the metric learner ``units`` on A [..., d] through :class:`_FusedMetricLearner`; returns None when the
+    modules themselves must run (see :func:`_learner_params`)."""
+    params = _learner_params(units)
+    if params is None:
+        return None
+    unit = units[0]
+    glu = unit.denseAs[0]
+    d, h = glu.gluw1.in_features, glu.gluw1.out_features
+    device = A.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else A.dtype
+    spec = _LearnerSpec(
+        units=len(units), glus=len(unit.denseAs), d=d, hidden=h,
+        hidden_padded=h if device == "cpu" else -(-h // PldrGLU.ALIGN) * PldrGLU.ALIGN,
+        bias=glu.gluw1.bias is not None, eps=unit.layernormA.eps, compute_dtype=compute, param_dtype=params[0].dtype,
+    )
+    if device != "cuda" or torch.cuda.is_current_stream_capturing():
+        graphs = None
+    out = _FusedMetricLearner.apply(spec, graphs, A.reshape(-1, d), *params)
+    return out.view(A.shape)
+
+
 def rotary_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
     """Rotation angles ``p * base^(-2i/d)`` in float32, shape [batch, seq, head_dim / 2] (same float ops as the
     original implementation, whose outputs are sensitive to the last bit of these angles)."""
@@ -359,6 +758,7 @@ class PldrAttention(nn.Module):
             self.layernorm1 = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
             self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
             self.plgatt_layer = PldrPowerLaw(config)
+            self._learner_graphs = _LearnerGraphCache()
 
     def metric_tensor(self, q: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """A = metric learner(LayerNorm(sum over non-padding positions s of q_s^T q_s)); q: [B, H, S, d] contiguous.
@@ -370,6 +770,14 @@ class PldrAttention(nn.Module):
             masked = qf if token_mask is None else qf * token_mask[:, None, :, None].to(torch.float32)
             A = torch.matmul(masked.transpose(-1, -2), qf)
         A = self.layernorm1(A.to(self.layernorm1.weight.dtype))
+        if len(self.reslayerAs) and torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
+            A.requires_grad or self.reslayerAs[0].layernormA.weight.requires_grad
+        ):
+            # Training: the whole learner as one autograd node (see _FusedMetricLearner).
+            graphs = self._learner_graphs if self.config.metric_learner_cuda_graphs else None
+            fused = fused_metric_learner(self.reslayerAs, A, graphs)
+            if fused is not None:
+                return fused
         for unit in self.reslayerAs:
             A = unit(A)
         return A

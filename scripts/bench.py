@@ -37,6 +37,8 @@ class BenchArguments:
     gradient_checkpointing: bool = field(default=False)
     models: str = field(default="pldr,llama", metadata={"help": "comma list of pldr, llama"})
     tiny: bool = field(default=False, metadata={"help": "tiny configs (smoke test)"})
+    metric_learner_cuda_graphs: bool = field(
+        default=True, metadata={"help": "PLDR: replay each layer's metric learner as CUDA graphs in training"})
     profile: str = field(default="", metadata={"help": "write a torch.profiler table of 2 steps per model to this folder"})
 
 
@@ -51,6 +53,12 @@ def model_configs(tiny: bool):
                         num_key_value_heads=pldr.num_attention_heads, max_position_embeddings=pldr.max_position_embeddings,
                         tie_word_embeddings=False)
     return {"pldr": (PldrForCausalLM, pldr), "llama": (LlamaForCausalLM, llama)}
+
+
+def model_configs_for(args):
+    configs = model_configs(args.tiny)
+    configs["pldr"][1].metric_learner_cuda_graphs = args.metric_learner_cuda_graphs
+    return configs
 
 
 def _sync(device):
@@ -128,11 +136,12 @@ def main(argv=None):
         raise SystemExit("bench: --device cuda but no CUDA GPU is available (use --device cpu --tiny for a smoke run)")
     if args.task != "train":
         raise SystemExit(f"bench: unknown --task {args.task!r} (expected train)")
-    configs = model_configs(args.tiny)
+    configs = model_configs_for(args)
     results = {"task": "train", "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": "bf16-autocast",
-               "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing, "runs": []}
+               "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
+               "metric_learner_cuda_graphs": args.metric_learner_cuda_graphs, "runs": []}
     for name in args.models.split(","):
         if name not in configs:
             raise SystemExit(f"bench: unknown model {name!r} in --models (expected pldr, llama)")
