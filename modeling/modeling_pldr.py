@@ -18,6 +18,7 @@ This file depends only on torch and transformers, so that it can travel with a s
 """
 
 import math
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -873,6 +874,23 @@ class PldrPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     # The published port also saves a boolean "status" buffer next to past_G_values; it carries no information.
     _keys_to_ignore_on_load_unexpected = [r"past_G_values_status"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, also when the model's class was swapped for a subclass made on the fly
+        elsewhere (FSDP2's ``fully_shard`` turns PldrForCausalLM into ``FSDPPldrForCausalLM`` of torch's fsdp module):
+        the remote code copied and the ``auto_map`` written must be this file's class, not the wrapper's module, so the
+        class is set back to the PLDR class for the time of the save."""
+        cls = type(self)
+        if not cls.__module__.startswith("torch."):  # ours, or a user's subclass (whose own file is the remote code)
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        base = next((c for c in cls.__mro__ if c.__module__ == PldrPreTrainedModel.__module__), None)
+        if base is None or base is PldrPreTrainedModel:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.__class__ = base
+        try:
+            return base.save_pretrained(self, save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = cls
 
     @torch.no_grad()
     def _init_weights(self, module):

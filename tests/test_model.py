@@ -169,6 +169,24 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_plugin(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+def test_save_from_a_wrapper_subclass_writes_the_pldr_remote_code(tmp_path):
+    """FSDP2's fully_shard swaps a model's class for ``FSDP<Name>`` defined in torch's fsdp module; saving must still
+    write modeling_pldr.py and an auto_map naming PldrForCausalLM (not copy the wrapper's module files)."""
+    model = tiny_model(3)
+    # torch.nn.modules.linear stands in for torch.distributed.fsdp._fully_shard._fully_shard
+    wrapper = type("FSDPPldrForCausalLM", (PldrForCausalLM,), {"__module__": "torch.nn.modules.linear"})
+    model.__class__ = wrapper
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_pldr.PldrForCausalLM"
+    assert (tmp_path / "modeling_pldr.py").is_file() and (tmp_path / "configuration_pldr.py").is_file()
+    assert not (tmp_path / "linear.py").exists()
+    assert type(model) is wrapper  # the class is set back after the save
+    model.__class__ = PldrForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(reloaded) is PldrForCausalLM
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Parity with the original implementation (golden fixtures)
 # ---------------------------------------------------------------------------------------------------------------------
