@@ -2,6 +2,7 @@
 """Benchmarks of PLDR-LLM next to a same-size transformers Llama, printed as JSON.
 
     python scripts/bench.py --task train                 # GPU: the papers' 110M config, batch 16 x 1024, bf16 autocast + AdamW
+    python scripts/bench.py --task train --metric_learner_cuda_graphs false        # PLDR's metric learner op by op
     python scripts/bench.py --task train --tiny --device cpu --steps 2 --warmup 1   # smoke run anywhere
 
 Training: tokens/s and peak GPU memory of full optimizer steps (forward, backward, clip, AdamW) on random token ids,
