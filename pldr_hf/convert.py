@@ -329,3 +329,18 @@ def convert_port(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: tor
     model.save_pretrained(out_dir)
     copy_tokenizer_files(path, out_dir)
     return model
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """Raises a clear error unless ``path`` is a saved model folder (with config.json)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model folder not found: {p} (expected a folder written by save_pretrained)")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} is not a saved model folder: no config.json in it")
+    return p
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

@@ -31,7 +31,7 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.P
                              device: str = "cpu"):
     from transformers import AutoTokenizer
 
-    from .evaluation import check_model_dir, has_tokenizer
+    from .convert import check_model_dir, has_tokenizer
 
     model_dir = check_model_dir(model_dir)
     tok_src = tokenizer or model_dir

@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 
 import pldr_hf  # noqa: F401  (registers model_type "pldrllm" with transformers' Auto classes)
+from pldr_hf.convert import check_model_dir, has_tokenizer  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -45,21 +46,6 @@ OFFLINE_GROUP = "pldr_offline"
 def tasks_dir() -> str:
     """Folder of the task YAMLs that ship with pldr-hf (pass as lm-eval's ``--include_path``)."""
     return str(TASKS_DIR)
-
-
-def check_model_dir(path: str | os.PathLike) -> Path:
-    """Raises a clear error unless ``path`` is a saved model folder (with config.json)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model folder not found: {p} (expected a folder written by save_pretrained)")
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p} is not a saved model folder: no config.json in it")
-    return p
-
-
-def has_tokenizer(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def _lm_eval_classes():
