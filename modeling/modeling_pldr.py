@@ -743,6 +743,13 @@ class PldrAttention(nn.Module):
             self.plgatt_layer = PldrPowerLaw(config)
             self._learner_graphs = _LearnerGraphCache()
 
+    def train(self, mode: bool = True):
+        # Leaving training frees the metric learner's CUDA graphs and their static buffers (tens of MB per layer and
+        # batch shape); the next training step captures them again.
+        if not mode and self.learned_G:
+            self._learner_graphs.graphs.clear()
+        return super().train(mode)
+
     def metric_tensor(self, q: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """A = metric learner(LayerNorm(sum over non-padding positions s of q_s^T q_s)); q: [B, H, S, d] contiguous.
 

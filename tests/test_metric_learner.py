@@ -125,13 +125,17 @@ def test_hooks_and_replaced_glus_make_the_modules_run():
     assert M._learner_params(model.decoder.dec_layers[0].mha1.reslayerAs) is None
 
 
-def test_graph_cache_is_not_copied_or_pickled():
+def test_graph_cache_is_not_copied_and_is_freed_by_eval():
     model = _tiny_model()
     cache = model.decoder.dec_layers[0].mha1._learner_graphs
     cache.graphs["x"] = object()
     clone = copy.deepcopy(model)
     assert clone.decoder.dec_layers[0].mha1._learner_graphs.graphs == {}
     assert cache.graphs  # the original keeps its own
+    model.train()
+    assert cache.graphs
+    model.eval()  # leaving training frees the graphs
+    assert cache.graphs == {}
 
 
 def test_config_key_validated():
@@ -223,3 +227,8 @@ def test_training_with_and_without_cuda_graphs_gives_the_same_losses():
     assert with_graphs == pytest.approx(without, abs=2e-3)
     assert with_graphs[-1] < with_graphs[0]
     assert len(model.decoder.dec_layers[0].mha1._learner_graphs.graphs) == 2
+    free_before = torch.cuda.mem_get_info()[0]
+    model.eval()
+    torch.cuda.empty_cache()
+    assert model.decoder.dec_layers[0].mha1._learner_graphs.graphs == {}
+    assert torch.cuda.mem_get_info()[0] >= free_before
