@@ -18,7 +18,6 @@ This file depends only on torch and transformers, so that it can travel with a s
 """
 
 import math
-import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -496,7 +495,6 @@ class _LearnerGraph:
     output gradient and writes the input and parameter gradients."""
 
     def __init__(self, spec: _LearnerSpec, x0: torch.Tensor, params):
-        self.spec = spec
         self.token = 0
         self.static_x0 = x0.detach().clone()
         self.static_params = [p.detach().clone() for p in params]

@@ -225,10 +225,7 @@ def read_port_config(path: str | os.PathLike) -> PldrConfig:
         raise FileNotFoundError(f"model folder not found: {path}")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (a port-format PLDR-LLM folder has config.json + weights)")
-    try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+    raw = read_json(cfg_file)
     if raw.get("model_type") != PldrConfig.model_type:
         raise ValueError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 'pldrllm' (a PLDR-LLM folder)")
     raw.pop("auto_map", None)  # remote code of the publisher is not used: this project's classes are
@@ -329,6 +326,14 @@ def convert_port(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: tor
     model.save_pretrained(out_dir)
     copy_tokenizer_files(path, out_dir)
     return model
+
+
+def read_json(path: str | os.PathLike):
+    """The content of a JSON file, or a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:

@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 
 import pldr_hf  # noqa: F401  (registers model_type "pldrllm" with transformers' Auto classes)
-from pldr_hf.convert import check_model_dir, has_tokenizer  # noqa: F401  (re-exported)
+from pldr_hf.convert import check_model_dir, has_tokenizer
 
 logger = logging.getLogger(__name__)
 

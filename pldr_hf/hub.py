@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .convert import copy_tokenizer_files, model_class_for, read_port_config
+from .convert import copy_tokenizer_files, has_tokenizer, model_class_for, read_json, read_port_config
 
 REMOTE_CODE_FILES = ("configuration_pldr.py", "modeling_pldr.py")
 AUTO_MAP = {
@@ -81,7 +81,7 @@ def read_training_info(model_dir: str | os.PathLike) -> tuple[dict, list[str]]:
     datasets: list[str] = []
     args_file = model_dir / "training_args.json"
     if args_file.is_file():
-        args = json.loads(args_file.read_text(encoding="utf-8"))
+        args = read_json(args_file)
         for k in _CARD_TRAINING_KEYS:
             v = args.get(k)
             if v is not None and v != -1 and not (k in ("warmup_steps", "warmup_ratio") and v == 0):
@@ -94,7 +94,7 @@ def read_training_info(model_dir: str | os.PathLike) -> tuple[dict, list[str]]:
                 datasets += [x for x in v if isinstance(x, str)]
     state_file = model_dir / "trainer_state.json"
     if state_file.is_file():
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+        state = read_json(state_file)
         for k in ("global_step", "num_train_epochs", "max_steps", "train_batch_size"):
             if state.get(k) is not None:
                 hp.setdefault(k, state[k])
@@ -114,10 +114,7 @@ def eval_results_from_lm_eval(path: str | os.PathLike, model_name: str) -> list[
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"eval results not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    data = read_json(path)
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, dict) or not results:
         raise ValueError(f"{path}: expected lm-eval output with a non-empty 'results' mapping")
@@ -167,14 +164,14 @@ def build_model_card(model_dir: str | os.PathLike, options: CardOptions, config=
     )
     g = {None: "learned (full PLGA: metric learner + power law)", "identity": "fixed to the identity (SDPA LLM)",
          "random": "fixed random tensor", "external": "fixed, supplied from outside (G-only inference)"}
-    has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    tokenizer_present = has_tokenizer(model_dir)
     rows = [{"task": r.dataset_name, "metric": r.metric_name, "value": f"{r.metric_value:.4g}"} for r in eval_results or []]
     return ModelCard.from_template(
         data, template_path=str(template_path()),
         model_name=name, repo_id=options.repo_id, base_model=options.base_model, config=config,
         num_parameters=f"{num_parameters:,}" if num_parameters else "n/a", dtype=dtype or "float32",
         g_description=g.get(config.custom_G_type, str(config.custom_G_type)), datasets=datasets,
-        hyperparameters=hp, eval_rows=rows, has_tokenizer=has_tokenizer,
+        hyperparameters=hp, eval_rows=rows, has_tokenizer=tokenizer_present,
     )
 
 

@@ -56,12 +56,6 @@ def model_configs(tiny: bool):
     return {"pldr": (PldrForCausalLM, pldr), "llama": (LlamaForCausalLM, llama)}
 
 
-def model_configs_for(args):
-    configs = model_configs(args.tiny)
-    configs["pldr"][1].metric_learner_cuda_graphs = args.metric_learner_cuda_graphs
-    return configs
-
-
 def _sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -137,7 +131,8 @@ def main(argv=None):
         raise SystemExit("bench: --device cuda but no CUDA GPU is available (use --device cpu --tiny for a smoke run)")
     if args.task != "train":
         raise SystemExit(f"bench: unknown --task {args.task!r} (expected train)")
-    configs = model_configs_for(args)
+    configs = model_configs(args.tiny)
+    configs["pldr"][1].metric_learner_cuda_graphs = args.metric_learner_cuda_graphs
     results = {"task": "train", "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": "bf16-autocast",
