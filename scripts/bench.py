@@ -1,19 +1,32 @@
 #!/usr/bin/env python
-"""Benchmarks of PLDR-LLM next to a same-size transformers Llama, printed as JSON.
+"""Training throughput of PLDR-LLM next to the same-size Llama a user would actually pick, printed as JSON.
 
-    python scripts/bench.py --task train                 # GPU: the papers' 110M config, batch 16 x 1024, bf16 autocast + AdamW
-    python scripts/bench.py --task train --metric_learner_cuda_graphs false        # PLDR's metric learner op by op
-    python scripts/bench.py --task train --tiny --device cpu --steps 2 --warmup 1   # smoke run anywhere
+    python scripts/bench.py                                   # GPU: 110M config, 16 x 1024, eager and torch.compile
+    python scripts/bench.py --shapes 16x1024,4x1024,8x2048    # several batch x sequence shapes in one run
+    python scripts/bench.py --modes eager --profile prof/     # also a torch.profiler table per run (2 steps)
+    python scripts/bench.py --tiny --device cpu --modes eager --steps 2 --warmup 1   # smoke run anywhere
 
-Training: tokens/s and peak GPU memory of full optimizer steps (forward, backward, clip, AdamW) on random token ids,
-PLDR-LLM (PldrConfig() defaults: 5 layers, 14 heads x 64, A_dff 170, 8 residual units x 2 GLUs, vocab 32000) and
-LlamaForCausalLM (hidden 896, 14 heads, 5 layers, intermediate 2389, vocab 32000) measured in the same process.
+Every run is a full optimizer step (forward, backward, clip by value, fused AdamW) under bf16 autocast on random
+token ids. Models, built in the same process:
+
+* ``pldr``: PLDR-LLM, ``PldrConfig()`` defaults (the papers' 110M: 5 layers, 14 heads x 64, FFN 2389, metric learner
+  8 units x 2 GLUs of width 170, vocab 32000);
+* ``llama_same_ffn``: ``LlamaForCausalLM`` with PLDR's sizes, FFN width 2389 included (odd widths put cuBLAS on slow
+  kernels, so this one is handicapped);
+* ``llama_aligned``: the same Llama with the FFN width rounded up to a multiple of 64 (2432): the setting a user would
+  pick, and the one PLDR-LLM is compared with.
+
+Modes: ``eager`` and ``compile`` (``torch.compile(model)``, default mode, what Trainer's ``torch_compile=True`` does).
+For each shape and mode the JSON's ``summary`` gives PLDR-LLM's throughput and peak memory as a ratio to the best
+Llama of the same mode and shape. ``--seq_len`` / ``--shapes`` longer than the configs' 1024 positions raise
+``max_position_embeddings`` of every model (nothing is silently cut).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,36 +37,60 @@ from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 import pldr_hf  # noqa: F401
 from pldr_hf import PldrConfig, PldrForCausalLM
 
+MODELS = ("pldr", "llama_same_ffn", "llama_aligned")
+MODES = ("eager", "compile")
+
 
 @dataclass
 class BenchArguments:
-    task: str = field(default="train", metadata={"help": "train"})
+    task: str = field(default="train", metadata={"help": "train (the only task)"})
     device: str = field(default="cuda", metadata={"help": "cuda or cpu"})
-    batch_size: int = field(default=16)
-    seq_len: int = field(default=1024)
+    batch_size: int = field(default=16, metadata={"help": "rows per step (ignored when --shapes is given)"})
+    seq_len: int = field(default=1024, metadata={"help": "tokens per row; above 1024 raises max_position_embeddings"})
+    shapes: str = field(default="", metadata={"help": "comma list of BATCHxSEQ, e.g. 16x1024,4x1024,8x2048"})
+    modes: str = field(default="eager,compile", metadata={"help": f"comma list of {', '.join(MODES)}"})
+    models: str = field(default=",".join(MODELS), metadata={"help": f"comma list of {', '.join(MODELS)}"})
     steps: int = field(default=10, metadata={"help": "timed optimizer steps"})
-    warmup: int = field(default=3, metadata={"help": "untimed steps first (allocator, cuDNN/compile warm-up)"})
+    warmup: int = field(default=3, metadata={"help": "untimed steps first (allocator, autotuning, compilation)"})
     attn_implementation: str = field(default="sdpa")
-    compile: bool = field(default=False, metadata={"help": "torch.compile both models"})
     gradient_checkpointing: bool = field(default=False)
-    models: str = field(default="pldr,llama", metadata={"help": "comma list of pldr, llama"})
     tiny: bool = field(default=False, metadata={"help": "tiny configs (smoke test)"})
-    metric_learner_cuda_graphs: bool = field(
-        default=True, metadata={"help": "PLDR: replay each layer's metric learner as CUDA graphs in training"})
-    profile: str = field(default="", metadata={"help": "write a torch.profiler table of 2 steps per model to this folder"})
+    profile: str = field(default="", metadata={"help": "write a torch.profiler table of 2 steps per run to this folder"})
 
 
-def model_configs(tiny: bool):
+def parse_shapes(args) -> list[tuple[int, int]]:
+    if not args.shapes:
+        return [(args.batch_size, args.seq_len)]
+    shapes = []
+    for item in args.shapes.split(","):
+        try:
+            b, s = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"bench: --shapes item {item!r} is not BATCHxSEQ (e.g. 16x1024)") from None
+        if b < 1 or s < 2:
+            raise SystemExit(f"bench: --shapes item {item!r} needs batch >= 1 and seq >= 2")
+        shapes.append((b, s))
+    return shapes
+
+
+def model_configs(tiny: bool, seq_len: int) -> dict:
+    """PLDR-LLM and the two Llamas, with max_position_embeddings raised to ``seq_len`` where it is longer."""
     if tiny:
         pldr = PldrConfig(vocab_size=128, hidden_size=32, num_attention_heads=2, head_dim=16, num_hidden_layers=2,
                           intermediate_size=85, A_dff=24, num_reslayerA=2, num_denseA=2, max_position_embeddings=256)
     else:
         pldr = PldrConfig()
-    llama = LlamaConfig(vocab_size=pldr.vocab_size, hidden_size=pldr.hidden_size, intermediate_size=pldr.intermediate_size,
-                        num_hidden_layers=pldr.num_hidden_layers, num_attention_heads=pldr.num_attention_heads,
-                        num_key_value_heads=pldr.num_attention_heads, max_position_embeddings=pldr.max_position_embeddings,
-                        tie_word_embeddings=False)
-    return {"pldr": (PldrForCausalLM, pldr), "llama": (LlamaForCausalLM, llama)}
+    pldr.max_position_embeddings = max(pldr.max_position_embeddings, seq_len)
+    align = 8 if tiny else 64
+    configs = {"pldr": (PldrForCausalLM, pldr)}
+    for name, ffn in (("llama_same_ffn", pldr.intermediate_size),
+                      ("llama_aligned", math.ceil(pldr.intermediate_size / align) * align)):
+        configs[name] = (LlamaForCausalLM, LlamaConfig(
+            vocab_size=pldr.vocab_size, hidden_size=pldr.hidden_size, intermediate_size=ffn,
+            num_hidden_layers=pldr.num_hidden_layers, num_attention_heads=pldr.num_attention_heads,
+            num_key_value_heads=pldr.num_attention_heads, max_position_embeddings=pldr.max_position_embeddings,
+            tie_word_embeddings=False))
+    return configs
 
 
 def _sync(device):
@@ -61,7 +98,29 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_train(name, cls, config, args) -> dict:
+def _write_profile(args, tag, step):
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        _sync(args.device)
+    os.makedirs(args.profile, exist_ok=True)
+    averages = prof.key_averages()
+    launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    with open(os.path.join(args.profile, f"profile_{tag}.txt"), "w") as f:
+        f.write(f"{tag}: {launches / 2:.0f} kernel launches per step\n\n")
+        if cuda:
+            f.write(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
+            f.write("\n\n")
+        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+
+
+def bench_train(name, cls, config, args, batch, seq, mode) -> dict:
     device = args.device
     torch.manual_seed(0)
     config._attn_implementation = args.attn_implementation
@@ -71,9 +130,8 @@ def bench_train(name, cls, config, args) -> dict:
     model.train()
     fused = device.startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=fused)
-    step_model = torch.compile(model) if args.compile else model
-    seq = min(args.seq_len, config.max_position_embeddings)
-    ids = torch.randint(4, config.vocab_size, (args.batch_size, seq), device=device)
+    step_model = torch.compile(model) if mode == "compile" else model
+    ids = torch.randint(4, config.vocab_size, (batch, seq), device=device)
     amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
 
     def step():
@@ -85,23 +143,13 @@ def bench_train(name, cls, config, args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
     _sync(device)
+    warmup_s = time.perf_counter() - t0
     if args.profile:
-        import os
-
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-        with profile(activities=acts) as prof:
-            for _ in range(2):
-                step()
-            _sync(device)
-        os.makedirs(args.profile, exist_ok=True)
-        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-        with open(os.path.join(args.profile, f"profile_{name}.txt"), "w") as f:
-            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+        _write_profile(args, f"{name}_{mode}_{batch}x{seq}", step)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -111,41 +159,82 @@ def bench_train(name, cls, config, args) -> dict:
     dt = time.perf_counter() - t0
     out = {
         "model": name,
+        "mode": mode,
+        "batch_size": batch,
+        "seq_len": seq,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "tokens_per_s": round(args.batch_size * seq * args.steps / dt, 1),
+        "ffn_width": config.intermediate_size,
+        "tokens_per_s": round(batch * seq * args.steps / dt, 1),
         "step_ms": round(1000 * dt / args.steps, 2),
+        "warmup_s": round(warmup_s, 1),
         "final_loss": round(float(loss.detach()), 4),
     }
     if device.startswith("cuda"):
         out["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    del model, opt, step_model
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return out
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Per shape and mode: PLDR-LLM against the best (fastest) Llama of the same shape and mode."""
+    rows = []
+    keys = sorted({(r["batch_size"], r["seq_len"], r["mode"]) for r in runs}, key=lambda k: (-k[0] * k[1], k))
+    for b, s, mode in keys:
+        group = [r for r in runs if (r["batch_size"], r["seq_len"], r["mode"]) == (b, s, mode) and "error" not in r]
+        pldr = next((r for r in group if r["model"] == "pldr"), None)
+        llamas = [r for r in group if r["model"].startswith("llama")]
+        if pldr is None or not llamas:
+            continue
+        best = max(llamas, key=lambda r: r["tokens_per_s"])
+        row = {"shape": f"{b}x{s}", "mode": mode, "pldr_tokens_per_s": pldr["tokens_per_s"],
+               "best_llama": best["model"], "best_llama_tokens_per_s": best["tokens_per_s"],
+               "pldr_vs_best_llama": round(pldr["tokens_per_s"] / best["tokens_per_s"], 3)}
+        for r in llamas:
+            row[f"pldr_vs_{r['model']}"] = round(pldr["tokens_per_s"] / r["tokens_per_s"], 3)
+        if "peak_mem_GiB" in pldr:
+            row["pldr_peak_mem_GiB"] = pldr["peak_mem_GiB"]
+            row["best_llama_peak_mem_GiB"] = best["peak_mem_GiB"]
+            row["pldr_mem_vs_best_llama"] = round(pldr["peak_mem_GiB"] / best["peak_mem_GiB"], 3)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench: --device cuda but no CUDA GPU is available (use --device cpu --tiny for a smoke run)")
     if args.task != "train":
         raise SystemExit(f"bench: unknown --task {args.task!r} (expected train)")
-    configs = model_configs(args.tiny)
-    configs["pldr"][1].metric_learner_cuda_graphs = args.metric_learner_cuda_graphs
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but no CUDA GPU is available (use --device cpu --tiny for a smoke run)")
+    models = [m for m in args.models.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m]
+    for name in models:
+        if name not in MODELS:
+            raise SystemExit(f"bench: unknown model {name!r} in --models (expected {', '.join(MODELS)})")
+    for mode in modes:
+        if mode not in MODES:
+            raise SystemExit(f"bench: unknown mode {mode!r} in --modes (expected {', '.join(MODES)})")
+    shapes = parse_shapes(args)
     results = {"task": "train", "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-               "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": "bf16-autocast",
-               "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
-               "metric_learner_cuda_graphs": args.metric_learner_cuda_graphs, "runs": []}
-    for name in args.models.split(","):
-        if name not in configs:
-            raise SystemExit(f"bench: unknown model {name!r} in --models (expected pldr, llama)")
-        cls, cfg = configs[name]
-        results["runs"].append(bench_train(name, cls, cfg, args))
-    by = {r["model"]: r for r in results["runs"]}
-    if "pldr" in by and "llama" in by:
-        results["pldr_vs_llama_throughput"] = round(by["pldr"]["tokens_per_s"] / by["llama"]["tokens_per_s"], 3)
+               "dtype": "bf16-autocast", "optimizer": "AdamW (fused on GPU), clip by value 1.0",
+               "gradient_checkpointing": args.gradient_checkpointing, "attn_implementation": args.attn_implementation,
+               "steps": args.steps, "runs": []}
+    for batch, seq in shapes:
+        configs = model_configs(args.tiny, seq)
+        for mode in modes:
+            for name in models:
+                cls, cfg = configs[name]
+                try:
+                    run = bench_train(name, cls, cfg, args, batch, seq, mode)
+                except Exception as err:  # one failing run (e.g. out of memory) must not hide the others
+                    run = {"model": name, "mode": mode, "batch_size": batch, "seq_len": seq,
+                           "error": f"{type(err).__name__}: {err}"[:600]}
+                results["runs"].append(run)
+                print(json.dumps(run), file=sys.stderr, flush=True)
+                gc.collect()
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                torch._dynamo.reset()
+    results["summary"] = summarise(results["runs"])
     print(json.dumps(results, indent=1))
     return results
 

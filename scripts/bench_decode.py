@@ -1,6 +1,10 @@
 #!/usr/bin/env python
-"""Decoding speed of PLDR-LLM with generate(): KV+G cache, KV only, no cache, static cache + torch.compile, next to a
-same-size LlamaForCausalLM (dynamic cache and static + compiled), in one run. Prints JSON.
+"""Decoding speed of PLDR-LLM with generate(): KV+G cache, KV only, no cache, static cache + torch.compile, next to
+same-size LlamaForCausalLMs (dynamic cache and static + compiled), in one run. Prints JSON.
+
+Two Llamas: ``llama_*`` keeps PLDR's FFN width (2389), ``llama_aligned_*`` rounds it up to a multiple of 64 (2432, the
+setting a user would pick). ``summary`` gives, per batch size, PLDR-LLM's KV+G dynamic-cache speed against the best
+Llama with a dynamic cache, and its static + compiled speed against the best static + compiled Llama.
 
 Every run is greedy and generates exactly ``new_tokens`` tokens per row (min_new_tokens = max_new_tokens); timings
 follow warm-up runs (which also compile) and torch.cuda.synchronize; tokens/s = batch * new_tokens / seconds (best of
@@ -26,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pldr_hf  # noqa: E402,F401  (registers the model)
 from pldr_hf import PldrConfig, PldrForCausalLM  # noqa: E402
 
-VARIANTS = ("pldr_kv_g", "pldr_kv", "pldr_nocache", "pldr_static_compiled", "llama_dynamic", "llama_static_compiled")
+VARIANTS = ("pldr_kv_g", "pldr_kv", "pldr_nocache", "pldr_static_compiled", "llama_dynamic", "llama_static_compiled",
+            "llama_aligned_dynamic", "llama_aligned_static_compiled")
 
 
 @dataclass
@@ -56,7 +61,10 @@ def model_configs(tiny: bool):
         pldr = PldrConfig()  # the papers' 110M: 896 wide, 14 heads of 64, 5 layers, dff 2389, vocab 32000
         llama = dict(vocab_size=32000, hidden_size=896, num_attention_heads=14, num_key_value_heads=14,
                      num_hidden_layers=5, intermediate_size=2389, max_position_embeddings=1024)
-    return pldr, LlamaConfig(**llama, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    align = 8 if tiny else 64
+    aligned = dict(llama, intermediate_size=-(-llama["intermediate_size"] // align) * align)
+    return (pldr, LlamaConfig(**llama, pad_token_id=0, bos_token_id=2, eos_token_id=3),
+            LlamaConfig(**aligned, pad_token_id=0, bos_token_id=2, eos_token_id=3))
 
 
 def sync(device):
@@ -65,7 +73,7 @@ def sync(device):
 
 
 def run_variant(name, models, args, batch, device):
-    model = models["llama" if name.startswith("llama") else "pldr"]
+    model = models[next(key for key in ("llama_aligned", "llama", "pldr") if name.startswith(key))]
     g = torch.Generator().manual_seed(args.seed + batch)
     ids = torch.randint(4, model.config.vocab_size, (batch, args.prompt_len), generator=g).to(device)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
@@ -75,7 +83,9 @@ def run_variant(name, models, args, batch, device):
     elif name == "pldr_nocache":
         kw["use_cache"] = False
     elif name.endswith("static_compiled"):
-        cfg = CompileConfig(fullgraph=args.fullgraph, backend=args.compile_backend)
+        # "reduce-overhead" (CUDA graphs) is an inductor mode; other backends take no mode.
+        mode = {} if args.compile_backend == "inductor" else {"mode": None}
+        cfg = CompileConfig(fullgraph=args.fullgraph, backend=args.compile_backend, **mode)
         if device.type == "cpu":
             cfg._compile_all_devices = True  # generate compiles on accelerators only unless told otherwise
         kw.update(cache_implementation="static", compile_config=cfg)
@@ -105,6 +115,27 @@ def run_variant(name, models, args, batch, device):
     }
 
 
+def summarise(results: dict) -> list[dict]:
+    """Per batch size and cache mode: PLDR-LLM against the fastest Llama of the same mode."""
+    rows = []
+    batches = sorted({int(k.rsplit("@b", 1)[1]) for k in results})
+    for batch in batches:
+        def tps(variant):
+            r = results.get(f"{variant}@b{batch}", {})
+            return r.get("tokens_per_s")
+        for mode, pldr, llamas in (("dynamic", "pldr_kv_g", ("llama_dynamic", "llama_aligned_dynamic")),
+                                   ("static_compiled", "pldr_static_compiled",
+                                    ("llama_static_compiled", "llama_aligned_static_compiled"))):
+            measured = {v: tps(v) for v in llamas if tps(v)}
+            if not tps(pldr) or not measured:
+                continue
+            best = max(measured, key=measured.get)
+            rows.append({"batch": batch, "mode": mode, "pldr": pldr, "pldr_tokens_per_s": tps(pldr),
+                         "best_llama": best, "best_llama_tokens_per_s": measured[best],
+                         "pldr_vs_best_llama": round(tps(pldr) / measured[best], 3)})
+    return rows
+
+
 def main(argv=None):
     (args,) = HfArgumentParser(BenchDecodeArguments).parse_args_into_dataclasses(args=argv)
     if args.tiny:
@@ -120,9 +151,10 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     torch.manual_seed(args.seed)
-    pldr_cfg, llama_cfg = model_configs(args.tiny)
+    pldr_cfg, llama_cfg, aligned_cfg = model_configs(args.tiny)
     models = {"pldr": PldrForCausalLM(pldr_cfg).to(device, dtype).eval(),
-              "llama": LlamaForCausalLM(llama_cfg).to(device, dtype).eval()}
+              "llama": LlamaForCausalLM(llama_cfg).to(device, dtype).eval(),
+              "llama_aligned": LlamaForCausalLM(aligned_cfg).to(device, dtype).eval()}
     for m in models.values():  # random weights: never stop early on an end-of-sequence token
         m.generation_config.eos_token_id = None
 
@@ -145,6 +177,7 @@ def main(argv=None):
         "settings": asdict(args),
         "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
         "results": results,
+        "summary": summarise(results),
     }
     text = json.dumps(report, indent=2)
     print(text)

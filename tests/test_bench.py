@@ -1,0 +1,52 @@
+"""scripts/bench.py: JSON with PLDR-LLM and both Llamas (same FFN width, aligned width) per shape and mode, ratios
+against the best Llama, sequence lengths past the configs' context honoured, clear errors for bad arguments."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("pldr_bench", Path(__file__).resolve().parents[1] / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pldr_bench", module)  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_reports_every_model_and_ratio_to_the_best_llama(bench, capsys):
+    # The tiny configs have 256 positions: 300 must run at 300 (raised context), not be cut to 256.
+    res = bench.main(["--tiny", "--device", "cpu", "--modes", "eager", "--steps", "1", "--warmup", "0",
+                      "--shapes", "2x32,1x300"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == res
+    runs = res["runs"]
+    assert [(r["model"], r["batch_size"], r["seq_len"]) for r in runs] == [
+        (m, b, s) for b, s in ((2, 32), (1, 300)) for m in ("pldr", "llama_same_ffn", "llama_aligned")]
+    for r in runs:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and 0 < r["final_loss"] < 20
+    ffn = {r["model"]: r["ffn_width"] for r in runs}
+    assert ffn["llama_same_ffn"] == ffn["pldr"] == 85 and ffn["llama_aligned"] == 88
+    assert [(row["shape"], row["mode"]) for row in res["summary"]] == [("1x300", "eager"), ("2x32", "eager")]
+    for row in res["summary"]:
+        group = [r for r in runs if f"{r['batch_size']}x{r['seq_len']}" == row["shape"]]
+        tps = {r["model"]: r["tokens_per_s"] for r in group}
+        best = max(("llama_same_ffn", "llama_aligned"), key=tps.get)
+        assert row["best_llama"] == best
+        assert row["pldr_vs_best_llama"] == pytest.approx(tps["pldr"] / tps[best], abs=1e-3)
+        assert row["pldr_vs_llama_aligned"] == pytest.approx(tps["pldr"] / tps["llama_aligned"], abs=1e-3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "gpt2"], "unknown model 'gpt2'"),
+    (["--modes", "fast"], "unknown mode 'fast'"),
+    (["--shapes", "16by1024"], "is not BATCHxSEQ"),
+])
+def test_bench_rejects_bad_arguments_by_name(bench, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.main(["--tiny", "--device", "cpu"] + argv)
