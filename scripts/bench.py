@@ -30,12 +30,14 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
-import pldr_hf  # noqa: F401
-from pldr_hf import PldrConfig, PldrForCausalLM
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
+import pldr_hf  # noqa: E402,F401  (registers the model)
+from pldr_hf import PldrConfig, PldrForCausalLM  # noqa: E402
 
 MODELS = ("pldr", "llama_same_ffn", "llama_aligned")
 MODES = ("eager", "compile")
