@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""Micro-benchmark of one layer's metric learner (the fused operator of modeling/metric_learner.py), printed as JSON.
+
+    python scripts/bench_metric_learner.py                    # GPU: 110M sizes (d 64, A_dff 170, 8 units x 2 GLUs)
+    python scripts/bench_metric_learner.py --sweep            # + block-size sweep of each Triton kernel
+    python scripts/bench_metric_learner.py --device cpu --rows 512 --no-compiled   # smoke run anywhere
+
+For rows = batch * heads * d in (14336, 3584) (batch 16 and 4 at 14 heads x 64) and bf16 autocast / float32, the
+median time (triton.testing.do_bench on CUDA) of
+
+* ``kernel``: ``fused_metric_learner`` with its Triton kernels;
+* ``reference``: the same operator with its plain-PyTorch path;
+* ``modules``: the ``PldrResidualMetricUnit`` modules in eager mode, and ``modules_compiled``: under
+  ``torch.compile`` (inductor; first size, bf16, forward + backward only), the path compiled PLDR training takes
+  without the operator;
+
+as ``fwd`` (no gradient: inference), ``fwd_train`` (forward keeping what the backward needs) and ``fwd_bwd`` (forward
+and backward, all parameter gradients), in milliseconds; ``launches``: CUDA kernels of one forward + backward; and
+``error``: the largest relative error (max |x - exact| / max |exact|) of the output and of the gradients of A and of
+each parameter against the modules in float64.
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pldr_hf, even if another is installed
+import pldr_hf  # noqa: E402,F401  (makes pldr_hf.modeling importable from a source checkout)
+from pldr_hf import PldrConfig  # noqa: E402
+from pldr_hf.modeling import metric_learner as ML  # noqa: E402
+from pldr_hf.modeling import modeling_pldr as M  # noqa: E402
+
+
+def make_learner(d, hidden, units, glus, device, seed=0):
+    cfg = PldrConfig(head_dim=d, A_dff=hidden, num_reslayerA=units, num_denseA=glus)
+    torch.manual_seed(seed)
+    learner = nn.ModuleList([M.PldrResidualMetricUnit(cfg) for _ in range(units)])
+    with torch.no_grad():  # scaled init: activations of order 1 through all units, as in a trained model
+        for name, p in learner.named_parameters():
+            if "layernorm" in name:
+                p.normal_(0, 0.1).add_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, p.shape[1] ** -0.5)
+    return learner.to(device)
+
+
+def modules(learner, A):
+    for unit in learner:
+        A = unit(A)
+    return A
+
+
+@contextlib.contextmanager
+def kernels_enabled(enabled: bool):
+    orig = ML._use_kernels
+    if not enabled:
+        ML._use_kernels = lambda *args: False
+    try:
+        yield
+    finally:
+        ML._use_kernels = orig
+
+
+def timer(device):
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn, grad_to_none=None: triton.testing.do_bench(fn, grad_to_none=grad_to_none,
+                                                                      return_mode="median")
+
+    def cpu_time(fn, grad_to_none=None, reps=5):
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    return cpu_time
+
+
+def count_launches(fn, device):
+    if device != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+
+
+def rel(x, exact):
+    return ((x.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+def run_case(args, rows, mode, learner, compiled_modules):
+    device = args.device
+    d = args.d
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16")
+    A = torch.randn(rows // d, d, d, device=device)
+    A_req = A.clone().requires_grad_()
+    gout = torch.randn_like(A)
+    params = list(learner.parameters())
+    bench = timer(device)
+    paths = {
+        "kernel": lambda x: ML.fused_metric_learner(learner, x),
+        "reference": lambda x: ML.fused_metric_learner(learner, x),
+        "modules": lambda x: modules(learner, x),
+    }
+    if compiled_modules is not None:
+        paths["modules_compiled"] = compiled_modules
+    learner64 = copy.deepcopy(learner).double()
+    A64 = A.double().requires_grad_()
+    exact = modules(learner64, A64)
+    exact_grads = torch.autograd.grad(exact, [A64] + list(learner64.parameters()), gout.double())
+    result = {}
+    for name, fn in paths.items():
+        if name == "kernel" and not (device == "cuda" and ML.triton is not None):
+            continue
+        entry = {}
+        with kernels_enabled(name != "reference"), autocast:
+
+            def fwd():
+                with torch.no_grad():
+                    return fn(A)
+
+            def fwd_train():
+                return fn(A_req)
+
+            def fwd_bwd():
+                fn(A_req).backward(gout)
+
+            out = fn(A_req)
+            grads = torch.autograd.grad(out, [A_req] + params, gout)
+            entry["error"] = {"out": rel(out, exact), "grad_A": rel(grads[0], exact_grads[0]),
+                              "grad_params_max": max(rel(g, e) for g, e in zip(grads[1:], exact_grads[1:]))}
+            del out, grads
+            if name != "modules_compiled":  # compiled: training only (each grad mode is another compilation)
+                entry["fwd_ms"] = bench(fwd)
+                entry["fwd_train_ms"] = bench(fwd_train)
+            entry["fwd_bwd_ms"] = bench(fwd_bwd, grad_to_none=[A_req] + params)
+            entry["launches_fwd_bwd"] = count_launches(fwd_bwd, device)
+        result[name] = entry
+    if "kernel" in result:
+        for other in ("reference", "modules", "modules_compiled"):
+            if other in result:
+                result[f"speedup_fwd_bwd_vs_{other}"] = result[other]["fwd_bwd_ms"] / result["kernel"]["fwd_bwd_ms"]
+    return result
+
+
+def sweep(args, rows, learner):
+    """Times each Triton kernel for a few block configurations (bf16 autocast), the others at their defaults."""
+    device, d = args.device, args.d
+    bench = timer(device)
+    found = ML.learner_tensors(learner)
+    params, (U, J, hidden, _, bias, eps) = found
+    flat = torch.cat([p.reshape(-1) for p in params]).detach()
+    x = torch.randn(rows, d, device=device)
+    gout = torch.randn(rows, d, device=device)
+    cd = torch.bfloat16
+    default = dict(ML.KERNEL_CONFIGS)
+    candidates = {
+        "fwd": [(32, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
+        "bwd_rows": [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+        "bwd_params": [(64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
+    }
+    fwd_op = torch.ops.pldr.metric_learner_fwd
+    bwd_op = torch.ops.pldr.metric_learner_bwd
+    result = {}
+    for kernel, configs in candidates.items():
+        times = {}
+        for config in configs:
+            ML.KERNEL_CONFIGS.update(default)
+            ML.KERNEL_CONFIGS[kernel] = config
+            try:
+                if kernel == "fwd":
+                    times[str(config)] = bench(lambda: fwd_op(x, flat, U, J, hidden, bias, eps, cd, torch.float32,
+                                                              True))
+                else:
+                    _, xins, zs, mean, rstd = fwd_op(x, flat, U, J, hidden, bias, eps, cd, torch.float32, True)
+                    times[str(config)] = bench(lambda: bwd_op(gout, flat, xins, zs, mean, rstd, U, J, hidden, bias,
+                                                              eps, cd, torch.float32, True))
+            except Exception as err:  # noqa: BLE001  (e.g. out of shared memory: report and go on)
+                times[str(config)] = f"failed: {type(err).__name__}: {str(err)[:200]}"
+        ML.KERNEL_CONFIGS.update(default)
+        timed = {k: v for k, v in times.items() if isinstance(v, float)}
+        result[kernel] = {"ms": times, "best": min(timed, key=timed.get) if timed else None}
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rows", type=int, nargs="+", default=[14336, 3584], help="batch * heads * d")
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=170)
+    parser.add_argument("--units", type=int, default=8)
+    parser.add_argument("--glus", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false",
+                        help="skip torch.compile of the modules (saves its compile time)")
+    parser.add_argument("--sweep", action="store_true", help="block-size sweep of each kernel (bf16)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu")
+    learner = make_learner(args.d, args.hidden, args.units, args.glus, args.device)
+    compiled = torch.compile(lambda x: modules(learner, x)) if args.compiled else None
+    report = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": getattr(ML.triton, "__version__", None),
+        "sizes": {"d": args.d, "A_dff": args.hidden, "units": args.units, "glus": args.glus},
+        "kernel_configs": {k: list(v) for k, v in ML.KERNEL_CONFIGS.items()},
+        "results": {},
+    }
+    for rows in args.rows:
+        for mode in args.modes:
+            t = time.time()
+            # compiled modules: first size, bf16 only (each shape and mode is another compilation of ~350 ops)
+            first = rows == args.rows[0] and mode == "bf16"
+            report["results"][f"rows{rows}_{mode}"] = run_case(args, rows, mode, learner, compiled if first else None)
+            print(f"rows {rows} {mode}: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+    if args.sweep and args.device == "cuda" and ML.triton is not None:
+        report["sweep_rows"] = args.rows[0]
+        report["sweep"] = sweep(args, args.rows[0], learner)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
