@@ -647,44 +647,48 @@ def learner_tensors(units: nn.ModuleList):
             or nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks):
         return None
     unit_type, glu_type = _module_types()
-    w12, w3, b12, b3, lnw, lnb, eps = [], [], [], [], [], [], set()
+    w12, w3, b12, b3, lnw, lnb, eps, norm_shapes = [], [], [], [], [], [], set(), set()
     glus = None
-    for unit in units:
-        if type(unit) is not unit_type or _has_hooks(unit) or _has_hooks(unit.denseAs) or len(unit.denseAs) == 0:
+    for unit in units:  # (each attribute read once: nn.Module.__getattr__ is slow, and this runs every call)
+        if type(unit) is not unit_type or _has_hooks(unit):
             return None
-        if glus is not None and len(unit.denseAs) != glus:
+        dense, ln = unit.denseAs, unit.layernormA
+        if _has_hooks(dense) or len(dense) == 0 or (glus is not None and len(dense) != glus):
             return None
-        glus = len(unit.denseAs)
-        for glu in unit.denseAs:
+        glus = len(dense)
+        for glu in dense:
             if type(glu) is not glu_type or _has_hooks(glu):
                 return None
             if type(glu.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
                 return None
-            for lin in (glu.gluw1, glu.gluw2, glu.gluw3):
+            lin1, lin2, lin3 = glu.gluw1, glu.gluw2, glu.gluw3
+            for lin in (lin1, lin2, lin3):
                 if type(lin) is not nn.Linear or _has_hooks(lin):
                     return None
-            w12 += [glu.gluw1.weight, glu.gluw2.weight]
-            w3.append(glu.gluw3.weight)
-            b12 += [glu.gluw1.bias, glu.gluw2.bias]
-            b3.append(glu.gluw3.bias)
-        ln = unit.layernormA
-        if type(ln) is not nn.LayerNorm or _has_hooks(ln) or ln.weight is None or ln.bias is None:
+            w12 += [lin1.weight, lin2.weight]
+            w3.append(lin3.weight)
+            b12 += [lin1.bias, lin2.bias]
+            b3.append(lin3.bias)
+        if type(ln) is not nn.LayerNorm or _has_hooks(ln):
             return None
-        lnw.append(ln.weight)
-        lnb.append(ln.bias)
+        weight, bias = ln.weight, ln.bias
+        if weight is None or bias is None:
+            return None
+        lnw.append(weight)
+        lnb.append(bias)
         eps.add(ln.eps)
+        norm_shapes.add(tuple(ln.normalized_shape))
     if not lnw or len(eps) != 1:
         return None
     hidden, d = w12[0].shape
-    if any(w.shape != (hidden, d) for w in w12) or any(w.shape != (d, hidden) for w in w3):
-        return None
-    if any(ln.normalized_shape != (d,) for ln in (unit.layernormA for unit in units)):
+    if norm_shapes != {(d,)} or any(w.shape != (hidden, d) for w in w12) or any(w.shape != (d, hidden) for w in w3):
         return None
     bias = b12[0] is not None
     if any((b is not None) != bias for b in b12 + b3):
         return None
     params = w12 + w3 + (b12 + b3 if bias else []) + lnw + lnb
-    if any(p.dtype != params[0].dtype for p in params):
+    dtype = params[0].dtype
+    if any(p.dtype != dtype for p in params):
         return None
     return params, (len(units), glus, hidden, d, bias, eps.pop())
 

@@ -10,9 +10,9 @@ median time (triton.testing.do_bench on CUDA) of
 
 * ``kernel``: ``fused_metric_learner`` with its Triton kernels;
 * ``reference``: the same operator with its plain-PyTorch path;
-* ``modules``: the ``PldrResidualMetricUnit`` modules in eager mode, and ``modules_compiled``: under
-  ``torch.compile`` (inductor; first size, bf16, forward + backward only), the path compiled PLDR training takes
-  without the operator;
+* ``modules``: the ``PldrResidualMetricUnit`` modules in eager mode;
+* ``modules_compiled`` and ``kernel_compiled``: the modules and the operator under ``torch.compile`` (inductor; first
+  size, bf16, forward + backward only): compiled training without and with the operator;
 
 as ``fwd`` (no gradient: inference), ``fwd_train`` (forward keeping what the backward needs) and ``fwd_bwd`` (forward
 and backward, all parameter gradients), in milliseconds; ``launches``: CUDA kernels of one forward + backward; and
@@ -27,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 
 from pathlib import Path
 
@@ -41,7 +42,8 @@ from pldr_hf.modeling import modeling_pldr as M  # noqa: E402
 
 
 def make_learner(d, hidden, units, glus, device, seed=0):
-    cfg = PldrConfig(head_dim=d, A_dff=hidden, num_reslayerA=units, num_denseA=glus)
+    cfg = PldrConfig(hidden_size=14 * d, num_attention_heads=14, head_dim=d, A_dff=hidden, num_reslayerA=units,
+                     num_denseA=glus)
     torch.manual_seed(seed)
     learner = nn.ModuleList([M.PldrResidualMetricUnit(cfg) for _ in range(units)])
     with torch.no_grad():  # scaled init: activations of order 1 through all units, as in a trained model
@@ -107,7 +109,7 @@ def rel(x, exact):
     return ((x.double() - exact).abs().max() / exact.abs().max()).item()
 
 
-def run_case(args, rows, mode, learner, compiled_modules):
+def run_case(args, rows, mode, learner, compiled=None, only=None):
     device = args.device
     d = args.d
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16")
@@ -121,45 +123,55 @@ def run_case(args, rows, mode, learner, compiled_modules):
         "reference": lambda x: ML.fused_metric_learner(learner, x),
         "modules": lambda x: modules(learner, x),
     }
-    if compiled_modules is not None:
-        paths["modules_compiled"] = compiled_modules
+    paths.update(compiled or {})
+    if only is not None:
+        paths = {name: paths[name] for name in only}
     learner64 = copy.deepcopy(learner).double()
     A64 = A.double().requires_grad_()
     exact = modules(learner64, A64)
     exact_grads = torch.autograd.grad(exact, [A64] + list(learner64.parameters()), gout.double())
     result = {}
     for name, fn in paths.items():
-        if name == "kernel" and not (device == "cuda" and ML.triton is not None):
+        if name.startswith("kernel") and not (device == "cuda" and ML.triton is not None):
             continue
-        entry = {}
-        with kernels_enabled(name != "reference"), autocast:
-
-            def fwd():
-                with torch.no_grad():
-                    return fn(A)
-
-            def fwd_train():
-                return fn(A_req)
-
-            def fwd_bwd():
-                fn(A_req).backward(gout)
-
-            out = fn(A_req)
-            grads = torch.autograd.grad(out, [A_req] + params, gout)
-            entry["error"] = {"out": rel(out, exact), "grad_A": rel(grads[0], exact_grads[0]),
-                              "grad_params_max": max(rel(g, e) for g, e in zip(grads[1:], exact_grads[1:]))}
-            del out, grads
-            if name != "modules_compiled":  # compiled: training only (each grad mode is another compilation)
-                entry["fwd_ms"] = bench(fwd)
-                entry["fwd_train_ms"] = bench(fwd_train)
-            entry["fwd_bwd_ms"] = bench(fwd_bwd, grad_to_none=[A_req] + params)
-            entry["launches_fwd_bwd"] = count_launches(fwd_bwd, device)
-        result[name] = entry
-    if "kernel" in result:
-        for other in ("reference", "modules", "modules_compiled"):
-            if other in result:
+        try:
+            result[name] = measure(fn, name, A, A_req, gout, params, exact, exact_grads, autocast, bench, device)
+        except Exception as err:  # noqa: BLE001  (report it and measure the other paths)
+            traceback.print_exc()
+            result[name] = {"failed": f"{type(err).__name__}: {str(err)[:1500]}"}
+    if "fwd_bwd_ms" in result.get("kernel", {}):
+        for other in ("reference", "modules"):
+            if "fwd_bwd_ms" in result.get(other, {}):
                 result[f"speedup_fwd_bwd_vs_{other}"] = result[other]["fwd_bwd_ms"] / result["kernel"]["fwd_bwd_ms"]
     return result
+
+
+def measure(fn, name, A, A_req, gout, params, exact, exact_grads, autocast, bench, device):
+    """Errors against the float64 modules, times and kernel launches of one path."""
+    entry = {}
+    with kernels_enabled(name != "reference"), autocast:
+
+        def fwd():
+            with torch.no_grad():
+                return fn(A)
+
+        def fwd_train():
+            return fn(A_req)
+
+        def fwd_bwd():
+            fn(A_req).backward(gout)
+
+        out = fn(A_req)
+        grads = torch.autograd.grad(out, [A_req] + params, gout)
+        entry["error"] = {"out": rel(out, exact), "grad_A": rel(grads[0], exact_grads[0]),
+                          "grad_params_max": max(rel(g, e) for g, e in zip(grads[1:], exact_grads[1:]))}
+        del out, grads
+        if not name.endswith("compiled"):  # compiled: training only (each grad mode is another compilation)
+            entry["fwd_ms"] = bench(fwd)
+            entry["fwd_train_ms"] = bench(fwd_train)
+        entry["fwd_bwd_ms"] = bench(fwd_bwd, grad_to_none=[A_req] + params)
+        entry["launches_fwd_bwd"] = count_launches(fwd_bwd, device)
+    return entry
 
 
 def sweep(args, rows, learner):
@@ -214,11 +226,11 @@ def main(argv=None):
     parser.add_argument("--no-compiled", dest="compiled", action="store_false",
                         help="skip torch.compile of the modules (saves its compile time)")
     parser.add_argument("--sweep", action="store_true", help="block-size sweep of each kernel (bf16)")
+    parser.add_argument("--out", default="", help="also write the JSON report here (updated after every step)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --device cpu")
     learner = make_learner(args.d, args.hidden, args.units, args.glus, args.device)
-    compiled = torch.compile(lambda x: modules(learner, x)) if args.compiled else None
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -227,16 +239,36 @@ def main(argv=None):
         "kernel_configs": {k: list(v) for k, v in ML.KERNEL_CONFIGS.items()},
         "results": {},
     }
+
+    def save():  # after every step, so that a run cut short still leaves what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+
     for rows in args.rows:
         for mode in args.modes:
             t = time.time()
-            # compiled modules: first size, bf16 only (each shape and mode is another compilation of ~350 ops)
-            first = rows == args.rows[0] and mode == "bf16"
-            report["results"][f"rows{rows}_{mode}"] = run_case(args, rows, mode, learner, compiled if first else None)
+            report["results"][f"rows{rows}_{mode}"] = run_case(args, rows, mode, learner)
             print(f"rows {rows} {mode}: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+            save()
     if args.sweep and args.device == "cuda" and ML.triton is not None:
+        t = time.time()
         report["sweep_rows"] = args.rows[0]
         report["sweep"] = sweep(args, args.rows[0], learner)
+        print(f"sweep: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+        save()
+    if args.compiled:  # last: compiling ~350 ops takes a while (first size, bf16, forward + backward only)
+        t = time.time()
+        compiled = {"modules_compiled": torch.compile(lambda x: modules(learner, x)),
+                    "kernel_compiled": torch.compile(lambda x: ML.fused_metric_learner(learner, x), fullgraph=True)}
+        key = f"rows{args.rows[0]}_bf16"
+        case = run_case(args, args.rows[0], "bf16", learner, compiled, only=list(compiled))
+        results = report["results"].setdefault(key, {})
+        results.update(case)
+        if "fwd_bwd_ms" in results.get("kernel_compiled", {}) and "fwd_bwd_ms" in results.get("modules_compiled", {}):
+            results["speedup_fwd_bwd_compiled"] = (
+                results["modules_compiled"]["fwd_bwd_ms"] / results["kernel_compiled"]["fwd_bwd_ms"])
+        print(f"compiled: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+        save()
     print(json.dumps(report, indent=1))
 
 
