@@ -59,14 +59,23 @@ __all__ = ["fused_metric_learner", "learner_tensors"]
 # Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
 # triton is imported); the tests use it to check the kernels without a GPU.
 _KERNELS_ON_CPU = False
-# Kernel block sizes (BLOCK_M rows, BLOCK_H hidden units, num_warps, num_stages) per kernel; see _kernel_config.
+# Kernel block sizes per kernel: (BLOCK_M rows, BLOCK_H hidden units, num_warps, num_stages). Chosen by the block
+# sweep of scripts/bench_metric_learner.py on an H100 at the 110M sizes (bf16): small row blocks win, as they give the
+# GPU enough programs to hide the latency of the weight stream.
 KERNEL_CONFIGS = {
-    "fwd": (64, 64, 4, 2),
-    "bwd_rows": (64, 32, 4, 2),
-    "bwd_params": (64, 64, 8, 2),
+    "fwd": (32, 64, 4, 2),
+    "bwd_rows": (32, 32, 4, 2),
+    "bwd_params": (64, 64, 4, 2),
 }
 # Row splits of the parameter-gradient kernel (None: enough programs for two waves over the GPU's SMs).
 PARAM_GRAD_SPLITS: int | None = None
+# Give the kernels the GEMM weights already in the GEMM dtype (one small cast per call: each program then streams
+# half the bytes and skips the conversion) rather than casting them in every program.
+PRECONVERT_WEIGHTS = True
+# float32 learners: the kernels' exact dot (input_precision="ieee") runs on the CUDA cores and measured slower than
+# cuBLAS, so they run the reference path unless TF32 is allowed for matmuls (torch.backends.cuda.matmul.allow_tf32),
+# where the kernels use TF32 like PyTorch's own float32 matmuls. The tests set this to check the exact kernels.
+_FLOAT32_IEEE_KERNELS = False
 
 # Whether autocast runs layer_norm in float32 on a device type (true on CUDA, not on CPU): the modules' output dtype.
 _AUTOCAST_LAYER_NORM_FP32 = {
@@ -219,7 +228,7 @@ if triton is not None:
 
     @triton.jit
     def _learner_fwd_kernel(
-        X, OUT, P, XIN, Z, MEAN, RSTD, N, H, U, J, eps,
+        X, OUT, P, W, XIN, Z, MEAN, RSTD, N, H, U, J, eps,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
         CD: tl.constexpr, PREC: tl.constexpr,
     ):
@@ -250,9 +259,9 @@ if triton is not None:
                     hidx = c + hh
                     hm = hidx < H
                     w_offs = hidx[:, None] * D + cols[None, :]
-                    w1 = tl.load(P + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w2 = tl.load(P + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w3t = tl.load(P + off_w3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
+                    w1 = tl.load(W + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w2 = tl.load(W + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w3t = tl.load(W + off_w3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
                                   other=0.0).to(CD)
                     h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
                     h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
@@ -279,7 +288,7 @@ if triton is not None:
 
     @triton.jit
     def _learner_bwd_rows_kernel(
-        GOUT, GX, P, XIN, Z, MEAN, RSTD, GY, LNPART, N, H, U, J,
+        GOUT, GX, P, W, XIN, Z, MEAN, RSTD, GY, LNPART, N, H, U, J,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
         PARAM_GRADS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
     ):
@@ -325,9 +334,9 @@ if triton is not None:
                     hidx = c + hh
                     hm = hidx < H
                     w_offs = hidx[:, None] * D + cols[None, :]
-                    w1 = tl.load(P + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w2 = tl.load(P + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w3t = tl.load(P + off_w3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
+                    w1 = tl.load(W + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w2 = tl.load(W + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w3t = tl.load(W + off_w3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
                                   other=0.0).to(CD)
                     h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
                     h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
@@ -346,7 +355,7 @@ if triton is not None:
 
     @triton.jit
     def _learner_bwd_params_kernel(
-        XIN, GY, P, LNPART, PART, N, H, U, J, ROW_PROGRAMS, ROWS_PER_SPLIT, ROW_PROGRAMS_PER_SPLIT, TOTAL,
+        XIN, GY, P, W, LNPART, PART, N, H, U, J, ROW_PROGRAMS, ROWS_PER_SPLIT, ROW_PROGRAMS_PER_SPLIT, TOTAL,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
         HAS_BIAS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
     ):
@@ -387,9 +396,9 @@ if triton is not None:
             hm = hidx < H
             w_offs = hidx[:, None] * D + cols[None, :]
             w3_offs = off_w3 + g * D * H + cols[None, :] * H + hidx[:, None]
-            w1 = tl.load(P + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-            w2 = tl.load(P + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-            w3t = tl.load(P + w3_offs, mask=hm[:, None], other=0.0).to(CD)
+            w1 = tl.load(W + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+            w2 = tl.load(W + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+            w3t = tl.load(W + w3_offs, mask=hm[:, None], other=0.0).to(CD)
             if HAS_BIAS:
                 b1 = tl.load(P + off_b12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)
                 b2 = tl.load(P + off_b12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)
@@ -448,16 +457,36 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[key]
 
 
+def _tf32_allowed() -> bool:
+    return torch.backends.cuda.matmul.allow_tf32
+
+
 def _use_kernels(x: torch.Tensor, params: torch.Tensor, layout: _Layout, cd: torch.dtype) -> bool:
     """Whether the Triton kernels take this call: CUDA (or the interpreter on CPU), d a power of two in [16, 128]
-    (the rows live in registers), float32/bfloat16/float16, and offsets that fit in 32 bits."""
+    (the rows live in registers), bfloat16/float16 GEMMs (float32: see _FLOAT32_IEEE_KERNELS), and offsets that fit
+    in 32 bits."""
     if triton is None or not (x.device.type == "cuda" or (x.device.type == "cpu" and _KERNELS_ON_CPU)):
         return False
     floats = (torch.float32, torch.bfloat16, torch.float16)
+    if cd == torch.float32 and not (_FLOAT32_IEEE_KERNELS or _tf32_allowed()):
+        return False
     return (
         layout.d in (16, 32, 64, 128) and cd in floats and params.dtype in floats and x.dtype in floats
         and max(layout.G, 2) * x.shape[0] * layout.d < 2**31 and layout.total < 2**31
     )
+
+
+def _dot_precision(cd: torch.dtype) -> str:
+    if cd != torch.float32:
+        return "tf32"  # (unused for 16-bit operands)
+    return "tf32" if _tf32_allowed() else "ieee"
+
+
+def _gemm_weights(params: torch.Tensor, layout: _Layout, cd: torch.dtype) -> torch.Tensor:
+    """W1|W2 and W3 (the start of the flat tensor) in the GEMM dtype, for the kernels' weight stream."""
+    if params.dtype == cd or not PRECONVERT_WEIGHTS:
+        return params
+    return params[: layout.G * 3 * layout.hidden * layout.d].to(cd)
 
 
 class _on_device:
@@ -486,12 +515,12 @@ def _kernel_forward(x, params, layout: _Layout, eps, cd, out_dtype, save):
     rstd = x.new_empty((U, N) if save else (0,), dtype=f32)
     if N:
         bm, bh, warps, stages = KERNEL_CONFIGS["fwd"]
+        saved = (xins, zs, mean, rstd) if save else (x,) * 4  # (not written without save)
         with _on_device(x):
             _learner_fwd_kernel[(triton.cdiv(N, bm),)](
-                x, out, params, xins if save else x, zs if save else x, mean if save else x, rstd if save else x,
-                N, H, U, J, float(eps),
+                x, out, params, _gemm_weights(params, layout, cd), *saved, N, H, U, J, float(eps),
                 D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, SAVE=save, CD=_TL_DTYPES[cd],
-                PREC="ieee" if cd == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+                PREC=_dot_precision(cd), num_warps=warps, num_stages=stages,
             )
     return out, xins, zs, mean, rstd
 
@@ -502,14 +531,15 @@ def _kernel_backward(gout, params, xins, zs, mean, rstd, layout: _Layout, cd, x_
     gx = torch.empty((N, D), dtype=x_dtype, device=gout.device)
     if N == 0:
         return gx, params.new_zeros(layout.total if param_grads else 0)
-    prec = "ieee" if cd == torch.float32 else "tf32"
+    prec = _dot_precision(cd)
     bm, bh, warps, stages = KERNEL_CONFIGS["bwd_rows"]
     row_programs = triton.cdiv(N, bm)
     gys = gout.new_empty((G, N, D), dtype=cd) if param_grads else gx
     lnpart = gout.new_empty((row_programs, U, 2, D), dtype=torch.float32) if param_grads else gx
+    weights = _gemm_weights(params, layout, cd)
     with _on_device(gout):
         _learner_bwd_rows_kernel[(row_programs,)](
-            gout, gx, params, xins, zs, mean, rstd, gys, lnpart, N, H, U, J,
+            gout, gx, params, weights, xins, zs, mean, rstd, gys, lnpart, N, H, U, J,
             D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, PARAM_GRADS=param_grads, CD=_TL_DTYPES[cd],
             PREC=prec, num_warps=warps, num_stages=stages,
         )
@@ -524,7 +554,7 @@ def _kernel_backward(gout, params, xins, zs, mean, rstd, layout: _Layout, cd, x_
         splits = triton.cdiv(N, rows_per_split)
         part = torch.empty((splits, layout.total), dtype=torch.float32, device=gout.device)
         _learner_bwd_params_kernel[(tiles, splits)](
-            xins, gys, params, lnpart, part, N, H, U, J, row_programs, rows_per_split,
+            xins, gys, params, weights, lnpart, part, N, H, U, J, row_programs, rows_per_split,
             triton.cdiv(row_programs, splits), layout.total,
             D=D, BLOCK_M=bm, BLOCK_H=bh, BLOCK_P=16, HAS_BIAS=layout.bias, CD=_TL_DTYPES[cd], PREC=prec,
             num_warps=warps, num_stages=stages,
@@ -542,9 +572,9 @@ def _fwd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _check(x, params, units, glus, hidden, bias)
     x, params = x.contiguous(), params.contiguous()
+    if _use_kernels(x, params, layout, compute_dtype):
+        return _kernel_forward(x, params, layout, eps, compute_dtype, out_dtype, save)
     with torch.autocast(x.device.type, enabled=False):
-        if _use_kernels(x, params, layout, compute_dtype):
-            return _kernel_forward(x, params, layout, eps, compute_dtype, out_dtype, save)
         return _reference_forward(x, params, layout, eps, compute_dtype, out_dtype, save)
 
 
@@ -570,10 +600,9 @@ def _bwd_impl(
     if xins.shape != (layout.G, N, d) or zs.shape != (units, N, d) or mean.shape != (units, N):
         raise ValueError("metric learner backward: the saved tensors do not match the rows and the learner's sizes")
     grad_out, params = grad_out.contiguous(), params.contiguous()
+    if _use_kernels(grad_out, params, layout, compute_dtype):
+        return _kernel_backward(grad_out, params, xins, zs, mean, rstd, layout, compute_dtype, x_dtype, param_grads)
     with torch.autocast(grad_out.device.type, enabled=False):
-        if _use_kernels(grad_out, params, layout, compute_dtype):
-            return _kernel_backward(grad_out, params, xins, zs, mean, rstd, layout, compute_dtype, x_dtype,
-                                    param_grads)
         return _reference_backward(grad_out, params, xins, zs, mean, rstd, layout, eps, compute_dtype, x_dtype,
                                    param_grads)
 

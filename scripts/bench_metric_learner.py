@@ -3,12 +3,13 @@
 
     python scripts/bench_metric_learner.py                    # GPU: 110M sizes (d 64, A_dff 170, 8 units x 2 GLUs)
     python scripts/bench_metric_learner.py --sweep            # + block-size sweep of each Triton kernel
-    python scripts/bench_metric_learner.py --device cpu --rows 512 --no-compiled   # smoke run anywhere
+    python scripts/bench_metric_learner.py --device cpu --cases 512:fp32 --compiled none   # smoke run anywhere
 
-For rows = batch * heads * d in (14336, 3584) (batch 16 and 4 at 14 heads x 64) and bf16 autocast / float32, the
-median time (triton.testing.do_bench on CUDA) of
+For rows = batch * heads * d = 14336 and 3584 (batch 16 and 4 at 14 heads x 64) under bf16 autocast, and 14336 in
+float32 (exact, and with TF32 allowed), the median time (triton.testing.do_bench on CUDA) of
 
-* ``kernel``: ``fused_metric_learner`` with its Triton kernels;
+* ``kernel``: ``fused_metric_learner`` with its Triton kernels (in float32 without TF32 the exact kernels, which the
+  operator does not use by default: cuBLAS is faster there);
 * ``reference``: the same operator with its plain-PyTorch path;
 * ``modules``: the ``PldrResidualMetricUnit`` modules in eager mode;
 * ``modules_compiled`` and ``kernel_compiled``: the modules and the operator under ``torch.compile`` (inductor; first
@@ -64,14 +65,28 @@ def modules(learner, A):
 
 
 @contextlib.contextmanager
+def tf32(enabled: bool):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@contextlib.contextmanager
 def kernels_enabled(enabled: bool):
+    """``enabled``: the kernels, also the exact float32 ones (by default float32 without TF32 runs cuBLAS);
+    otherwise the operator's reference path."""
     orig = ML._use_kernels
     if not enabled:
         ML._use_kernels = lambda *args: False
+    ML._FLOAT32_IEEE_KERNELS = enabled
     try:
         yield
     finally:
         ML._use_kernels = orig
+        ML._FLOAT32_IEEE_KERNELS = False
 
 
 def timer(device):
@@ -93,11 +108,13 @@ def timer(device):
     return cpu_time
 
 
-def count_launches(fn, device):
+def count_launches(fn, device, grad_to_none):
     if device != "cuda":
         return None
     fn()
     torch.cuda.synchronize()
+    for t in grad_to_none:  # as in the timings: no accumulation into existing gradients
+        t.grad = None
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -112,7 +129,7 @@ def rel(x, exact):
 def run_case(args, rows, mode, learner, compiled=None, only=None):
     device = args.device
     d = args.d
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16")  # fp32 and tf32: no autocast
     A = torch.randn(rows // d, d, d, device=device)
     A_req = A.clone().requires_grad_()
     gout = torch.randn_like(A)
@@ -135,7 +152,8 @@ def run_case(args, rows, mode, learner, compiled=None, only=None):
         if name.startswith("kernel") and not (device == "cuda" and ML.triton is not None):
             continue
         try:
-            result[name] = measure(fn, name, A, A_req, gout, params, exact, exact_grads, autocast, bench, device)
+            with tf32(mode == "tf32"):
+                result[name] = measure(fn, name, A, A_req, gout, params, exact, exact_grads, autocast, bench, device)
         except Exception as err:  # noqa: BLE001  (report it and measure the other paths)
             traceback.print_exc()
             result[name] = {"failed": f"{type(err).__name__}: {str(err)[:1500]}"}
@@ -170,7 +188,7 @@ def measure(fn, name, A, A_req, gout, params, exact, exact_grads, autocast, benc
             entry["fwd_ms"] = bench(fwd)
             entry["fwd_train_ms"] = bench(fwd_train)
         entry["fwd_bwd_ms"] = bench(fwd_bwd, grad_to_none=[A_req] + params)
-        entry["launches_fwd_bwd"] = count_launches(fwd_bwd, device)
+        entry["launches_fwd_bwd"] = count_launches(fwd_bwd, device, [A_req] + params)
     return entry
 
 
@@ -186,9 +204,12 @@ def sweep(args, rows, learner):
     cd = torch.bfloat16
     default = dict(ML.KERNEL_CONFIGS)
     candidates = {
-        "fwd": [(32, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
-        "bwd_rows": [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
-        "bwd_params": [(64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
+        "fwd": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (32, 64, 2, 2), (32, 64, 4, 1), (32, 64, 4, 3),
+                (64, 64, 4, 2), (128, 64, 8, 2)],
+        "bwd_rows": [(32, 32, 4, 2), (16, 32, 4, 2), (32, 64, 4, 2), (32, 32, 2, 2), (32, 32, 4, 1), (64, 32, 4, 2),
+                     (128, 32, 8, 2)],
+        "bwd_params": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3),
+                       (128, 32, 4, 2)],
     }
     fwd_op = torch.ops.pldr.metric_learner_fwd
     bwd_op = torch.ops.pldr.metric_learner_bwd
@@ -211,20 +232,44 @@ def sweep(args, rows, learner):
         ML.KERNEL_CONFIGS.update(default)
         timed = {k: v for k, v in times.items() if isinstance(v, float)}
         result[kernel] = {"ms": times, "best": min(timed, key=timed.get) if timed else None}
+    # the default configs with the weights cast in every program instead of once per call
+    _, xins, zs, mean, rstd = fwd_op(x, flat, U, J, hidden, bias, eps, cd, torch.float32, True)
+    ML.PRECONVERT_WEIGHTS = False
+    try:
+        result["not_preconverted_ms"] = {
+            "fwd": bench(lambda: fwd_op(x, flat, U, J, hidden, bias, eps, cd, torch.float32, True)),
+            "bwd": bench(lambda: bwd_op(gout, flat, xins, zs, mean, rstd, U, J, hidden, bias, eps, cd, torch.float32,
+                                        True)),
+        }
+    finally:
+        ML.PRECONVERT_WEIGHTS = True
+    result["preconverted_ms"] = {
+        "fwd": bench(lambda: fwd_op(x, flat, U, J, hidden, bias, eps, cd, torch.float32, True)),
+        "bwd": bench(lambda: bwd_op(gout, flat, xins, zs, mean, rstd, U, J, hidden, bias, eps, cd, torch.float32,
+                                    True)),
+    }
+    # row splits of the parameter-gradient kernel
+    splits = {}
+    for n in (None, 1, 2, 4, 8, 16):
+        ML.PARAM_GRAD_SPLITS = n
+        splits[str(n)] = bench(lambda: bwd_op(gout, flat, xins, zs, mean, rstd, U, J, hidden, bias, eps, cd,
+                                              torch.float32, True))
+    ML.PARAM_GRAD_SPLITS = None
+    result["param_grad_splits_bwd_ms"] = splits
     return result
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--rows", type=int, nargs="+", default=[14336, 3584], help="batch * heads * d")
+    parser.add_argument("--cases", nargs="+", default=["14336:bf16", "3584:bf16", "14336:fp32", "14336:tf32"],
+                        help="rows:mode, rows = batch * heads * d; mode bf16 (autocast), fp32, tf32 (fp32 with TF32)")
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=170)
     parser.add_argument("--units", type=int, default=8)
     parser.add_argument("--glus", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
-    parser.add_argument("--no-compiled", dest="compiled", action="store_false",
-                        help="skip torch.compile of the modules (saves its compile time)")
+    parser.add_argument("--compiled", default="both", choices=["both", "kernel", "none"],
+                        help="which paths to also time under torch.compile (the modules take a while to compile)")
     parser.add_argument("--sweep", action="store_true", help="block-size sweep of each kernel (bf16)")
     parser.add_argument("--out", default="", help="also write the JSON report here (updated after every step)")
     args = parser.parse_args(argv)
@@ -244,24 +289,25 @@ def main(argv=None):
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
 
-    for rows in args.rows:
-        for mode in args.modes:
-            t = time.time()
-            report["results"][f"rows{rows}_{mode}"] = run_case(args, rows, mode, learner)
-            print(f"rows {rows} {mode}: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
-            save()
+    cases = [(int(case.split(":")[0]), case.split(":")[1]) for case in args.cases]
+    for rows, mode in cases:
+        t = time.time()
+        report["results"][f"rows{rows}_{mode}"] = run_case(args, rows, mode, learner)
+        print(f"rows {rows} {mode}: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+        save()
     if args.sweep and args.device == "cuda" and ML.triton is not None:
         t = time.time()
-        report["sweep_rows"] = args.rows[0]
-        report["sweep"] = sweep(args, args.rows[0], learner)
+        report["sweep_rows"] = cases[0][0]
+        report["sweep"] = sweep(args, cases[0][0], learner)
         print(f"sweep: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
         save()
-    if args.compiled:  # last: compiling ~350 ops takes a while (first size, bf16, forward + backward only)
+    if args.compiled != "none":  # last: compiling ~350 ops takes a while (first size, bf16, forward + backward only)
         t = time.time()
-        compiled = {"modules_compiled": torch.compile(lambda x: modules(learner, x)),
-                    "kernel_compiled": torch.compile(lambda x: ML.fused_metric_learner(learner, x), fullgraph=True)}
-        key = f"rows{args.rows[0]}_bf16"
-        case = run_case(args, args.rows[0], "bf16", learner, compiled, only=list(compiled))
+        compiled = {"kernel_compiled": torch.compile(lambda x: ML.fused_metric_learner(learner, x), fullgraph=True)}
+        if args.compiled == "both":
+            compiled["modules_compiled"] = torch.compile(lambda x: modules(learner, x))
+        key = f"rows{cases[0][0]}_bf16"
+        case = run_case(args, cases[0][0], "bf16", learner, compiled, only=list(compiled))
         results = report["results"].setdefault(key, {})
         results.update(case)
         if "fwd_bwd_ms" in results.get("kernel_compiled", {}) and "fwd_bwd_ms" in results.get("modules_compiled", {}):

@@ -283,6 +283,26 @@ def test_opcheck(bias):
         torch.library.opcheck(torch.ops.pldr.metric_learner_bwd.default, args)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_which_calls_the_kernels_take(monkeypatch):
+    monkeypatch.setattr(ML, "_KERNELS_ON_CPU", True)  # CPU tensors stand for GPU ones here (nothing is launched)
+    x = torch.zeros(10, 64)
+    params = torch.zeros(1)
+    layout = ML._Layout(8, 2, 170, 64, True)
+    assert ML._use_kernels(x, params, layout, torch.bfloat16) and ML._use_kernels(x, params, layout, torch.float16)
+    assert not ML._use_kernels(x, params, ML._Layout(8, 2, 170, 48, True), torch.bfloat16)  # d not a power of two
+    assert not ML._use_kernels(x.double(), params, layout, torch.float64)
+    # float32: cuBLAS unless TF32 is allowed (then the kernels, with TF32 dots) or the exact kernels are asked for
+    assert not ML._use_kernels(x, params, layout, torch.float32)
+    monkeypatch.setattr(ML, "_tf32_allowed", lambda: True)
+    assert ML._use_kernels(x, params, layout, torch.float32) and ML._dot_precision(torch.float32) == "tf32"
+    monkeypatch.setattr(ML, "_tf32_allowed", lambda: False)
+    monkeypatch.setattr(ML, "_FLOAT32_IEEE_KERNELS", True)
+    assert ML._use_kernels(x, params, layout, torch.float32) and ML._dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(ML, "_KERNELS_ON_CPU", False)
+    assert not ML._use_kernels(x, params, layout, torch.bfloat16)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The Triton kernels under Triton's CPU interpreter
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,6 +350,7 @@ from pldr_hf.modeling import metric_learner as ML
 # A_dff = 40 = one chunk of 32 + a masked chunk of 8; the parameter gradients split over 2 row ranges.
 ML.KERNEL_CONFIGS.update(fwd=(16, 32, 4, 1), bwd_rows=(16, 32, 4, 1), bwd_params=(16, 32, 4, 1))
 ML.PARAM_GRAD_SPLITS = 2
+ML._FLOAT32_IEEE_KERNELS = True
 calls = []
 for name in ("_kernel_forward", "_kernel_backward"):
     fn = getattr(ML, name)
@@ -398,18 +419,21 @@ def _cuda_case(dtype, bias, rows_shape, frozen=False, seed=0):
     def run(kernels):
         orig = ML._use_kernels
         ML._use_kernels = lambda *a: kernels and orig(*a)
+        ML._FLOAT32_IEEE_KERNELS = True  # float32: check the exact kernels (by default float32 runs cuBLAS)
         try:
             with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 out = ML.fused_metric_learner(units, A)
             return out, _grads(out, [A] + params, gout)
         finally:
             ML._use_kernels = orig
+            ML._FLOAT32_IEEE_KERNELS = False
 
     units64 = copy.deepcopy(units).double()
     A64 = A.detach().double().requires_grad_()
     exact = _modules(units64, A64)
     exact_grads = _grads(exact, [A64] + [p for p in units64.parameters() if p.requires_grad], gout.double())
-    assert ML._use_kernels(A.reshape(-1, 64), torch.zeros(1, device="cuda"), ML._Layout(8, 2, 170, 64, bias), dtype)
+    assert dtype == torch.float32 or ML._use_kernels(A.reshape(-1, 64), torch.zeros(1, device="cuda"),
+                                                     ML._Layout(8, 2, 170, 64, bias), dtype)
     return run(True), run(False), (exact, exact_grads)
 
 
