@@ -11,9 +11,12 @@ and ``pldr::metric_learner_bwd`` (``torch.library.custom_op`` with fake implemen
 that eager mode, ``torch.compile`` (no graph break; inductor does not trace into them), FSDP/DDP, gradient
 checkpointing and autocast all see one opaque op per layer:
 
-* the parameters enter as one flat tensor, concatenated by kind (``torch.cat`` in the wrapper: one copy kernel, and
-  its backward hands each parameter a view of the one gradient buffer): W1|W2 [G, 2, h, d], W3 [G, d, h], then with
-  biases b1|b2 [G, 2, h], b3 [G, d], then the LayerNorm weights [U, d] and biases [U, d] (G = U * J GLUs);
+* the parameters enter stacked per kind by ordinary (differentiable) ``torch.stack`` calls in the wrapper, whose
+  backward hands each parameter its slice of the gradient in one ``unbind``: W1|W2 [2G, h, d] (gluw1 and gluw2 of
+  each GLU in turn), W3 [G, d, h], with biases b1|b2 [2G, h] and b3 [G, d], and the LayerNorm weights and biases
+  [U, d] (U units of J GLUs, G = U * J). Stacking per kind costs a handful of autograd nodes; a flat ``torch.cat`` of
+  reshaped parameters costs two per parameter (224 at the 110M sizes), which measured as the largest host-side cost
+  of an eager step, whose GPU work is only about 1 ms a layer;
 * the GEMM dtype is decided by the wrapper (the autocast dtype under autocast, else the parameters' dtype) and
   passed as an argument: custom operators do not see autocast. The residual stream and the LayerNorms are float32;
 * the forward keeps, for the backward, each GLU's input in the GEMM dtype and each unit's pre-LayerNorm sum with its
@@ -22,12 +25,14 @@ checkpointing and autocast all see one opaque op per layer:
 On CUDA with Triton the operators run Triton kernels (below); elsewhere, and for shapes the kernels do not take, the
 same math in plain PyTorch (:func:`_reference_forward`, :func:`_reference_backward`).
 
-Kernels, per layer and step: forward ONE kernel; backward TWO kernels (plus one small reduction when the parameter
-gradients are split over row blocks):
+Kernels, per layer and step: forward ONE kernel; backward TWO kernels (plus one small reduction of the parameter
+gradients' row splits). Under autocast the GEMM weights are also cast once per call (two small copies), so that each
+program streams half the bytes and skips the conversion:
 
 * forward: each program takes BLOCK_M rows [BLOCK_M, d] into float32 registers and walks them through all units and
   GLUs, streaming each GLU's weights in hidden chunks of BLOCK_H (A_dff = 170 is masked in its last chunk, no padded
-  copies), dot operands in the GEMM dtype with float32 accumulation (``input_precision="ieee"`` in float32);
+  copies), dot operands in the GEMM dtype with float32 accumulation (float32 learners: see
+  ``_FLOAT32_IEEE_KERNELS``);
 * backward, rows: each program walks its rows backwards through the units and GLUs (LayerNorm backward, then each
   GLU's backward with the hidden activations recomputed in registers), writes dA, each GLU's output gradient in the
   GEMM dtype, and per-program partial sums of the LayerNorm parameter gradients;
@@ -59,16 +64,18 @@ __all__ = ["fused_metric_learner", "learner_tensors"]
 # Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
 # triton is imported); the tests use it to check the kernels without a GPU.
 _KERNELS_ON_CPU = False
-# Kernel block sizes per kernel: (BLOCK_M rows, BLOCK_H hidden units, num_warps, num_stages). Chosen by the block
-# sweep of scripts/bench_metric_learner.py on an H100 at the 110M sizes (bf16): small row blocks win, as they give the
-# GPU enough programs to hide the latency of the weight stream.
+# Kernel block sizes per kernel: (BLOCK_M rows, BLOCK_H hidden units, num_warps, num_stages): the fastest of each
+# kernel in the block sweep of scripts/bench_metric_learner.py on an H100 at the 110M sizes (bf16, 14336 rows, GEMM
+# weights cast once per call). With fewer rows the row kernels halve BLOCK_M (see _row_block).
 KERNEL_CONFIGS = {
-    "fwd": (32, 64, 4, 2),
-    "bwd_rows": (32, 32, 4, 2),
-    "bwd_params": (64, 64, 4, 2),
+    "fwd": (64, 64, 4, 2),
+    "bwd_rows": (64, 32, 4, 2),
+    "bwd_params": (32, 64, 4, 2),
 }
-# Row splits of the parameter-gradient kernel (None: enough programs for two waves over the GPU's SMs).
+# Row splits of the parameter-gradient kernel (None: enough programs for PARAM_GRAD_WAVES waves over the GPU's SMs;
+# the sweep measured 6 waves 15% faster than 2, with deterministic partial sums all the same).
 PARAM_GRAD_SPLITS: int | None = None
+PARAM_GRAD_WAVES = 6
 # Give the kernels the GEMM weights already in the GEMM dtype (one small cast per call: each program then streams
 # half the bytes and skips the conversion) rather than casting them in every program.
 PRECONVERT_WEIGHTS = True
@@ -86,11 +93,12 @@ _AUTOCAST_LAYER_NORM_FP32 = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Layout of the flat parameter tensor
+# Sizes, and the layout of the flat parameter gradient
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Layout:
-    """Offsets of each kind in the flat parameter (and parameter-gradient) tensor."""
+    """Sizes of a learner, and the layout of the flat parameter-gradient tensor of the backward operator: W1|W2, W3,
+    (b1|b2, b3,) LayerNorm weights, LayerNorm biases, each kind stacked as the forward takes it."""
 
     units: int
     glus: int  # per unit
@@ -112,33 +120,41 @@ class _Layout:
         return sum(self.sizes)
 
     def unpack(self, flat: torch.Tensor):
-        """Views W12 [G, 2, h, d], W3 [G, d, h], B12 [G, 2, h] or None, B3 [G, d] or None, LNW [U, d], LNB [U, d]."""
+        """Views W12 [2G, h, d], W3 [G, d, h], B12 [2G, h] or None, B3 [G, d] or None, LNW [U, d], LNB [U, d]."""
         G, h, d, U = self.G, self.hidden, self.d, self.units
         parts = flat.split(self.sizes)
-        W12, W3 = parts[0].view(G, 2, h, d), parts[1].view(G, d, h)
-        B12, B3 = (parts[2].view(G, 2, h), parts[3].view(G, d)) if self.bias else (None, None)
+        W12, W3 = parts[0].view(2 * G, h, d), parts[1].view(G, d, h)
+        B12, B3 = (parts[2].view(2 * G, h), parts[3].view(G, d)) if self.bias else (None, None)
         return W12, W3, B12, B3, parts[-2].view(U, d), parts[-1].view(U, d)
 
 
-def _check(x: torch.Tensor, params: torch.Tensor, units: int, glus: int, hidden: int, bias: bool) -> _Layout:
+def _check(x, w12, w3, b12, b3, ln_w, ln_b) -> _Layout:
+    """The learner's sizes from the operator's inputs; a ValueError that says what is wrong otherwise."""
     if x.dim() != 2:
         raise ValueError(f"metric learner: expected rows [N, d], got a tensor of shape {tuple(x.shape)}")
-    if units < 1 or glus < 1 or hidden < 1:
-        raise ValueError(f"metric learner: units, glus and hidden must be >= 1, got {units}, {glus}, {hidden}")
-    layout = _Layout(units, glus, hidden, x.shape[1], bias)
-    if params.dim() != 1 or params.numel() != layout.total:
-        raise ValueError(
-            f"metric learner: the flat parameter tensor must hold {layout.total} values ({units} units x {glus} GLUs, "
-            f"d={x.shape[1]}, hidden={hidden}, bias={bias}), got shape {tuple(params.shape)}"
-        )
-    if not params.is_floating_point() or not x.is_floating_point():
-        raise ValueError("metric learner: rows and parameters must be floating point")
-    return layout
+    if w3.dim() != 3 or ln_w.dim() != 2 or ln_w.shape[0] < 1 or w3.shape[0] % ln_w.shape[0] != 0 or w3.shape[0] < 1:
+        raise ValueError(f"metric learner: expected W3 [G, d, h] and LayerNorm weights [U, d] with G a multiple of U, "
+                         f"got {tuple(w3.shape)} and {tuple(ln_w.shape)}")
+    G, d, h = w3.shape
+    U = ln_w.shape[0]
+    bias = b12 is not None
+    expected = {"rows": (x, (x.shape[0], d)), "W1|W2": (w12, (2 * G, h, d)), "W3": (w3, (G, d, h)),
+                "LayerNorm weights": (ln_w, (U, d)), "LayerNorm biases": (ln_b, (U, d))}
+    if bias or b3 is not None:
+        if b12 is None or b3 is None:
+            raise ValueError("metric learner: give both b1|b2 and b3, or neither")
+        expected.update({"b1|b2": (b12, (2 * G, h)), "b3": (b3, (G, d))})
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"metric learner: {name} must have shape {shape} (G={G} GLUs, U={U} units, d={d}, "
+                             f"hidden={h}), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"metric learner: {name} must be floating point, got {t.dtype}")
+    if any(t.dtype != w12.dtype for t, _ in list(expected.values())[1:]):
+        raise ValueError("metric learner: all parameters must have the same dtype")
+    return _Layout(U, G // U, h, d, bias)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Reference implementation (CPU, and shapes/devices the kernels do not take)
-# ----------------------------------------------------------------------------------------------------------------------
 def _stream_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """dtype of the residual stream, the LayerNorms and the saved pre-LayerNorm sums: float32 (float64 for a float64
     learner)."""
@@ -149,10 +165,9 @@ def _linear(x, w, b):
     return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
 
 
-def _reference_forward(x, params, layout: _Layout, eps, cd, out_dtype, save):
+def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out_dtype, save):
     U, J, h, d, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = x.shape[0]
-    W12, W3, B12, B3, LNW, LNB = layout.unpack(params)
     w12, w3 = W12.to(cd).reshape(G, 2 * h, d), W3.to(cd)
     b12 = B12.to(cd).reshape(G, 2 * h) if B12 is not None else None
     b3 = B3.to(cd) if B3 is not None else None
@@ -178,10 +193,10 @@ def _reference_forward(x, params, layout: _Layout, eps, cd, out_dtype, save):
     return a.to(out_dtype), xins, zs, torch.stack(means).view(U, N), torch.stack(rstds).view(U, N)
 
 
-def _reference_backward(gout, params, xins, zs, means, rstds, layout: _Layout, eps, cd, x_dtype, param_grads):
+def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds, layout: _Layout, eps, cd, x_dtype,
+                        param_grads):
     U, J, h, d, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = gout.shape[0]
-    W12, W3, B12, B3, LNW, LNB = layout.unpack(params)
     w12, w3 = W12.to(cd).reshape(G, 2 * h, d), W3.to(cd)
     b12 = B12.to(cd).reshape(G, 2 * h) if B12 is not None else None
     acc = _stream_dtype(cd)
@@ -209,16 +224,16 @@ def _reference_backward(gout, params, xins, zs, means, rstds, layout: _Layout, e
             ghid = torch.cat((torch.ops.aten.silu_backward(gp * h2, h1), gp * s), dim=1)
             if param_grads:
                 gW3[g].copy_(torch.mm(gy.t(), s * h2))
-                gW12[g].view(2 * h, d).copy_(torch.mm(ghid.t(), xin))
+                gW12.view(G, 2 * h, d)[g].copy_(torch.mm(ghid.t(), xin))
                 if gB12 is not None:
                     gB3[g].copy_(gy.sum(0))
-                    gB12[g].view(2 * h).copy_(ghid.sum(0))
+                    gB12.view(G, 2 * h)[g].copy_(ghid.sum(0))
             gy = torch.mm(ghid, w12[g])
         gx = gz + gy
     gx = gx.to(x_dtype)
     if not param_grads:
-        return gx, params.new_empty(0)
-    return gx, flat.to(params.dtype)
+        return gx, W12.new_empty(0)
+    return gx, flat.to(W12.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -228,18 +243,10 @@ if triton is not None:
 
     @triton.jit
     def _learner_fwd_kernel(
-        X, OUT, P, W, XIN, Z, MEAN, RSTD, N, H, U, J, eps,
+        X, OUT, W12, W3, B12, B3, LNW, LNB, XIN, Z, MEAN, RSTD, N, H, U, J, eps,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
         CD: tl.constexpr, PREC: tl.constexpr,
     ):
-        G = U * J
-        off_w3 = G * 2 * H * D
-        off_b12 = off_w3 + G * D * H
-        off_b3 = off_b12 + G * 2 * H
-        if HAS_BIAS:
-            off_ln = off_b3 + G * D
-        else:
-            off_ln = off_b12
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
         cols = tl.arange(0, D)
@@ -259,19 +266,19 @@ if triton is not None:
                     hidx = c + hh
                     hm = hidx < H
                     w_offs = hidx[:, None] * D + cols[None, :]
-                    w1 = tl.load(W + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w2 = tl.load(W + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w3t = tl.load(W + off_w3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
+                    w1 = tl.load(W12 + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w2 = tl.load(W12 + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w3t = tl.load(W3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
                                   other=0.0).to(CD)
                     h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
                     h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
                     if HAS_BIAS:
-                        h1 += tl.load(P + off_b12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
-                        h2 += tl.load(P + off_b12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
+                        h1 += tl.load(B12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
+                        h2 += tl.load(B12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
                     act = h1 * tl.sigmoid(h1) * h2  # zero in the masked hidden units
                     acc += tl.dot(act.to(CD), w3t, input_precision=PREC)
                 if HAS_BIAS:
-                    acc += tl.load(P + off_b3 + g * D + cols).to(tl.float32)[None, :]
+                    acc += tl.load(B3 + g * D + cols).to(tl.float32)[None, :]
                 y = acc
             z = a + y
             mean = tl.sum(z, axis=1) / D
@@ -281,25 +288,17 @@ if triton is not None:
                 tl.store(Z + u * N * D + offs, z, mask=m2)
                 tl.store(MEAN + u * N + rows, mean, mask=rmask)
                 tl.store(RSTD + u * N + rows, rstd, mask=rmask)
-            lnw = tl.load(P + off_ln + u * D + cols).to(tl.float32)
-            lnb = tl.load(P + off_ln + (U + u) * D + cols).to(tl.float32)
+            lnw = tl.load(LNW + u * D + cols).to(tl.float32)
+            lnb = tl.load(LNB + u * D + cols).to(tl.float32)
             a = zc * rstd[:, None] * lnw[None, :] + lnb[None, :]
         tl.store(OUT + offs, a.to(OUT.dtype.element_ty), mask=m2)
 
     @triton.jit
     def _learner_bwd_rows_kernel(
-        GOUT, GX, P, W, XIN, Z, MEAN, RSTD, GY, LNPART, N, H, U, J,
+        GOUT, GX, W12, W3, B12, LNW, XIN, Z, MEAN, RSTD, GY, LNPART, N, H, U, J,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
         PARAM_GRADS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
     ):
-        G = U * J
-        off_w3 = G * 2 * H * D
-        off_b12 = off_w3 + G * D * H
-        off_b3 = off_b12 + G * 2 * H
-        if HAS_BIAS:
-            off_ln = off_b3 + G * D
-        else:
-            off_ln = off_b12
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
@@ -318,7 +317,7 @@ if triton is not None:
                 part = LNPART + (pid * U + u) * 2 * D
                 tl.store(part + cols, tl.sum(gx * xhat, axis=0))
                 tl.store(part + D + cols, tl.sum(gx, axis=0))
-            lnw = tl.load(P + off_ln + u * D + cols).to(tl.float32)
+            lnw = tl.load(LNW + u * D + cols).to(tl.float32)
             gxh = gx * lnw[None, :]
             gz = rstd[:, None] * (gxh - (tl.sum(gxh, axis=1) / D)[:, None]
                                   - xhat * (tl.sum(gxh * xhat, axis=1) / D)[:, None])
@@ -334,15 +333,15 @@ if triton is not None:
                     hidx = c + hh
                     hm = hidx < H
                     w_offs = hidx[:, None] * D + cols[None, :]
-                    w1 = tl.load(W + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w2 = tl.load(W + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w3t = tl.load(W + off_w3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
+                    w1 = tl.load(W12 + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w2 = tl.load(W12 + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w3t = tl.load(W3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
                                   other=0.0).to(CD)
                     h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
                     h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
                     if HAS_BIAS:
-                        h1 += tl.load(P + off_b12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
-                        h2 += tl.load(P + off_b12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
+                        h1 += tl.load(B12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
+                        h2 += tl.load(B12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
                     gp = tl.dot(gyc, tl.trans(w3t), input_precision=PREC)
                     sig = tl.sigmoid(h1)
                     gh1 = gp * h2 * sig * (1.0 + h1 * (1.0 - sig))
@@ -355,7 +354,7 @@ if triton is not None:
 
     @triton.jit
     def _learner_bwd_params_kernel(
-        XIN, GY, P, W, LNPART, PART, N, H, U, J, ROW_PROGRAMS, ROWS_PER_SPLIT, ROW_PROGRAMS_PER_SPLIT, TOTAL,
+        XIN, GY, W12, W3, B12, LNPART, PART, N, H, U, J, ROW_PROGRAMS, ROWS_PER_SPLIT, ROW_PROGRAMS_PER_SPLIT, TOTAL,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
         HAS_BIAS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
     ):
@@ -395,13 +394,13 @@ if triton is not None:
             hidx = (tile % chunks) * BLOCK_H + tl.arange(0, BLOCK_H)
             hm = hidx < H
             w_offs = hidx[:, None] * D + cols[None, :]
-            w3_offs = off_w3 + g * D * H + cols[None, :] * H + hidx[:, None]
-            w1 = tl.load(W + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-            w2 = tl.load(W + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-            w3t = tl.load(W + w3_offs, mask=hm[:, None], other=0.0).to(CD)
+            w3_offs = g * D * H + cols[None, :] * H + hidx[:, None]
+            w1 = tl.load(W12 + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+            w2 = tl.load(W12 + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+            w3t = tl.load(W3 + w3_offs, mask=hm[:, None], other=0.0).to(CD)
             if HAS_BIAS:
-                b1 = tl.load(P + off_b12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)
-                b2 = tl.load(P + off_b12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)
+                b1 = tl.load(B12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)
+                b2 = tl.load(B12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)
             dw1 = tl.zeros([BLOCK_H, D], dtype=tl.float32)
             dw2 = tl.zeros([BLOCK_H, D], dtype=tl.float32)
             dw3t = tl.zeros([BLOCK_H, D], dtype=tl.float32)
@@ -435,7 +434,7 @@ if triton is not None:
                     db3 += tl.sum(gyc.to(tl.float32), axis=0)
             tl.store(out + g * 2 * H * D + w_offs, dw1, mask=hm[:, None])
             tl.store(out + (g * 2 + 1) * H * D + w_offs, dw2, mask=hm[:, None])
-            tl.store(out + w3_offs, dw3t, mask=hm[:, None])
+            tl.store(out + off_w3 + w3_offs, dw3t, mask=hm[:, None])
             if HAS_BIAS:
                 tl.store(out + off_b12 + g * 2 * H + hidx, db1, mask=hm)
                 tl.store(out + off_b12 + (g * 2 + 1) * H + hidx, db2, mask=hm)
@@ -461,7 +460,7 @@ def _tf32_allowed() -> bool:
     return torch.backends.cuda.matmul.allow_tf32
 
 
-def _use_kernels(x: torch.Tensor, params: torch.Tensor, layout: _Layout, cd: torch.dtype) -> bool:
+def _use_kernels(x: torch.Tensor, w12: torch.Tensor, layout: _Layout, cd: torch.dtype) -> bool:
     """Whether the Triton kernels take this call: CUDA (or the interpreter on CPU), d a power of two in [16, 128]
     (the rows live in registers), bfloat16/float16 GEMMs (float32: see _FLOAT32_IEEE_KERNELS), and offsets that fit
     in 32 bits."""
@@ -471,7 +470,7 @@ def _use_kernels(x: torch.Tensor, params: torch.Tensor, layout: _Layout, cd: tor
     if cd == torch.float32 and not (_FLOAT32_IEEE_KERNELS or _tf32_allowed()):
         return False
     return (
-        layout.d in (16, 32, 64, 128) and cd in floats and params.dtype in floats and x.dtype in floats
+        layout.d in (16, 32, 64, 128) and cd in floats and w12.dtype in floats and x.dtype in floats
         and max(layout.G, 2) * x.shape[0] * layout.d < 2**31 and layout.total < 2**31
     )
 
@@ -482,11 +481,20 @@ def _dot_precision(cd: torch.dtype) -> str:
     return "tf32" if _tf32_allowed() else "ieee"
 
 
-def _gemm_weights(params: torch.Tensor, layout: _Layout, cd: torch.dtype) -> torch.Tensor:
-    """W1|W2 and W3 (the start of the flat tensor) in the GEMM dtype, for the kernels' weight stream."""
-    if params.dtype == cd or not PRECONVERT_WEIGHTS:
-        return params
-    return params[: layout.G * 3 * layout.hidden * layout.d].to(cd)
+def _gemm_weights(w12: torch.Tensor, w3: torch.Tensor, cd: torch.dtype):
+    """W1|W2 and W3 in the GEMM dtype, for the kernels' weight stream."""
+    if w12.dtype == cd or not PRECONVERT_WEIGHTS:
+        return w12, w3
+    return w12.to(cd), w3.to(cd)
+
+
+def _row_block(preferred: int, rows: int, device: torch.device) -> int:
+    """The kernel's preferred row block, halved (down to 16) while the rows would leave more than half of the GPU's
+    SMs without a program (e.g. 3584 rows on an H100: 56 blocks of 64, so 112 of 32)."""
+    block, sms = preferred, _sm_count(device)
+    while block > 16 and triton.cdiv(rows, block) < sms // 2:
+        block //= 2
+    return block
 
 
 class _on_device:
@@ -504,7 +512,7 @@ class _on_device:
             self.ctx.__exit__(*exc)
 
 
-def _kernel_forward(x, params, layout: _Layout, eps, cd, out_dtype, save):
+def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out_dtype, save):
     U, J, H, D, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = x.shape[0]
     out = torch.empty((N, D), dtype=out_dtype, device=x.device)
@@ -515,123 +523,139 @@ def _kernel_forward(x, params, layout: _Layout, eps, cd, out_dtype, save):
     rstd = x.new_empty((U, N) if save else (0,), dtype=f32)
     if N:
         bm, bh, warps, stages = KERNEL_CONFIGS["fwd"]
+        bm = _row_block(bm, N, x.device)
         saved = (xins, zs, mean, rstd) if save else (x,) * 4  # (not written without save)
+        biases = (B12, B3) if layout.bias else (W12, W12)  # (not read without biases)
         with _on_device(x):
             _learner_fwd_kernel[(triton.cdiv(N, bm),)](
-                x, out, params, _gemm_weights(params, layout, cd), *saved, N, H, U, J, float(eps),
+                x, out, *_gemm_weights(W12, W3, cd), *biases, LNW, LNB, *saved, N, H, U, J, float(eps),
                 D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, SAVE=save, CD=_TL_DTYPES[cd],
                 PREC=_dot_precision(cd), num_warps=warps, num_stages=stages,
             )
     return out, xins, zs, mean, rstd
 
 
-def _kernel_backward(gout, params, xins, zs, mean, rstd, layout: _Layout, cd, x_dtype, param_grads):
+def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, layout: _Layout, cd, x_dtype, param_grads):
     U, J, H, D, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = gout.shape[0]
     gx = torch.empty((N, D), dtype=x_dtype, device=gout.device)
     if N == 0:
-        return gx, params.new_zeros(layout.total if param_grads else 0)
+        return gx, W12.new_zeros(layout.total if param_grads else 0)
     prec = _dot_precision(cd)
     bm, bh, warps, stages = KERNEL_CONFIGS["bwd_rows"]
+    bm = _row_block(bm, N, gout.device)
     row_programs = triton.cdiv(N, bm)
     gys = gout.new_empty((G, N, D), dtype=cd) if param_grads else gx
     lnpart = gout.new_empty((row_programs, U, 2, D), dtype=torch.float32) if param_grads else gx
-    weights = _gemm_weights(params, layout, cd)
+    w12, w3 = _gemm_weights(W12, W3, cd)
+    b12 = B12 if layout.bias else W12  # (not read without biases)
     with _on_device(gout):
         _learner_bwd_rows_kernel[(row_programs,)](
-            gout, gx, params, weights, xins, zs, mean, rstd, gys, lnpart, N, H, U, J,
+            gout, gx, w12, w3, b12, LNW, xins, zs, mean, rstd, gys, lnpart, N, H, U, J,
             D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, PARAM_GRADS=param_grads, CD=_TL_DTYPES[cd],
             PREC=prec, num_warps=warps, num_stages=stages,
         )
         if not param_grads:
-            return gx, params.new_empty(0)
+            return gx, W12.new_empty(0)
         bm, bh, warps, stages = KERNEL_CONFIGS["bwd_params"]
         tiles = G * triton.cdiv(H, bh) + 1  # + the LayerNorm program
         row_blocks = triton.cdiv(N, bm)
-        splits = PARAM_GRAD_SPLITS or triton.cdiv(2 * _sm_count(gout.device), tiles)
+        splits = PARAM_GRAD_SPLITS or triton.cdiv(PARAM_GRAD_WAVES * _sm_count(gout.device), tiles)
         splits = max(1, min(splits, row_blocks))
         rows_per_split = triton.cdiv(row_blocks, splits) * bm
         splits = triton.cdiv(N, rows_per_split)
         part = torch.empty((splits, layout.total), dtype=torch.float32, device=gout.device)
         _learner_bwd_params_kernel[(tiles, splits)](
-            xins, gys, params, weights, lnpart, part, N, H, U, J, row_programs, rows_per_split,
+            xins, gys, w12, w3, b12, lnpart, part, N, H, U, J, row_programs, rows_per_split,
             triton.cdiv(row_programs, splits), layout.total,
             D=D, BLOCK_M=bm, BLOCK_H=bh, BLOCK_P=16, HAS_BIAS=layout.bias, CD=_TL_DTYPES[cd], PREC=prec,
             num_warps=warps, num_stages=stages,
         )
     flat = part.view(-1) if splits == 1 else part.sum(0)
-    return gx, flat.to(params.dtype)
+    return gx, flat.to(W12.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The operators
 # ----------------------------------------------------------------------------------------------------------------------
 def _fwd_impl(
-    x: torch.Tensor, params: torch.Tensor, units: int, glus: int, hidden: int, bias: bool, eps: float,
-    compute_dtype: torch.dtype, out_dtype: torch.dtype, save: bool,
+    x: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
+    ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype,
+    save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout = _check(x, params, units, glus, hidden, bias)
-    x, params = x.contiguous(), params.contiguous()
-    if _use_kernels(x, params, layout, compute_dtype):
-        return _kernel_forward(x, params, layout, eps, compute_dtype, out_dtype, save)
+    """The learner on rows x [N, d]. Returns the output [N, d] (``out_dtype``) and, with ``save``, what the backward
+    needs: each GLU's input [G, N, d] (``compute_dtype``) and each unit's pre-LayerNorm sum [U, N, d] with its mean
+    and reciprocal standard deviation [U, N] (float32); without ``save`` these are empty."""
+    layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
+    args = [t if t is None else t.contiguous() for t in (x, w12, w3, b12, b3, ln_w, ln_b)]
+    if _use_kernels(args[0], args[1], layout, compute_dtype):
+        return _kernel_forward(*args, layout, eps, compute_dtype, out_dtype, save)
     with torch.autocast(x.device.type, enabled=False):
-        return _reference_forward(x, params, layout, eps, compute_dtype, out_dtype, save)
+        return _reference_forward(*args, layout, eps, compute_dtype, out_dtype, save)
 
 
-def _fwd_fake(x, params, units, glus, hidden, bias, eps, compute_dtype, out_dtype, save):
-    layout = _check(x, params, units, glus, hidden, bias)
+def _fwd_fake(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save):
+    layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
     N, d = x.shape
+    U = layout.units
     out = x.new_empty((N, d), dtype=out_dtype)
     f32 = _stream_dtype(compute_dtype)
     if not save:
         return (out, x.new_empty(0, dtype=compute_dtype), x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32),
                 x.new_empty(0, dtype=f32))
-    return (out, x.new_empty((layout.G, N, d), dtype=compute_dtype), x.new_empty((units, N, d), dtype=f32),
-            x.new_empty((units, N), dtype=f32), x.new_empty((units, N), dtype=f32))
+    return (out, x.new_empty((layout.G, N, d), dtype=compute_dtype), x.new_empty((U, N, d), dtype=f32),
+            x.new_empty((U, N), dtype=f32), x.new_empty((U, N), dtype=f32))
 
 
 def _bwd_impl(
-    grad_out: torch.Tensor, params: torch.Tensor, xins: torch.Tensor, zs: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor, units: int, glus: int, hidden: int, bias: bool, eps: float, compute_dtype: torch.dtype,
-    x_dtype: torch.dtype, param_grads: bool,
+    grad_out: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
+    ln_w: torch.Tensor, ln_b: torch.Tensor, xins: torch.Tensor, zs: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor, eps: float, compute_dtype: torch.dtype, x_dtype: torch.dtype, param_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    layout = _check(grad_out, params, units, glus, hidden, bias)
+    """Gradient of the rows (``x_dtype``) and, with ``param_grads``, of the parameters as one flat tensor in their
+    dtype, laid out as :class:`_Layout` says (else empty)."""
+    layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
     N, d = grad_out.shape
-    if xins.shape != (layout.G, N, d) or zs.shape != (units, N, d) or mean.shape != (units, N):
+    if xins.shape != (layout.G, N, d) or zs.shape != (layout.units, N, d) or mean.shape != (layout.units, N):
         raise ValueError("metric learner backward: the saved tensors do not match the rows and the learner's sizes")
-    grad_out, params = grad_out.contiguous(), params.contiguous()
-    if _use_kernels(grad_out, params, layout, compute_dtype):
-        return _kernel_backward(grad_out, params, xins, zs, mean, rstd, layout, compute_dtype, x_dtype, param_grads)
+    grad_out = grad_out.contiguous()
+    if _use_kernels(grad_out, w12, layout, compute_dtype):
+        return _kernel_backward(grad_out, w12.contiguous(), w3.contiguous(), None if b12 is None else b12.contiguous(),
+                                ln_w.contiguous(), xins, zs, mean, rstd, layout, compute_dtype, x_dtype, param_grads)
     with torch.autocast(grad_out.device.type, enabled=False):
-        return _reference_backward(grad_out, params, xins, zs, mean, rstd, layout, eps, compute_dtype, x_dtype,
-                                   param_grads)
+        return _reference_backward(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, layout, eps,
+                                   compute_dtype, x_dtype, param_grads)
 
 
-def _bwd_fake(grad_out, params, xins, zs, mean, rstd, units, glus, hidden, bias, eps, compute_dtype, x_dtype,
+def _bwd_fake(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
               param_grads):
-    layout = _check(grad_out, params, units, glus, hidden, bias)
-    return grad_out.new_empty(grad_out.shape, dtype=x_dtype), params.new_empty(layout.total if param_grads else 0)
+    layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
+    return grad_out.new_empty(grad_out.shape, dtype=x_dtype), w12.new_empty(layout.total if param_grads else 0)
 
 
 def _setup_context(ctx, inputs, output):
-    x, params, units, glus, hidden, bias, eps, compute_dtype, out_dtype, save = inputs
+    x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save = inputs
     _, xins, zs, mean, rstd = output
-    ctx.save_for_backward(params, xins, zs, mean, rstd)
-    ctx.sizes = (units, glus, hidden, bias, eps, compute_dtype, x.dtype, save)
+    ctx.save_for_backward(w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd)
+    ctx.options = (eps, compute_dtype, x.dtype, save)
     ctx.mark_non_differentiable(xins, zs, mean, rstd)
 
 
 def _backward(ctx, grad_out, *_):
-    params, xins, zs, mean, rstd = ctx.saved_tensors
-    units, glus, hidden, bias, eps, compute_dtype, x_dtype, save = ctx.sizes
+    w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd = ctx.saved_tensors
+    eps, compute_dtype, x_dtype, save = ctx.options
     if not save:
         raise RuntimeError("pldr::metric_learner_fwd ran with save=False, so it cannot be differentiated; call it with "
                            "save=True when gradients are needed (fused_metric_learner does)")
-    param_grads = ctx.needs_input_grad[1]
-    gx, gparams = torch.ops.pldr.metric_learner_bwd(
-        grad_out, params, xins, zs, mean, rstd, units, glus, hidden, bias, eps, compute_dtype, x_dtype, param_grads
-    )
-    return gx, (gparams if param_grads else None), None, None, None, None, None, None, None, None
+    needs = ctx.needs_input_grad[1:7]
+    param_grads = any(needs)
+    gx, flat = torch.ops.pldr.metric_learner_bwd(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps,
+                                                 compute_dtype, x_dtype, param_grads)
+    grads = [None] * 6
+    if param_grads:
+        layout = _Layout(ln_w.shape[0], w3.shape[0] // ln_w.shape[0], w3.shape[2], w3.shape[1], b12 is not None)
+        grads = [g if need else None for g, need in zip(layout.unpack(flat), needs)]
+    return gx, *grads, None, None, None, None
 
 
 def _define_ops():
@@ -667,11 +691,12 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def learner_tensors(units: nn.ModuleList):
-    """The learner's parameters in the flat layout's order and its sizes ``(units, glus, hidden, d, bias, eps)``, or
-    None when the fused operator must not run: a unit or GLU that is not the plain PLDR module with ``nn.Linear`` /
-    ``nn.LayerNorm`` / SiLU (PEFT adapters, quantised layers, parametrisations), module or global hooks (offloading,
-    ZeRO-3, user hooks), GLUs of different sizes, some GLUs with biases and others without, a LayerNorm without
-    weight or bias, or mixed parameter dtypes."""
+    """The learner's parameters by kind, as lists in the order the operator stacks them, and the LayerNorms' eps:
+    ``(w12, w3, b12, b3, ln_w, ln_b, eps)`` with w12 = [gluw1.weight, gluw2.weight] of each GLU in turn, b12 and b3
+    None without biases. None when the fused operator must not run: a unit or GLU that is not the plain PLDR module
+    with ``nn.Linear`` / ``nn.LayerNorm`` / SiLU (PEFT adapters, quantised layers, parametrisations), module or global
+    hooks (offloading, ZeRO-3, user hooks), GLUs of different sizes, some GLUs with biases and others without, a
+    LayerNorm without weight or bias, or mixed parameter dtypes."""
     if (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
             or nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks):
         return None
@@ -715,11 +740,10 @@ def learner_tensors(units: nn.ModuleList):
     bias = b12[0] is not None
     if any((b is not None) != bias for b in b12 + b3):
         return None
-    params = w12 + w3 + (b12 + b3 if bias else []) + lnw + lnb
-    dtype = params[0].dtype
-    if any(p.dtype != dtype for p in params):
+    dtype = w12[0].dtype
+    if any(p.dtype != dtype for p in w12 + w3 + (b12 + b3 if bias else []) + lnw + lnb):
         return None
-    return params, (len(units), glus, hidden, d, bias, eps.pop())
+    return w12, w3, (b12 if bias else None), (b3 if bias else None), lnw, lnb, eps.pop()
 
 
 def _output_dtype(A: torch.Tensor, compute_dtype: torch.dtype, autocast: bool, param_dtype: torch.dtype):
@@ -745,13 +769,14 @@ def fused_metric_learner(units: nn.ModuleList, A: torch.Tensor) -> torch.Tensor 
     found = learner_tensors(units)
     if found is None:
         return None
-    params, (U, J, hidden, d, bias, eps) = found
+    w12, w3, b12, b3, ln_w, ln_b, eps = found
+    d = w12[0].shape[1]
     if A.dim() < 1 or A.shape[-1] != d:
         raise ValueError(f"metric learner: A must have rows of width {d} (the learner's d), got shape {tuple(A.shape)}")
     if not A.is_floating_point():
         raise ValueError(f"metric learner: A must be floating point, got {A.dtype}")
     device = A.device.type
-    param_dtype = params[0].dtype
+    param_dtype = w12[0].dtype
     autocast = torch.is_autocast_enabled(device)
     if autocast:
         compute_dtype = torch.get_autocast_dtype(device)
@@ -762,8 +787,8 @@ def fused_metric_learner(units: nn.ModuleList, A: torch.Tensor) -> torch.Tensor 
     if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         return None
     out_dtype = _output_dtype(A, compute_dtype, autocast, param_dtype)
-    save = torch.is_grad_enabled() and (A.requires_grad or any(p.requires_grad for p in params))
-    flat = torch.cat([p.reshape(-1) for p in params])
-    out = torch.ops.pldr.metric_learner_fwd(A.reshape(-1, d), flat, U, J, hidden, bias, float(eps), compute_dtype,
-                                            out_dtype, save)[0]
+    kinds = (w12, w3, b12, b3, ln_w, ln_b)
+    save = torch.is_grad_enabled() and (A.requires_grad or any(p.requires_grad for ps in kinds if ps for p in ps))
+    stacked = [None if ps is None else torch.stack(ps) for ps in kinds]
+    out = torch.ops.pldr.metric_learner_fwd(A.reshape(-1, d), *stacked, float(eps), compute_dtype, out_dtype, save)[0]
     return out.view(A.shape)

@@ -196,20 +196,16 @@ def sweep(args, rows, learner):
     """Times each Triton kernel for a few block configurations (bf16 autocast), the others at their defaults."""
     device, d = args.device, args.d
     bench = timer(device)
-    found = ML.learner_tensors(learner)
-    params, (U, J, hidden, _, bias, eps) = found
-    flat = torch.cat([p.reshape(-1) for p in params]).detach()
+    *kinds, eps = ML.learner_tensors(learner)
+    params = [None if ps is None else torch.stack(ps).detach() for ps in kinds]
     x = torch.randn(rows, d, device=device)
     gout = torch.randn(rows, d, device=device)
     cd = torch.bfloat16
     default = dict(ML.KERNEL_CONFIGS)
-    candidates = {
-        "fwd": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (32, 64, 2, 2), (32, 64, 4, 1), (32, 64, 4, 3),
-                (64, 64, 4, 2), (128, 64, 8, 2)],
-        "bwd_rows": [(32, 32, 4, 2), (16, 32, 4, 2), (32, 64, 4, 2), (32, 32, 2, 2), (32, 32, 4, 1), (64, 32, 4, 2),
-                     (128, 32, 8, 2)],
-        "bwd_params": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3),
-                       (128, 32, 4, 2)],
+    candidates = {  # the first of each is the default
+        "fwd": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
+        "bwd_rows": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+        "bwd_params": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (32, 64, 2, 2), (64, 64, 8, 2)],
     }
     fwd_op = torch.ops.pldr.metric_learner_fwd
     bwd_op = torch.ops.pldr.metric_learner_bwd
@@ -221,39 +217,35 @@ def sweep(args, rows, learner):
             ML.KERNEL_CONFIGS[kernel] = config
             try:
                 if kernel == "fwd":
-                    times[str(config)] = bench(lambda: fwd_op(x, flat, U, J, hidden, bias, eps, cd, torch.float32,
-                                                              True))
+                    times[str(config)] = bench(lambda: fwd_op(x, *params, eps, cd, torch.float32, True))
                 else:
-                    _, xins, zs, mean, rstd = fwd_op(x, flat, U, J, hidden, bias, eps, cd, torch.float32, True)
-                    times[str(config)] = bench(lambda: bwd_op(gout, flat, xins, zs, mean, rstd, U, J, hidden, bias,
-                                                              eps, cd, torch.float32, True))
+                    _, xins, zs, mean, rstd = fwd_op(x, *params, eps, cd, torch.float32, True)
+                    times[str(config)] = bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd,
+                                                              torch.float32, True))
             except Exception as err:  # noqa: BLE001  (e.g. out of shared memory: report and go on)
                 times[str(config)] = f"failed: {type(err).__name__}: {str(err)[:200]}"
         ML.KERNEL_CONFIGS.update(default)
         timed = {k: v for k, v in times.items() if isinstance(v, float)}
         result[kernel] = {"ms": times, "best": min(timed, key=timed.get) if timed else None}
-    # the default configs with the weights cast in every program instead of once per call
-    _, xins, zs, mean, rstd = fwd_op(x, flat, U, J, hidden, bias, eps, cd, torch.float32, True)
+    # the default configs with the GEMM weights cast in every program instead of once per call
+    _, xins, zs, mean, rstd = fwd_op(x, *params, eps, cd, torch.float32, True)
     ML.PRECONVERT_WEIGHTS = False
     try:
         result["not_preconverted_ms"] = {
-            "fwd": bench(lambda: fwd_op(x, flat, U, J, hidden, bias, eps, cd, torch.float32, True)),
-            "bwd": bench(lambda: bwd_op(gout, flat, xins, zs, mean, rstd, U, J, hidden, bias, eps, cd, torch.float32,
-                                        True)),
+            "fwd": bench(lambda: fwd_op(x, *params, eps, cd, torch.float32, True)),
+            "bwd": bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd, torch.float32, True)),
         }
     finally:
         ML.PRECONVERT_WEIGHTS = True
     result["preconverted_ms"] = {
-        "fwd": bench(lambda: fwd_op(x, flat, U, J, hidden, bias, eps, cd, torch.float32, True)),
-        "bwd": bench(lambda: bwd_op(gout, flat, xins, zs, mean, rstd, U, J, hidden, bias, eps, cd, torch.float32,
-                                    True)),
+        "fwd": bench(lambda: fwd_op(x, *params, eps, cd, torch.float32, True)),
+        "bwd": bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd, torch.float32, True)),
     }
     # row splits of the parameter-gradient kernel
     splits = {}
-    for n in (None, 1, 2, 4, 8, 16):
+    for n in (None, 2, 8, 16, 32):
         ML.PARAM_GRAD_SPLITS = n
-        splits[str(n)] = bench(lambda: bwd_op(gout, flat, xins, zs, mean, rstd, U, J, hidden, bias, eps, cd,
-                                              torch.float32, True))
+        splits[str(n)] = bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd, torch.float32, True))
     ML.PARAM_GRAD_SPLITS = None
     result["param_grad_splits_bwd_ms"] = splits
     return result
