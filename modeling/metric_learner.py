@@ -31,8 +31,7 @@ program streams half the bytes and skips the conversion:
 
 * forward: each program takes BLOCK_M rows [BLOCK_M, d] into float32 registers and walks them through all units and
   GLUs, streaming each GLU's weights in hidden chunks of BLOCK_H (A_dff = 170 is masked in its last chunk, no padded
-  copies), dot operands in the GEMM dtype with float32 accumulation (float32 learners: see
-  ``_FLOAT32_IEEE_KERNELS``);
+  copies), dot operands in the GEMM dtype with float32 accumulation (float32 learners: see ``FLOAT32_KERNELS``);
 * backward, rows: each program walks its rows backwards through the units and GLUs (LayerNorm backward, then each
   GLU's backward with the hidden activations recomputed in registers), writes dA, each GLU's output gradient in the
   GEMM dtype, and per-program partial sums of the LayerNorm parameter gradients;
@@ -79,10 +78,11 @@ PARAM_GRAD_WAVES = 6
 # Give the kernels the GEMM weights already in the GEMM dtype (one small cast per call: each program then streams
 # half the bytes and skips the conversion) rather than casting them in every program.
 PRECONVERT_WEIGHTS = True
-# float32 learners: the kernels' exact dot (input_precision="ieee") runs on the CUDA cores and measured slower than
-# cuBLAS, so they run the reference path unless TF32 is allowed for matmuls (torch.backends.cuda.matmul.allow_tf32),
-# where the kernels use TF32 like PyTorch's own float32 matmuls. The tests set this to check the exact kernels.
-_FLOAT32_IEEE_KERNELS = False
+# float32 learners (no autocast) run the reference path, on cuBLAS (which follows torch.backends.cuda.matmul.allow_tf32
+# like any float32 matmul), unless this names the kernels' dot precision. Measured on an H100 at the 110M sizes:
+# "ieee" (exact, on the CUDA cores) is ~4x slower than cuBLAS; "tf32" is ~4x faster than cuBLAS with TF32 but its
+# errors are those of bf16 autocast, ~8x cuBLAS TF32's. The tests use "ieee" to check the kernels' math exactly.
+FLOAT32_KERNELS: str | None = None
 
 # Whether autocast runs layer_norm in float32 on a device type (true on CUDA, not on CPU): the modules' output dtype.
 _AUTOCAST_LAYER_NORM_FP32 = {
@@ -456,18 +456,14 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[key]
 
 
-def _tf32_allowed() -> bool:
-    return torch.backends.cuda.matmul.allow_tf32
-
-
 def _use_kernels(x: torch.Tensor, w12: torch.Tensor, layout: _Layout, cd: torch.dtype) -> bool:
     """Whether the Triton kernels take this call: CUDA (or the interpreter on CPU), d a power of two in [16, 128]
-    (the rows live in registers), bfloat16/float16 GEMMs (float32: see _FLOAT32_IEEE_KERNELS), and offsets that fit
-    in 32 bits."""
+    (the rows live in registers), bfloat16/float16 GEMMs (float32: see FLOAT32_KERNELS), and offsets that fit in 32
+    bits."""
     if triton is None or not (x.device.type == "cuda" or (x.device.type == "cpu" and _KERNELS_ON_CPU)):
         return False
     floats = (torch.float32, torch.bfloat16, torch.float16)
-    if cd == torch.float32 and not (_FLOAT32_IEEE_KERNELS or _tf32_allowed()):
+    if cd == torch.float32 and FLOAT32_KERNELS is None:
         return False
     return (
         layout.d in (16, 32, 64, 128) and cd in floats and w12.dtype in floats and x.dtype in floats
@@ -476,9 +472,9 @@ def _use_kernels(x: torch.Tensor, w12: torch.Tensor, layout: _Layout, cd: torch.
 
 
 def _dot_precision(cd: torch.dtype) -> str:
-    if cd != torch.float32:
-        return "tf32"  # (unused for 16-bit operands)
-    return "tf32" if _tf32_allowed() else "ieee"
+    if cd == torch.float32:
+        return FLOAT32_KERNELS or "ieee"
+    return "tf32"  # (unused for 16-bit operands)
 
 
 def _gemm_weights(w12: torch.Tensor, w3: torch.Tensor, cd: torch.dtype):

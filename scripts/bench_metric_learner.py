@@ -8,8 +8,8 @@
 For rows = batch * heads * d = 14336 and 3584 (batch 16 and 4 at 14 heads x 64) under bf16 autocast, and 14336 in
 float32 (exact, and with TF32 allowed), the median time (triton.testing.do_bench on CUDA) of
 
-* ``kernel``: ``fused_metric_learner`` with its Triton kernels (in float32 without TF32 the exact kernels, which the
-  operator does not use by default: cuBLAS is faster there);
+* ``kernel``: ``fused_metric_learner`` with its Triton kernels (in float32 the exact or the TF32 kernels, which the
+  operator only uses when ``metric_learner.FLOAT32_KERNELS`` says so);
 * ``reference``: the same operator with its plain-PyTorch path;
 * ``modules``: the ``PldrResidualMetricUnit`` modules in eager mode;
 * ``modules_compiled`` and ``kernel_compiled``: the modules and the operator under ``torch.compile`` (inductor; first
@@ -76,17 +76,17 @@ def tf32(enabled: bool):
 
 @contextlib.contextmanager
 def kernels_enabled(enabled: bool):
-    """``enabled``: the kernels, also the exact float32 ones (by default float32 without TF32 runs cuBLAS);
-    otherwise the operator's reference path."""
+    """``enabled``: the kernels, in float32 too (exact, or TF32 where TF32 is allowed; by default float32 runs
+    cuBLAS); otherwise the operator's reference path."""
     orig = ML._use_kernels
     if not enabled:
         ML._use_kernels = lambda *args: False
-    ML._FLOAT32_IEEE_KERNELS = enabled
+    ML.FLOAT32_KERNELS = ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee") if enabled else None
     try:
         yield
     finally:
         ML._use_kernels = orig
-        ML._FLOAT32_IEEE_KERNELS = False
+        ML.FLOAT32_KERNELS = None
 
 
 def timer(device):

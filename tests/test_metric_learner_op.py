@@ -303,13 +303,11 @@ def test_which_calls_the_kernels_take(monkeypatch):
     assert ML._use_kernels(x, params, layout, torch.bfloat16) and ML._use_kernels(x, params, layout, torch.float16)
     assert not ML._use_kernels(x, params, ML._Layout(8, 2, 170, 48, True), torch.bfloat16)  # d not a power of two
     assert not ML._use_kernels(x.double(), params, layout, torch.float64)
-    # float32: cuBLAS unless TF32 is allowed (then the kernels, with TF32 dots) or the exact kernels are asked for
+    # float32: cuBLAS unless the kernels' dot precision is named
     assert not ML._use_kernels(x, params, layout, torch.float32)
-    monkeypatch.setattr(ML, "_tf32_allowed", lambda: True)
-    assert ML._use_kernels(x, params, layout, torch.float32) and ML._dot_precision(torch.float32) == "tf32"
-    monkeypatch.setattr(ML, "_tf32_allowed", lambda: False)
-    monkeypatch.setattr(ML, "_FLOAT32_IEEE_KERNELS", True)
-    assert ML._use_kernels(x, params, layout, torch.float32) and ML._dot_precision(torch.float32) == "ieee"
+    for precision in ("ieee", "tf32"):
+        monkeypatch.setattr(ML, "FLOAT32_KERNELS", precision)
+        assert ML._use_kernels(x, params, layout, torch.float32) and ML._dot_precision(torch.float32) == precision
     monkeypatch.setattr(ML, "_KERNELS_ON_CPU", False)
     assert not ML._use_kernels(x, params, layout, torch.bfloat16)
 
@@ -361,7 +359,7 @@ from pldr_hf.modeling import metric_learner as ML
 # A_dff = 40 = one chunk of 32 + a masked chunk of 8; the parameter gradients split over 2 row ranges.
 ML.KERNEL_CONFIGS.update(fwd=(16, 32, 4, 1), bwd_rows=(16, 32, 4, 1), bwd_params=(16, 32, 4, 1))
 ML.PARAM_GRAD_SPLITS = 2
-ML._FLOAT32_IEEE_KERNELS = True
+ML.FLOAT32_KERNELS = "ieee"
 calls = []
 for name in ("_kernel_forward", "_kernel_backward"):
     fn = getattr(ML, name)
@@ -430,14 +428,14 @@ def _cuda_case(dtype, bias, rows_shape, frozen=False, seed=0):
     def run(kernels):
         orig = ML._use_kernels
         ML._use_kernels = lambda *a: kernels and orig(*a)
-        ML._FLOAT32_IEEE_KERNELS = True  # float32: check the exact kernels (by default float32 runs cuBLAS)
+        ML.FLOAT32_KERNELS = "ieee"  # float32: check the exact kernels (by default float32 runs cuBLAS)
         try:
             with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 out = ML.fused_metric_learner(units, A)
             return out, _grads(out, [A] + params, gout)
         finally:
             ML._use_kernels = orig
-            ML._FLOAT32_IEEE_KERNELS = False
+            ML.FLOAT32_KERNELS = None
 
     units64 = copy.deepcopy(units).double()
     A64 = A.detach().double().requires_grad_()
