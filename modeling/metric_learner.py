@@ -1,0 +1,790 @@
+"""The residual metric learner of PLDR-LLM as one PyTorch operator.
+
+The metric learner of a PLGA layer refines the metric tensor A row by row: ``num_reslayerA`` residual units, each
+``A = LayerNorm_d(A + GLU_n(...GLU_1(A)))`` with ``num_denseA`` SwiGLUs with biases
+``GLU(z) = W3 (silu(W1 z + b1) * (W2 z + b2)) + b3`` (d -> A_dff -> d) on the rows of A. At the papers' sizes
+(d = 64, A_dff = 170, 8 units x 2 GLUs, batch * heads * d = 14336 rows) module-by-module execution is some 100 forward
+and 250 backward kernels per layer on tiny matrices, bound by kernel launches, and it keeps every SwiGLU's activations.
+
+:func:`fused_metric_learner` runs the whole learner of a layer as two custom operators, ``pldr::metric_learner_fwd``
+and ``pldr::metric_learner_bwd`` (``torch.library.custom_op`` with fake implementations and an autograd formula), so
+that eager mode, ``torch.compile`` (no graph break; inductor does not trace into them), FSDP/DDP, gradient
+checkpointing and autocast all see one opaque op per layer:
+
+* the parameters enter stacked per kind by ordinary (differentiable) ``torch.stack`` calls in the wrapper, whose
+  backward hands each parameter its slice of the gradient in one ``unbind``: W1|W2 [2G, h, d] (gluw1 and gluw2 of
+  each GLU in turn), W3 [G, d, h], with biases b1|b2 [2G, h] and b3 [G, d], and the LayerNorm weights and biases
+  [U, d] (U units of J GLUs, G = U * J). Stacking per kind costs a handful of autograd nodes; a flat ``torch.cat`` of
+  reshaped parameters costs two per parameter (224 at the 110M sizes), which measured as the largest host-side cost
+  of an eager step, whose GPU work is only about 1 ms a layer;
+* the GEMM dtype is decided by the wrapper (the autocast dtype under autocast, else the parameters' dtype) and
+  passed as an argument: custom operators do not see autocast. The residual stream and the LayerNorms are float32;
+* the forward keeps, for the backward, each GLU's input in the GEMM dtype and each unit's pre-LayerNorm sum with its
+  mean and reciprocal standard deviation; the backward recomputes the SwiGLU activations from them.
+
+On CUDA with Triton the operators run Triton kernels (below); elsewhere, and for shapes the kernels do not take, the
+same math in plain PyTorch (:func:`_reference_forward`, :func:`_reference_backward`).
+
+Kernels, per layer and step: forward ONE kernel; backward TWO kernels (plus one small reduction of the parameter
+gradients' row splits). Under autocast the GEMM weights are also cast once per call (two small copies), so that each
+program streams half the bytes and skips the conversion:
+
+* forward: each program takes BLOCK_M rows [BLOCK_M, d] into float32 registers and walks them through all units and
+  GLUs, streaming each GLU's weights in hidden chunks of BLOCK_H (A_dff = 170 is masked in its last chunk, no padded
+  copies), dot operands in the GEMM dtype with float32 accumulation (float32 learners: see ``FLOAT32_KERNELS``);
+* backward, rows: each program walks its rows backwards through the units and GLUs (LayerNorm backward, then each
+  GLU's backward with the hidden activations recomputed in registers), writes dA, each GLU's output gradient in the
+  GEMM dtype, and per-program partial sums of the LayerNorm parameter gradients;
+* backward, parameters: one program per (GLU, hidden chunk) and row split recomputes the chunk's activations from the
+  saved GLU inputs and output gradients and reduces dW1, dW2, dW3 and the biases' gradients over its rows; one more
+  program per split sums the LayerNorm partials. Splits write separate partial buffers summed afterwards (no atomics):
+  the gradients are deterministic. Recomputing the chunk's activations (three small GEMMs) costs less than storing
+  and re-reading the hidden gradients (3 * A_dff values a row and GLU) and keeps the backward's memory at one
+  [G, rows, d] buffer.
+
+This file imports only torch and, optionally, triton: it travels with saved models as remote code.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional: without Triton (or on CPU) the operators run their PyTorch reference
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001  (any failure to import means: no kernels)
+    triton = None
+    tl = None
+
+__all__ = ["fused_metric_learner", "learner_tensors"]
+
+# Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
+# triton is imported); the tests use it to check the kernels without a GPU.
+_KERNELS_ON_CPU = False
+# Kernel block sizes per kernel: (BLOCK_M rows, BLOCK_H hidden units, num_warps, num_stages): the fastest of each
+# kernel in the block sweep of scripts/bench_metric_learner.py on an H100 at the 110M sizes (bf16, 14336 rows, GEMM
+# weights cast once per call). With fewer rows the row kernels halve BLOCK_M (see _row_block).
+KERNEL_CONFIGS = {
+    "fwd": (64, 64, 4, 2),
+    "bwd_rows": (64, 32, 4, 2),
+    "bwd_params": (32, 64, 4, 2),
+}
+# Row splits of the parameter-gradient kernel (None: enough programs for PARAM_GRAD_WAVES waves over the GPU's SMs;
+# the sweep measured 6 waves 15% faster than 2, with deterministic partial sums all the same).
+PARAM_GRAD_SPLITS: int | None = None
+PARAM_GRAD_WAVES = 6
+# Give the kernels the GEMM weights already in the GEMM dtype (one small cast per call: each program then streams
+# half the bytes and skips the conversion) rather than casting them in every program.
+PRECONVERT_WEIGHTS = True
+# float32 learners (no autocast) run the reference path, on cuBLAS (which follows torch.backends.cuda.matmul.allow_tf32
+# like any float32 matmul), unless this names the kernels' dot precision. Measured on an H100 at the 110M sizes:
+# "ieee" (exact, on the CUDA cores) is ~4x slower than cuBLAS; "tf32" is ~4x faster than cuBLAS with TF32 but its
+# errors are those of bf16 autocast, ~8x cuBLAS TF32's. The tests use "ieee" to check the kernels' math exactly.
+FLOAT32_KERNELS: str | None = None
+
+# Whether autocast runs layer_norm in float32 on a device type (true on CUDA, not on CPU): the modules' output dtype.
+_AUTOCAST_LAYER_NORM_FP32 = {
+    device: torch._C._dispatch_has_kernel_for_dispatch_key("aten::layer_norm", key)
+    for device, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA"), ("xpu", "AutocastXPU"),
+                        ("mps", "AutocastMPS"))
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sizes, and the layout of the flat parameter gradient
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """Sizes of a learner, and the layout of the flat parameter-gradient tensor of the backward operator: W1|W2, W3,
+    (b1|b2, b3,) LayerNorm weights, LayerNorm biases, each kind stacked as the forward takes it."""
+
+    units: int
+    glus: int  # per unit
+    hidden: int
+    d: int
+    bias: bool
+
+    @property
+    def G(self) -> int:
+        return self.units * self.glus
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        G, h, d, U = self.G, self.hidden, self.d, self.units
+        return (G * 2 * h * d, G * d * h) + ((G * 2 * h, G * d) if self.bias else ()) + (U * d, U * d)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def unpack(self, flat: torch.Tensor):
+        """Views W12 [2G, h, d], W3 [G, d, h], B12 [2G, h] or None, B3 [G, d] or None, LNW [U, d], LNB [U, d]."""
+        G, h, d, U = self.G, self.hidden, self.d, self.units
+        parts = flat.split(self.sizes)
+        W12, W3 = parts[0].view(2 * G, h, d), parts[1].view(G, d, h)
+        B12, B3 = (parts[2].view(2 * G, h), parts[3].view(G, d)) if self.bias else (None, None)
+        return W12, W3, B12, B3, parts[-2].view(U, d), parts[-1].view(U, d)
+
+
+def _check(x, w12, w3, b12, b3, ln_w, ln_b) -> _Layout:
+    """The learner's sizes from the operator's inputs; a ValueError that says what is wrong otherwise."""
+    if x.dim() != 2:
+        raise ValueError(f"metric learner: expected rows [N, d], got a tensor of shape {tuple(x.shape)}")
+    if w3.dim() != 3 or ln_w.dim() != 2 or ln_w.shape[0] < 1 or w3.shape[0] % ln_w.shape[0] != 0 or w3.shape[0] < 1:
+        raise ValueError(f"metric learner: expected W3 [G, d, h] and LayerNorm weights [U, d] with G a multiple of U, "
+                         f"got {tuple(w3.shape)} and {tuple(ln_w.shape)}")
+    G, d, h = w3.shape
+    U = ln_w.shape[0]
+    bias = b12 is not None
+    expected = {"rows": (x, (x.shape[0], d)), "W1|W2": (w12, (2 * G, h, d)), "W3": (w3, (G, d, h)),
+                "LayerNorm weights": (ln_w, (U, d)), "LayerNorm biases": (ln_b, (U, d))}
+    if bias or b3 is not None:
+        if b12 is None or b3 is None:
+            raise ValueError("metric learner: give both b1|b2 and b3, or neither")
+        expected.update({"b1|b2": (b12, (2 * G, h)), "b3": (b3, (G, d))})
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"metric learner: {name} must have shape {shape} (G={G} GLUs, U={U} units, d={d}, "
+                             f"hidden={h}), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"metric learner: {name} must be floating point, got {t.dtype}")
+    if any(t.dtype != w12.dtype for t, _ in list(expected.values())[1:]):
+        raise ValueError("metric learner: all parameters must have the same dtype")
+    return _Layout(U, G // U, h, d, bias)
+
+
+def _stream_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the residual stream, the LayerNorms and the saved pre-LayerNorm sums: float32 (float64 for a float64
+    learner)."""
+    return torch.promote_types(torch.float32, compute_dtype)
+
+
+def _linear(x, w, b):
+    return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+
+
+def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out_dtype, save):
+    U, J, h, d, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
+    N = x.shape[0]
+    w12, w3 = W12.to(cd).reshape(G, 2 * h, d), W3.to(cd)
+    b12 = B12.to(cd).reshape(G, 2 * h) if B12 is not None else None
+    b3 = B3.to(cd) if B3 is not None else None
+    acc = _stream_dtype(cd)
+    lnw, lnb = LNW.to(acc), LNB.to(acc)
+    xins = x.new_empty((G, N, d) if save else (0,), dtype=cd)
+    zs = x.new_empty((U, N, d) if save else (0,), dtype=acc)
+    means, rstds = [], []
+    a = x.to(acc)
+    for u in range(U):
+        y = a
+        for j in range(J):
+            g = u * J + j
+            xin = xins[g].copy_(y) if save else y.to(cd)
+            hid = _linear(xin, w12[g], None if b12 is None else b12[g])
+            y = _linear(F.silu(hid[:, :h]) * hid[:, h:], w3[g], None if b3 is None else b3[g])
+        z = torch.add(a, y, out=zs[u]) if save else a + y
+        a, mean, rstd = torch.native_layer_norm(z, (d,), lnw[u], lnb[u], eps)
+        means.append(mean)
+        rstds.append(rstd)
+    if not save:
+        return a.to(out_dtype), xins, zs, x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+    return a.to(out_dtype), xins, zs, torch.stack(means).view(U, N), torch.stack(rstds).view(U, N)
+
+
+def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds, layout: _Layout, eps, cd, x_dtype,
+                        param_grads):
+    U, J, h, d, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
+    N = gout.shape[0]
+    w12, w3 = W12.to(cd).reshape(G, 2 * h, d), W3.to(cd)
+    b12 = B12.to(cd).reshape(G, 2 * h) if B12 is not None else None
+    acc = _stream_dtype(cd)
+    lnw, lnb = LNW.to(acc), LNB.to(acc)
+    if param_grads:
+        flat = torch.empty(layout.total, dtype=acc, device=gout.device)
+        gW12, gW3, gB12, gB3, gLNW, gLNB = layout.unpack(flat)
+    mask = [True, param_grads, param_grads]
+    gx = gout.to(acc)
+    for u in reversed(range(U)):
+        gz, glnw, glnb = torch.ops.aten.native_layer_norm_backward(
+            gx, zs[u], (d,), means[u].view(N, 1), rstds[u].view(N, 1), lnw[u], lnb[u], mask
+        )
+        if param_grads:
+            gLNW[u].copy_(glnw)
+            gLNB[u].copy_(glnb)
+        gy = gz.to(cd)
+        for j in reversed(range(J)):
+            g = u * J + j
+            xin = xins[g]
+            hid = _linear(xin, w12[g], None if b12 is None else b12[g])
+            h1, h2 = hid[:, :h], hid[:, h:]
+            s = F.silu(h1)
+            gp = torch.mm(gy, w3[g])
+            ghid = torch.cat((torch.ops.aten.silu_backward(gp * h2, h1), gp * s), dim=1)
+            if param_grads:
+                gW3[g].copy_(torch.mm(gy.t(), s * h2))
+                gW12.view(G, 2 * h, d)[g].copy_(torch.mm(ghid.t(), xin))
+                if gB12 is not None:
+                    gB3[g].copy_(gy.sum(0))
+                    gB12.view(G, 2 * h)[g].copy_(ghid.sum(0))
+            gy = torch.mm(ghid, w12[g])
+        gx = gz + gy
+    gx = gx.to(x_dtype)
+    if not param_grads:
+        return gx, W12.new_empty(0)
+    return gx, flat.to(W12.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _learner_fwd_kernel(
+        X, OUT, W12, W3, B12, B3, LNW, LNB, XIN, Z, MEAN, RSTD, N, H, U, J, eps,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
+        CD: tl.constexpr, PREC: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        cols = tl.arange(0, D)
+        hh = tl.arange(0, BLOCK_H)
+        offs = rows[:, None] * D + cols[None, :]
+        m2 = rmask[:, None]
+        a = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
+        for u in range(U):
+            y = a
+            for j in range(J):
+                g = u * J + j
+                xin = y.to(CD)
+                if SAVE:
+                    tl.store(XIN + g * N * D + offs, xin, mask=m2)
+                acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+                for c in range(0, H, BLOCK_H):
+                    hidx = c + hh
+                    hm = hidx < H
+                    w_offs = hidx[:, None] * D + cols[None, :]
+                    w1 = tl.load(W12 + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w2 = tl.load(W12 + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w3t = tl.load(W3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
+                                  other=0.0).to(CD)
+                    h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
+                    h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
+                    if HAS_BIAS:
+                        h1 += tl.load(B12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
+                        h2 += tl.load(B12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
+                    act = h1 * tl.sigmoid(h1) * h2  # zero in the masked hidden units
+                    acc += tl.dot(act.to(CD), w3t, input_precision=PREC)
+                if HAS_BIAS:
+                    acc += tl.load(B3 + g * D + cols).to(tl.float32)[None, :]
+                y = acc
+            z = a + y
+            mean = tl.sum(z, axis=1) / D
+            zc = z - mean[:, None]
+            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
+            if SAVE:
+                tl.store(Z + u * N * D + offs, z, mask=m2)
+                tl.store(MEAN + u * N + rows, mean, mask=rmask)
+                tl.store(RSTD + u * N + rows, rstd, mask=rmask)
+            lnw = tl.load(LNW + u * D + cols).to(tl.float32)
+            lnb = tl.load(LNB + u * D + cols).to(tl.float32)
+            a = zc * rstd[:, None] * lnw[None, :] + lnb[None, :]
+        tl.store(OUT + offs, a.to(OUT.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _learner_bwd_rows_kernel(
+        GOUT, GX, W12, W3, B12, LNW, XIN, Z, MEAN, RSTD, GY, LNPART, N, H, U, J,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+        PARAM_GRADS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        cols = tl.arange(0, D)
+        hh = tl.arange(0, BLOCK_H)
+        offs = rows[:, None] * D + cols[None, :]
+        m2 = rmask[:, None]
+        gx = tl.load(GOUT + offs, mask=m2, other=0.0).to(tl.float32)  # zero in the masked rows, all the way down
+        for uu in range(U):
+            u = U - 1 - uu
+            z = tl.load(Z + u * N * D + offs, mask=m2, other=0.0)
+            mean = tl.load(MEAN + u * N + rows, mask=rmask, other=0.0)
+            rstd = tl.load(RSTD + u * N + rows, mask=rmask, other=0.0)
+            xhat = (z - mean[:, None]) * rstd[:, None]
+            if PARAM_GRADS:  # this block's share of the LayerNorm weight and bias gradients
+                part = LNPART + (pid * U + u) * 2 * D
+                tl.store(part + cols, tl.sum(gx * xhat, axis=0))
+                tl.store(part + D + cols, tl.sum(gx, axis=0))
+            lnw = tl.load(LNW + u * D + cols).to(tl.float32)
+            gxh = gx * lnw[None, :]
+            gz = rstd[:, None] * (gxh - (tl.sum(gxh, axis=1) / D)[:, None]
+                                  - xhat * (tl.sum(gxh * xhat, axis=1) / D)[:, None])
+            gy = gz
+            for jj in range(J):
+                g = u * J + J - 1 - jj
+                xin = tl.load(XIN + g * N * D + offs, mask=m2, other=0.0)
+                gyc = gy.to(CD)
+                if PARAM_GRADS:
+                    tl.store(GY + g * N * D + offs, gyc, mask=m2)
+                gin = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+                for c in range(0, H, BLOCK_H):
+                    hidx = c + hh
+                    hm = hidx < H
+                    w_offs = hidx[:, None] * D + cols[None, :]
+                    w1 = tl.load(W12 + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w2 = tl.load(W12 + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+                    w3t = tl.load(W3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
+                                  other=0.0).to(CD)
+                    h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
+                    h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
+                    if HAS_BIAS:
+                        h1 += tl.load(B12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
+                        h2 += tl.load(B12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
+                    gp = tl.dot(gyc, tl.trans(w3t), input_precision=PREC)
+                    sig = tl.sigmoid(h1)
+                    gh1 = gp * h2 * sig * (1.0 + h1 * (1.0 - sig))
+                    gh2 = gp * h1 * sig
+                    gin += tl.dot(gh1.to(CD), w1, input_precision=PREC)
+                    gin += tl.dot(gh2.to(CD), w2, input_precision=PREC)
+                gy = gin
+            gx = gz + gy
+        tl.store(GX + offs, gx.to(GX.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _learner_bwd_params_kernel(
+        XIN, GY, W12, W3, B12, LNPART, PART, N, H, U, J, ROW_PROGRAMS, ROWS_PER_SPLIT, ROW_PROGRAMS_PER_SPLIT, TOTAL,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+        HAS_BIAS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+    ):
+        G = U * J
+        off_w3 = G * 2 * H * D
+        off_b12 = off_w3 + G * D * H
+        off_b3 = off_b12 + G * 2 * H
+        if HAS_BIAS:
+            off_ln = off_b3 + G * D
+        else:
+            off_ln = off_b12
+        tile = tl.program_id(0)
+        split = tl.program_id(1)
+        chunks = tl.cdiv(H, BLOCK_H)
+        out = PART + split * TOTAL
+        cols = tl.arange(0, D)
+        if tile == G * chunks:
+            # LayerNorm weight and bias gradients: the sum of this split's share of the row kernel's partials.
+            pp = tl.arange(0, BLOCK_P)
+            p_lo = split * ROW_PROGRAMS_PER_SPLIT
+            p_hi = tl.minimum(p_lo + ROW_PROGRAMS_PER_SPLIT, ROW_PROGRAMS)
+            for u in range(U):
+                accw = tl.zeros([D], dtype=tl.float32)
+                accb = tl.zeros([D], dtype=tl.float32)
+                for p0 in range(p_lo, p_hi, BLOCK_P):
+                    pr = p0 + pp
+                    pm = (pr < p_hi)[:, None]
+                    base = LNPART + (pr[:, None] * U + u) * 2 * D + cols[None, :]
+                    accw += tl.sum(tl.load(base, mask=pm, other=0.0), axis=0)
+                    accb += tl.sum(tl.load(base + D, mask=pm, other=0.0), axis=0)
+                tl.store(out + off_ln + u * D + cols, accw)
+                tl.store(out + off_ln + (U + u) * D + cols, accb)
+        else:
+            # dW1, dW2 (rows of the chunk), dW3 (columns of the chunk) and bias gradients of one GLU over this split's
+            # rows, from the saved GLU inputs and output gradients.
+            g = tile // chunks
+            hidx = (tile % chunks) * BLOCK_H + tl.arange(0, BLOCK_H)
+            hm = hidx < H
+            w_offs = hidx[:, None] * D + cols[None, :]
+            w3_offs = g * D * H + cols[None, :] * H + hidx[:, None]
+            w1 = tl.load(W12 + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+            w2 = tl.load(W12 + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
+            w3t = tl.load(W3 + w3_offs, mask=hm[:, None], other=0.0).to(CD)
+            if HAS_BIAS:
+                b1 = tl.load(B12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)
+                b2 = tl.load(B12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)
+            dw1 = tl.zeros([BLOCK_H, D], dtype=tl.float32)
+            dw2 = tl.zeros([BLOCK_H, D], dtype=tl.float32)
+            dw3t = tl.zeros([BLOCK_H, D], dtype=tl.float32)
+            db1 = tl.zeros([BLOCK_H], dtype=tl.float32)
+            db2 = tl.zeros([BLOCK_H], dtype=tl.float32)
+            db3 = tl.zeros([D], dtype=tl.float32)
+            r_lo = split * ROWS_PER_SPLIT
+            r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, N)
+            for r0 in range(r_lo, r_hi, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                m2 = (rows < r_hi)[:, None]
+                offs = g * N * D + rows[:, None] * D + cols[None, :]
+                xin = tl.load(XIN + offs, mask=m2, other=0.0)
+                gyc = tl.load(GY + offs, mask=m2, other=0.0)
+                h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
+                h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
+                if HAS_BIAS:
+                    h1 += b1[None, :]
+                    h2 += b2[None, :]
+                gp = tl.dot(gyc, tl.trans(w3t), input_precision=PREC)  # zero in the masked rows
+                sig = tl.sigmoid(h1)
+                silu = h1 * sig
+                gh1 = gp * h2 * sig * (1.0 + h1 * (1.0 - sig))
+                gh2 = gp * silu
+                dw1 += tl.dot(tl.trans(gh1.to(CD)), xin, input_precision=PREC)
+                dw2 += tl.dot(tl.trans(gh2.to(CD)), xin, input_precision=PREC)
+                dw3t += tl.dot(tl.trans((silu * h2).to(CD)), gyc, input_precision=PREC)
+                if HAS_BIAS:
+                    db1 += tl.sum(gh1, axis=0)
+                    db2 += tl.sum(gh2, axis=0)
+                    db3 += tl.sum(gyc.to(tl.float32), axis=0)
+            tl.store(out + g * 2 * H * D + w_offs, dw1, mask=hm[:, None])
+            tl.store(out + (g * 2 + 1) * H * D + w_offs, dw2, mask=hm[:, None])
+            tl.store(out + off_w3 + w3_offs, dw3t, mask=hm[:, None])
+            if HAS_BIAS:
+                tl.store(out + off_b12 + g * 2 * H + hidx, db1, mask=hm)
+                tl.store(out + off_b12 + (g * 2 + 1) * H + hidx, db2, mask=hm)
+                if tile % chunks == 0:
+                    tl.store(out + off_b3 + g * D + cols, db3)
+
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+_SM_COUNTS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNTS:
+        _SM_COUNTS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNTS[key]
+
+
+def _use_kernels(x: torch.Tensor, w12: torch.Tensor, layout: _Layout, cd: torch.dtype) -> bool:
+    """Whether the Triton kernels take this call: CUDA (or the interpreter on CPU), d a power of two in [16, 128]
+    (the rows live in registers), bfloat16/float16 GEMMs (float32: see FLOAT32_KERNELS), and offsets that fit in 32
+    bits."""
+    if triton is None or not (x.device.type == "cuda" or (x.device.type == "cpu" and _KERNELS_ON_CPU)):
+        return False
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if cd == torch.float32 and FLOAT32_KERNELS is None:
+        return False
+    return (
+        layout.d in (16, 32, 64, 128) and cd in floats and w12.dtype in floats and x.dtype in floats
+        and max(layout.G, 2) * x.shape[0] * layout.d < 2**31 and layout.total < 2**31
+    )
+
+
+def _dot_precision(cd: torch.dtype) -> str:
+    if cd == torch.float32:
+        return FLOAT32_KERNELS or "ieee"
+    return "tf32"  # (unused for 16-bit operands)
+
+
+def _gemm_weights(w12: torch.Tensor, w3: torch.Tensor, cd: torch.dtype):
+    """W1|W2 and W3 in the GEMM dtype, for the kernels' weight stream."""
+    if w12.dtype == cd or not PRECONVERT_WEIGHTS:
+        return w12, w3
+    return w12.to(cd), w3.to(cd)
+
+
+def _row_block(preferred: int, rows: int, device: torch.device) -> int:
+    """The kernel's preferred row block, halved (down to 16) while the rows would leave more than half of the GPU's
+    SMs without a program (e.g. 3584 rows on an H100: 56 blocks of 64, so 112 of 32)."""
+    block, sms = preferred, _sm_count(device)
+    while block > 16 and triton.cdiv(rows, block) < sms // 2:
+        block //= 2
+    return block
+
+
+class _on_device:
+    """Makes ``x``'s GPU the current one while launching (Triton launches on the current device)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out_dtype, save):
+    U, J, H, D, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
+    N = x.shape[0]
+    out = torch.empty((N, D), dtype=out_dtype, device=x.device)
+    f32 = torch.float32
+    xins = x.new_empty((G, N, D) if save else (0,), dtype=cd)  # outputs of an operator must not alias each other
+    zs = x.new_empty((U, N, D) if save else (0,), dtype=f32)
+    mean = x.new_empty((U, N) if save else (0,), dtype=f32)
+    rstd = x.new_empty((U, N) if save else (0,), dtype=f32)
+    if N:
+        bm, bh, warps, stages = KERNEL_CONFIGS["fwd"]
+        bm = _row_block(bm, N, x.device)
+        saved = (xins, zs, mean, rstd) if save else (x,) * 4  # (not written without save)
+        biases = (B12, B3) if layout.bias else (W12, W12)  # (not read without biases)
+        with _on_device(x):
+            _learner_fwd_kernel[(triton.cdiv(N, bm),)](
+                x, out, *_gemm_weights(W12, W3, cd), *biases, LNW, LNB, *saved, N, H, U, J, float(eps),
+                D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, SAVE=save, CD=_TL_DTYPES[cd],
+                PREC=_dot_precision(cd), num_warps=warps, num_stages=stages,
+            )
+    return out, xins, zs, mean, rstd
+
+
+def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, layout: _Layout, cd, x_dtype, param_grads):
+    U, J, H, D, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
+    N = gout.shape[0]
+    gx = torch.empty((N, D), dtype=x_dtype, device=gout.device)
+    if N == 0:
+        return gx, W12.new_zeros(layout.total if param_grads else 0)
+    prec = _dot_precision(cd)
+    bm, bh, warps, stages = KERNEL_CONFIGS["bwd_rows"]
+    bm = _row_block(bm, N, gout.device)
+    row_programs = triton.cdiv(N, bm)
+    gys = gout.new_empty((G, N, D), dtype=cd) if param_grads else gx
+    lnpart = gout.new_empty((row_programs, U, 2, D), dtype=torch.float32) if param_grads else gx
+    w12, w3 = _gemm_weights(W12, W3, cd)
+    b12 = B12 if layout.bias else W12  # (not read without biases)
+    with _on_device(gout):
+        _learner_bwd_rows_kernel[(row_programs,)](
+            gout, gx, w12, w3, b12, LNW, xins, zs, mean, rstd, gys, lnpart, N, H, U, J,
+            D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, PARAM_GRADS=param_grads, CD=_TL_DTYPES[cd],
+            PREC=prec, num_warps=warps, num_stages=stages,
+        )
+        if not param_grads:
+            return gx, W12.new_empty(0)
+        bm, bh, warps, stages = KERNEL_CONFIGS["bwd_params"]
+        tiles = G * triton.cdiv(H, bh) + 1  # + the LayerNorm program
+        row_blocks = triton.cdiv(N, bm)
+        splits = PARAM_GRAD_SPLITS or triton.cdiv(PARAM_GRAD_WAVES * _sm_count(gout.device), tiles)
+        splits = max(1, min(splits, row_blocks))
+        rows_per_split = triton.cdiv(row_blocks, splits) * bm
+        splits = triton.cdiv(N, rows_per_split)
+        part = torch.empty((splits, layout.total), dtype=torch.float32, device=gout.device)
+        _learner_bwd_params_kernel[(tiles, splits)](
+            xins, gys, w12, w3, b12, lnpart, part, N, H, U, J, row_programs, rows_per_split,
+            triton.cdiv(row_programs, splits), layout.total,
+            D=D, BLOCK_M=bm, BLOCK_H=bh, BLOCK_P=16, HAS_BIAS=layout.bias, CD=_TL_DTYPES[cd], PREC=prec,
+            num_warps=warps, num_stages=stages,
+        )
+    flat = part.view(-1) if splits == 1 else part.sum(0)
+    return gx, flat.to(W12.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The operators
+# ----------------------------------------------------------------------------------------------------------------------
+def _fwd_impl(
+    x: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
+    ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype,
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The learner on rows x [N, d]. Returns the output [N, d] (``out_dtype``) and, with ``save``, what the backward
+    needs: each GLU's input [G, N, d] (``compute_dtype``) and each unit's pre-LayerNorm sum [U, N, d] with its mean
+    and reciprocal standard deviation [U, N] (float32); without ``save`` these are empty."""
+    layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
+    args = [t if t is None else t.contiguous() for t in (x, w12, w3, b12, b3, ln_w, ln_b)]
+    if _use_kernels(args[0], args[1], layout, compute_dtype):
+        return _kernel_forward(*args, layout, eps, compute_dtype, out_dtype, save)
+    with torch.autocast(x.device.type, enabled=False):
+        return _reference_forward(*args, layout, eps, compute_dtype, out_dtype, save)
+
+
+def _fwd_fake(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save):
+    layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
+    N, d = x.shape
+    U = layout.units
+    out = x.new_empty((N, d), dtype=out_dtype)
+    f32 = _stream_dtype(compute_dtype)
+    if not save:
+        return (out, x.new_empty(0, dtype=compute_dtype), x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32),
+                x.new_empty(0, dtype=f32))
+    return (out, x.new_empty((layout.G, N, d), dtype=compute_dtype), x.new_empty((U, N, d), dtype=f32),
+            x.new_empty((U, N), dtype=f32), x.new_empty((U, N), dtype=f32))
+
+
+def _bwd_impl(
+    grad_out: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
+    ln_w: torch.Tensor, ln_b: torch.Tensor, xins: torch.Tensor, zs: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor, eps: float, compute_dtype: torch.dtype, x_dtype: torch.dtype, param_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the rows (``x_dtype``) and, with ``param_grads``, of the parameters as one flat tensor in their
+    dtype, laid out as :class:`_Layout` says (else empty)."""
+    layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
+    N, d = grad_out.shape
+    if xins.shape != (layout.G, N, d) or zs.shape != (layout.units, N, d) or mean.shape != (layout.units, N):
+        raise ValueError("metric learner backward: the saved tensors do not match the rows and the learner's sizes")
+    grad_out = grad_out.contiguous()
+    if _use_kernels(grad_out, w12, layout, compute_dtype):
+        return _kernel_backward(grad_out, w12.contiguous(), w3.contiguous(), None if b12 is None else b12.contiguous(),
+                                ln_w.contiguous(), xins, zs, mean, rstd, layout, compute_dtype, x_dtype, param_grads)
+    with torch.autocast(grad_out.device.type, enabled=False):
+        return _reference_backward(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, layout, eps,
+                                   compute_dtype, x_dtype, param_grads)
+
+
+def _bwd_fake(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
+              param_grads):
+    layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
+    return grad_out.new_empty(grad_out.shape, dtype=x_dtype), w12.new_empty(layout.total if param_grads else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save = inputs
+    _, xins, zs, mean, rstd = output
+    ctx.save_for_backward(w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd)
+    ctx.options = (eps, compute_dtype, x.dtype, save)
+    ctx.mark_non_differentiable(xins, zs, mean, rstd)
+
+
+def _backward(ctx, grad_out, *_):
+    w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd = ctx.saved_tensors
+    eps, compute_dtype, x_dtype, save = ctx.options
+    if not save:
+        raise RuntimeError("pldr::metric_learner_fwd ran with save=False, so it cannot be differentiated; call it with "
+                           "save=True when gradients are needed (fused_metric_learner does)")
+    needs = ctx.needs_input_grad[1:7]
+    param_grads = any(needs)
+    gx, flat = torch.ops.pldr.metric_learner_bwd(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps,
+                                                 compute_dtype, x_dtype, param_grads)
+    grads = [None] * 6
+    if param_grads:
+        layout = _Layout(ln_w.shape[0], w3.shape[0] // ln_w.shape[0], w3.shape[2], w3.shape[1], b12 is not None)
+        grads = [g if need else None for g, need in zip(layout.unpack(flat), needs)]
+    return gx, *grads, None, None, None, None
+
+
+def _define_ops():
+    """Defines the two operators once per process (the file may be imported twice, e.g. installed and as remote
+    code: the first definition serves both)."""
+    try:
+        return torch.ops.pldr.metric_learner_fwd.default, torch.ops.pldr.metric_learner_bwd.default
+    except (AttributeError, RuntimeError):
+        pass
+    fwd = torch.library.custom_op("pldr::metric_learner_fwd", _fwd_impl, mutates_args=())
+    fwd.register_fake(_fwd_fake)
+    bwd = torch.library.custom_op("pldr::metric_learner_bwd", _bwd_impl, mutates_args=())
+    bwd.register_fake(_bwd_fake)
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+    return torch.ops.pldr.metric_learner_fwd.default, torch.ops.pldr.metric_learner_bwd.default
+
+
+metric_learner_fwd, metric_learner_bwd = _define_ops()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The entry point
+# ----------------------------------------------------------------------------------------------------------------------
+def _module_types():
+    from .modeling_pldr import PldrGLU, PldrResidualMetricUnit
+
+    return PldrResidualMetricUnit, PldrGLU
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def learner_tensors(units: nn.ModuleList):
+    """The learner's parameters by kind, as lists in the order the operator stacks them, and the LayerNorms' eps:
+    ``(w12, w3, b12, b3, ln_w, ln_b, eps)`` with w12 = [gluw1.weight, gluw2.weight] of each GLU in turn, b12 and b3
+    None without biases. None when the fused operator must not run: a unit or GLU that is not the plain PLDR module
+    with ``nn.Linear`` / ``nn.LayerNorm`` / SiLU (PEFT adapters, quantised layers, parametrisations), module or global
+    hooks (offloading, ZeRO-3, user hooks), GLUs of different sizes, some GLUs with biases and others without, a
+    LayerNorm without weight or bias, or mixed parameter dtypes."""
+    if (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+            or nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks):
+        return None
+    unit_type, glu_type = _module_types()
+    w12, w3, b12, b3, lnw, lnb, eps, norm_shapes = [], [], [], [], [], [], set(), set()
+    glus = None
+    for unit in units:  # (each attribute read once: nn.Module.__getattr__ is slow, and this runs every call)
+        if type(unit) is not unit_type or _has_hooks(unit):
+            return None
+        dense, ln = unit.denseAs, unit.layernormA
+        if _has_hooks(dense) or len(dense) == 0 or (glus is not None and len(dense) != glus):
+            return None
+        glus = len(dense)
+        for glu in dense:
+            if type(glu) is not glu_type or _has_hooks(glu):
+                return None
+            if type(glu.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+                return None
+            lin1, lin2, lin3 = glu.gluw1, glu.gluw2, glu.gluw3
+            for lin in (lin1, lin2, lin3):
+                if type(lin) is not nn.Linear or _has_hooks(lin):
+                    return None
+            w12 += [lin1.weight, lin2.weight]
+            w3.append(lin3.weight)
+            b12 += [lin1.bias, lin2.bias]
+            b3.append(lin3.bias)
+        if type(ln) is not nn.LayerNorm or _has_hooks(ln):
+            return None
+        weight, bias = ln.weight, ln.bias
+        if weight is None or bias is None:
+            return None
+        lnw.append(weight)
+        lnb.append(bias)
+        eps.add(ln.eps)
+        norm_shapes.add(tuple(ln.normalized_shape))
+    if not lnw or len(eps) != 1:
+        return None
+    hidden, d = w12[0].shape
+    if norm_shapes != {(d,)} or any(w.shape != (hidden, d) for w in w12) or any(w.shape != (d, hidden) for w in w3):
+        return None
+    bias = b12[0] is not None
+    if any((b is not None) != bias for b in b12 + b3):
+        return None
+    dtype = w12[0].dtype
+    if any(p.dtype != dtype for p in w12 + w3 + (b12 + b3 if bias else []) + lnw + lnb):
+        return None
+    return w12, w3, (b12 if bias else None), (b3 if bias else None), lnw, lnb, eps.pop()
+
+
+def _output_dtype(A: torch.Tensor, compute_dtype: torch.dtype, autocast: bool, param_dtype: torch.dtype):
+    """The dtype the modules give: under autocast the pre-LayerNorm sum is ``A + GLU output`` (compute dtype), and
+    autocast runs layer_norm in float32 on CUDA (not on CPU); without autocast everything is the parameters' dtype."""
+    if not autocast:
+        return param_dtype
+    if _AUTOCAST_LAYER_NORM_FP32.get(A.device.type, True):
+        return torch.float32
+    return torch.promote_types(A.dtype, compute_dtype)
+
+
+def fused_metric_learner(units: nn.ModuleList, A: torch.Tensor) -> torch.Tensor | None:
+    """Runs the metric learner ``units`` (a ModuleList of PldrResidualMetricUnit) on the rows of A [..., d] as one
+    operator; returns a tensor of A's shape with the dtype the modules would give, or None when the modules
+    themselves must run (see :func:`learner_tensors`; also a dtype combination the modules would reject).
+
+    Works with and without gradients (nothing is kept for the backward when none is needed), under autocast (GEMMs
+    in the autocast dtype with float32 accumulation, LayerNorms and the residual stream in float32), in eager mode
+    and under ``torch.compile``."""
+    if len(units) == 0:
+        return A
+    found = learner_tensors(units)
+    if found is None:
+        return None
+    w12, w3, b12, b3, ln_w, ln_b, eps = found
+    d = w12[0].shape[1]
+    if A.dim() < 1 or A.shape[-1] != d:
+        raise ValueError(f"metric learner: A must have rows of width {d} (the learner's d), got shape {tuple(A.shape)}")
+    if not A.is_floating_point():
+        raise ValueError(f"metric learner: A must be floating point, got {A.dtype}")
+    device = A.device.type
+    param_dtype = w12[0].dtype
+    autocast = torch.is_autocast_enabled(device)
+    if autocast:
+        compute_dtype = torch.get_autocast_dtype(device)
+    elif A.dtype != param_dtype:
+        return None  # the modules raise a dtype mismatch: let them say so
+    else:
+        compute_dtype = param_dtype
+    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        return None
+    out_dtype = _output_dtype(A, compute_dtype, autocast, param_dtype)
+    kinds = (w12, w3, b12, b3, ln_w, ln_b)
+    save = torch.is_grad_enabled() and (A.requires_grad or any(p.requires_grad for ps in kinds if ps for p in ps))
+    stacked = [None if ps is None else torch.stack(ps) for ps in kinds]
+    out = torch.ops.pldr.metric_learner_fwd(A.reshape(-1, d), *stacked, float(eps), compute_dtype, out_dtype, save)[0]
+    return out.view(A.shape)

@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Micro-benchmark of one layer's metric learner (the fused operator of modeling/metric_learner.py), printed as JSON.
+
+    python scripts/bench_metric_learner.py                    # GPU: 110M sizes (d 64, A_dff 170, 8 units x 2 GLUs)
+    python scripts/bench_metric_learner.py --sweep            # + block-size sweep of each Triton kernel
+    python scripts/bench_metric_learner.py --device cpu --cases 512:fp32 --compiled none   # smoke run anywhere
+
+For rows = batch * heads * d = 14336 and 3584 (batch 16 and 4 at 14 heads x 64) under bf16 autocast, and 14336 in
+float32 (exact, and with TF32 allowed), the median time (triton.testing.do_bench on CUDA) of
+
+* ``kernel``: ``fused_metric_learner`` with its Triton kernels (in float32 the exact or the TF32 kernels, which the
+  operator only uses when ``metric_learner.FLOAT32_KERNELS`` says so);
+* ``reference``: the same operator with its plain-PyTorch path;
+* ``modules``: the ``PldrResidualMetricUnit`` modules in eager mode;
+* ``modules_compiled`` and ``kernel_compiled``: the modules and the operator under ``torch.compile`` (inductor; first
+  size, bf16, forward + backward only): compiled training without and with the operator;
+
+as ``fwd`` (no gradient: inference), ``fwd_train`` (forward keeping what the backward needs) and ``fwd_bwd`` (forward
+and backward, all parameter gradients), in milliseconds; ``launches``: CUDA kernels of one forward + backward; and
+``error``: the largest relative error (max |x - exact| / max |exact|) of the output and of the gradients of A and of
+each parameter against the modules in float64.
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+import traceback
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pldr_hf, even if another is installed
+import pldr_hf  # noqa: E402,F401  (makes pldr_hf.modeling importable from a source checkout)
+from pldr_hf import PldrConfig  # noqa: E402
+from pldr_hf.modeling import metric_learner as ML  # noqa: E402
+from pldr_hf.modeling import modeling_pldr as M  # noqa: E402
+
+
+def make_learner(d, hidden, units, glus, device, seed=0):
+    cfg = PldrConfig(hidden_size=14 * d, num_attention_heads=14, head_dim=d, A_dff=hidden, num_reslayerA=units,
+                     num_denseA=glus)
+    torch.manual_seed(seed)
+    learner = nn.ModuleList([M.PldrResidualMetricUnit(cfg) for _ in range(units)])
+    with torch.no_grad():  # scaled init: activations of order 1 through all units, as in a trained model
+        for name, p in learner.named_parameters():
+            if "layernorm" in name:
+                p.normal_(0, 0.1).add_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, p.shape[1] ** -0.5)
+    return learner.to(device)
+
+
+def modules(learner, A):
+    for unit in learner:
+        A = unit(A)
+    return A
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@contextlib.contextmanager
+def kernels_enabled(enabled: bool):
+    """``enabled``: the kernels, in float32 too (exact, or TF32 where TF32 is allowed; by default float32 runs
+    cuBLAS); otherwise the operator's reference path."""
+    orig = ML._use_kernels
+    if not enabled:
+        ML._use_kernels = lambda *args: False
+    ML.FLOAT32_KERNELS = ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee") if enabled else None
+    try:
+        yield
+    finally:
+        ML._use_kernels = orig
+        ML.FLOAT32_KERNELS = None
+
+
+def timer(device):
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn, grad_to_none=None: triton.testing.do_bench(fn, grad_to_none=grad_to_none,
+                                                                      return_mode="median")
+
+    def cpu_time(fn, grad_to_none=None, reps=5):
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    return cpu_time
+
+
+def count_launches(fn, device, grad_to_none):
+    if device != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    for t in grad_to_none:  # as in the timings: no accumulation into existing gradients
+        t.grad = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+
+
+def rel(x, exact):
+    return ((x.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+def run_case(args, rows, mode, learner, compiled=None, only=None):
+    device = args.device
+    d = args.d
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16")  # fp32 and tf32: no autocast
+    A = torch.randn(rows // d, d, d, device=device)
+    A_req = A.clone().requires_grad_()
+    gout = torch.randn_like(A)
+    params = list(learner.parameters())
+    bench = timer(device)
+    paths = {
+        "kernel": lambda x: ML.fused_metric_learner(learner, x),
+        "reference": lambda x: ML.fused_metric_learner(learner, x),
+        "modules": lambda x: modules(learner, x),
+    }
+    paths.update(compiled or {})
+    if only is not None:
+        paths = {name: paths[name] for name in only}
+    learner64 = copy.deepcopy(learner).double()
+    A64 = A.double().requires_grad_()
+    exact = modules(learner64, A64)
+    exact_grads = torch.autograd.grad(exact, [A64] + list(learner64.parameters()), gout.double())
+    result = {}
+    for name, fn in paths.items():
+        if name.startswith("kernel") and not (device == "cuda" and ML.triton is not None):
+            continue
+        try:
+            with tf32(mode == "tf32"):
+                result[name] = measure(fn, name, A, A_req, gout, params, exact, exact_grads, autocast, bench, device)
+        except Exception as err:  # noqa: BLE001  (report it and measure the other paths)
+            traceback.print_exc()
+            result[name] = {"failed": f"{type(err).__name__}: {str(err)[:1500]}"}
+    if "fwd_bwd_ms" in result.get("kernel", {}):
+        for other in ("reference", "modules"):
+            if "fwd_bwd_ms" in result.get(other, {}):
+                result[f"speedup_fwd_bwd_vs_{other}"] = result[other]["fwd_bwd_ms"] / result["kernel"]["fwd_bwd_ms"]
+    return result
+
+
+def measure(fn, name, A, A_req, gout, params, exact, exact_grads, autocast, bench, device):
+    """Errors against the float64 modules, times and kernel launches of one path."""
+    entry = {}
+    with kernels_enabled(name != "reference"), autocast:
+
+        def fwd():
+            with torch.no_grad():
+                return fn(A)
+
+        def fwd_train():
+            return fn(A_req)
+
+        def fwd_bwd():
+            fn(A_req).backward(gout)
+
+        out = fn(A_req)
+        grads = torch.autograd.grad(out, [A_req] + params, gout)
+        entry["error"] = {"out": rel(out, exact), "grad_A": rel(grads[0], exact_grads[0]),
+                          "grad_params_max": max(rel(g, e) for g, e in zip(grads[1:], exact_grads[1:]))}
+        del out, grads
+        if not name.endswith("compiled"):  # compiled: training only (each grad mode is another compilation)
+            entry["fwd_ms"] = bench(fwd)
+            entry["fwd_train_ms"] = bench(fwd_train)
+        entry["fwd_bwd_ms"] = bench(fwd_bwd, grad_to_none=[A_req] + params)
+        entry["launches_fwd_bwd"] = count_launches(fwd_bwd, device, [A_req] + params)
+    return entry
+
+
+def sweep(args, rows, learner):
+    """Times each Triton kernel for a few block configurations (bf16 autocast), the others at their defaults."""
+    device, d = args.device, args.d
+    bench = timer(device)
+    *kinds, eps = ML.learner_tensors(learner)
+    params = [None if ps is None else torch.stack(ps).detach() for ps in kinds]
+    x = torch.randn(rows, d, device=device)
+    gout = torch.randn(rows, d, device=device)
+    cd = torch.bfloat16
+    default = dict(ML.KERNEL_CONFIGS)
+    candidates = {  # the first of each is the default
+        "fwd": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
+        "bwd_rows": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+        "bwd_params": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (32, 64, 2, 2), (64, 64, 8, 2)],
+    }
+    fwd_op = torch.ops.pldr.metric_learner_fwd
+    bwd_op = torch.ops.pldr.metric_learner_bwd
+    result = {}
+    for kernel, configs in candidates.items():
+        times = {}
+        for config in configs:
+            ML.KERNEL_CONFIGS.update(default)
+            ML.KERNEL_CONFIGS[kernel] = config
+            try:
+                if kernel == "fwd":
+                    times[str(config)] = bench(lambda: fwd_op(x, *params, eps, cd, torch.float32, True))
+                else:
+                    _, xins, zs, mean, rstd = fwd_op(x, *params, eps, cd, torch.float32, True)
+                    times[str(config)] = bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd,
+                                                              torch.float32, True))
+            except Exception as err:  # noqa: BLE001  (e.g. out of shared memory: report and go on)
+                times[str(config)] = f"failed: {type(err).__name__}: {str(err)[:200]}"
+        ML.KERNEL_CONFIGS.update(default)
+        timed = {k: v for k, v in times.items() if isinstance(v, float)}
+        result[kernel] = {"ms": times, "best": min(timed, key=timed.get) if timed else None}
+    # the default configs with the GEMM weights cast in every program instead of once per call
+    _, xins, zs, mean, rstd = fwd_op(x, *params, eps, cd, torch.float32, True)
+    ML.PRECONVERT_WEIGHTS = False
+    try:
+        result["not_preconverted_ms"] = {
+            "fwd": bench(lambda: fwd_op(x, *params, eps, cd, torch.float32, True)),
+            "bwd": bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd, torch.float32, True)),
+        }
+    finally:
+        ML.PRECONVERT_WEIGHTS = True
+    result["preconverted_ms"] = {
+        "fwd": bench(lambda: fwd_op(x, *params, eps, cd, torch.float32, True)),
+        "bwd": bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd, torch.float32, True)),
+    }
+    # row splits of the parameter-gradient kernel
+    splits = {}
+    for n in (None, 2, 8, 16, 32):
+        ML.PARAM_GRAD_SPLITS = n
+        splits[str(n)] = bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd, torch.float32, True))
+    ML.PARAM_GRAD_SPLITS = None
+    result["param_grad_splits_bwd_ms"] = splits
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--cases", nargs="+", default=["14336:bf16", "3584:bf16", "14336:fp32", "14336:tf32"],
+                        help="rows:mode, rows = batch * heads * d; mode bf16 (autocast), fp32, tf32 (fp32 with TF32)")
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=170)
+    parser.add_argument("--units", type=int, default=8)
+    parser.add_argument("--glus", type=int, default=2)
+    parser.add_argument("--compiled", default="both", choices=["both", "kernel", "none"],
+                        help="which paths to also time under torch.compile (the modules take a while to compile)")
+    parser.add_argument("--sweep", action="store_true", help="block-size sweep of each kernel (bf16)")
+    parser.add_argument("--out", default="", help="also write the JSON report here (updated after every step)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu")
+    learner = make_learner(args.d, args.hidden, args.units, args.glus, args.device)
+    report = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": getattr(ML.triton, "__version__", None),
+        "sizes": {"d": args.d, "A_dff": args.hidden, "units": args.units, "glus": args.glus},
+        "kernel_configs": {k: list(v) for k, v in ML.KERNEL_CONFIGS.items()},
+        "results": {},
+    }
+
+    def save():  # after every step, so that a run cut short still leaves what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+
+    cases = [(int(case.split(":")[0]), case.split(":")[1]) for case in args.cases]
+    for rows, mode in cases:
+        t = time.time()
+        report["results"][f"rows{rows}_{mode}"] = run_case(args, rows, mode, learner)
+        print(f"rows {rows} {mode}: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+        save()
+    if args.sweep and args.device == "cuda" and ML.triton is not None:
+        t = time.time()
+        report["sweep_rows"] = cases[0][0]
+        report["sweep"] = sweep(args, cases[0][0], learner)
+        print(f"sweep: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+        save()
+    if args.compiled != "none":  # last: compiling ~350 ops takes a while (first size, bf16, forward + backward only)
+        t = time.time()
+        compiled = {"kernel_compiled": torch.compile(lambda x: ML.fused_metric_learner(learner, x), fullgraph=True)}
+        if args.compiled == "both":
+            compiled["modules_compiled"] = torch.compile(lambda x: modules(learner, x))
+        key = f"rows{cases[0][0]}_bf16"
+        case = run_case(args, cases[0][0], "bf16", learner, compiled, only=list(compiled))
+        results = report["results"].setdefault(key, {})
+        results.update(case)
+        if "fwd_bwd_ms" in results.get("kernel_compiled", {}) and "fwd_bwd_ms" in results.get("modules_compiled", {}):
+            results["speedup_fwd_bwd_compiled"] = (
+                results["modules_compiled"]["fwd_bwd_ms"] / results["kernel_compiled"]["fwd_bwd_ms"])
+        print(f"compiled: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+        save()
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

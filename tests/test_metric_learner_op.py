@@ -1,0 +1,490 @@
+"""The metric learner operator (``pldr::metric_learner_fwd`` / ``pldr::metric_learner_bwd`` behind
+``fused_metric_learner``) computes what the modules compute: outputs and gradients of A and of every parameter, with
+and without biases, any number of units and GLUs, frozen parameters, without gradients, under autocast and under
+``torch.compile``; it steps aside (returns None) for anything that changes the modules (adapters, hooks).
+
+Its Triton kernels are checked on CPU under Triton's interpreter (in a subprocess: TRITON_INTERPRET must be set before
+triton is imported). The CUDA tests (kernels against the reference on the GPU) run on a GPU machine only."""
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pldr_hf import PldrConfig
+from pldr_hf.modeling import metric_learner as ML
+from pldr_hf.modeling import modeling_pldr as M
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_cuda_triton = pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+
+
+def _learner(units=3, glus=2, bias=True, d=16, hidden=20, seed=0, std=None, device="cpu"):
+    """A ModuleList of PLDR metric learner units. ``std=None``: scaled init (weights ~ 1/sqrt(fan_in), LayerNorm
+    weights near 1), well conditioned for low-precision comparisons; otherwise every parameter ~ N(0, std)."""
+    cfg = PldrConfig(vocab_size=64, hidden_size=2 * d, num_attention_heads=2, head_dim=d, num_hidden_layers=1,
+                     intermediate_size=40, A_dff=hidden, num_reslayerA=units, num_denseA=glus, glu_bias=bias)
+    torch.manual_seed(seed)
+    learner = nn.ModuleList([M.PldrResidualMetricUnit(cfg) for _ in range(units)])
+    with torch.no_grad():
+        for name, p in learner.named_parameters():
+            if std is not None:
+                p.normal_(0, std)
+            elif "layernorm" in name:
+                p.normal_(0, 0.1).add_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, p.shape[1] ** -0.5)
+    return learner.to(device)
+
+
+def _stacked(units, requires_grad=False):
+    """The operator's parameter inputs (W1|W2, W3, b1|b2, b3, LayerNorm weights and biases) and eps."""
+    *kinds, eps = ML.learner_tensors(units)
+    return [None if ps is None else torch.stack(ps).detach().requires_grad_(requires_grad) for ps in kinds], eps
+
+
+def _modules(units, A):
+    for unit in units:
+        A = unit(A)
+    return A
+
+
+def _grads(out, inputs, gout):
+    return torch.autograd.grad(out, inputs, gout, allow_unused=True)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _compare(units, A, gout, tol):
+    """Op vs modules: same shape/dtype, outputs and gradients (A and every parameter) within ``tol`` of the largest
+    value."""
+    params = [p for p in units.parameters() if p.requires_grad]
+    inputs = ([A] if A.requires_grad else []) + params
+    ref = _modules(units, A)
+    out = ML.fused_metric_learner(units, A)
+    assert out is not None and out.shape == ref.shape and out.dtype == ref.dtype
+    assert _rel(out, ref) <= tol
+    for g, r in zip(_grads(out, inputs, gout), _grads(ref, inputs, gout)):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        assert _rel(g, r) <= tol
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference path (CPU)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("glus", [1, 2, 3])
+def test_op_matches_the_modules(bias, glus):
+    units = _learner(units=2, glus=glus, bias=bias, std=0.3)
+    A = torch.randn(2, 2, 16, 16, requires_grad=True)
+    _compare(units, A, torch.randn(2, 2, 16, 16), 1e-5)
+
+
+@pytest.mark.parametrize("n_units", [1, 3])
+def test_op_matches_the_modules_any_number_of_units(n_units):
+    units = _learner(units=n_units, glus=2, std=0.3)
+    A = torch.randn(3, 5, 16, requires_grad=True)  # any leading shape
+    _compare(units, A, torch.randn(3, 5, 16), 1e-5)
+
+
+def test_non_contiguous_input_and_float64():
+    units = _learner(units=2).double()
+    A = torch.randn(4, 16, 3, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    assert not A.is_contiguous()
+    _compare(units, A, torch.randn(4, 3, 16, dtype=torch.float64), 1e-12)
+
+
+def test_bf16_autocast_within_autocast_noise():
+    units = _learner(units=3, glus=2, d=16, hidden=20)
+    A = torch.randn(2, 2, 16, 16, requires_grad=True)
+    gout = torch.randn(2, 2, 16, 16)
+    params = list(units.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _modules(units, A)
+        out = ML.fused_metric_learner(units, A)
+    assert out.dtype == ref.dtype == torch.float32  # A + (bf16 GLU output) is float32, and so is its LayerNorm
+    exact = _modules(copy.deepcopy(units).double(), A.detach().double().requires_grad_())
+    assert _rel(out, exact) <= 2e-2 and _rel(out, ref) <= 3e-2
+    units64 = copy.deepcopy(units).double()
+    A64 = A.detach().double().requires_grad_()
+    exact_grads = _grads(_modules(units64, A64), [A64] + list(units64.parameters()), gout.double())
+    for g, r, e in zip(_grads(out, [A] + params, gout), _grads(ref, [A] + params, gout), exact_grads):
+        assert g.dtype == r.dtype
+        assert _rel(g, e) <= max(2e-2, 2 * _rel(r, e))  # as close to the exact gradient as the modules' own
+
+
+def test_bf16_parameters_without_autocast():
+    units = _learner(units=2).to(torch.bfloat16)
+    A = torch.randn(2, 2, 16, 16, dtype=torch.bfloat16, requires_grad=True)
+    ref = _modules(units, A)
+    out = ML.fused_metric_learner(units, A)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert _rel(out, ref) <= 3e-2
+    (g,) = _grads(out, [A], torch.ones_like(out))
+    assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+
+
+def test_frozen_learner_gives_only_the_input_gradient():
+    units = _learner(units=2, std=0.3)
+    for p in units.parameters():
+        p.requires_grad_(False)
+    A = torch.randn(2, 2, 16, 16, requires_grad=True)
+    gout = torch.randn(2, 2, 16, 16)
+    (ref,) = _grads(_modules(units, A), [A], gout)
+    out = ML.fused_metric_learner(units, A)
+    (got,) = _grads(out, [A], gout)
+    assert _rel(got, ref) <= 1e-5
+    assert all(p.grad is None for p in units.parameters())
+
+
+def test_parameter_gradients_without_input_gradient():
+    units = _learner(units=2, glus=1, bias=False, std=0.3)
+    A = torch.randn(2, 2, 16, 16)
+    _compare(units, A, torch.randn(2, 2, 16, 16), 1e-5)
+    units[0].layernormA.weight.requires_grad_(False)  # partly frozen
+    _compare(units, A, torch.randn(2, 2, 16, 16), 1e-5)
+
+
+def test_no_grad_path_saves_nothing():
+    units = _learner(units=2, std=0.3)
+    A = torch.randn(2, 2, 16, 16, requires_grad=True)
+    ref = _modules(units, A).detach()
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            out = ML.fused_metric_learner(units, A)
+        assert out.grad_fn is None and not out.requires_grad
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    params, eps = _stacked(units)
+    _, xins, zs, mean, rstd = torch.ops.pldr.metric_learner_fwd(A.detach().reshape(-1, 16), *params, eps,
+                                                               torch.float32, torch.float32, False)
+    assert xins.numel() == zs.numel() == mean.numel() == rstd.numel() == 0
+
+
+def test_gradients_accumulate_over_two_calls():
+    units = _learner(units=2, std=0.3)
+    A1, A2 = torch.randn(3, 16), torch.randn(5, 16)
+    (ML.fused_metric_learner(units, A1).sum() + ML.fused_metric_learner(units, A2).pow(2).sum()).backward()
+    got = [p.grad.clone() for p in units.parameters()]
+    units.zero_grad()
+    (_modules(units, A1).sum() + _modules(units, A2).pow(2).sum()).backward()
+    for g, p in zip(got, units.parameters()):
+        assert _rel(g, p.grad) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# When the modules must run, and wrong shapes
+# ---------------------------------------------------------------------------------------------------------------------
+def test_lora_adapter_makes_the_modules_run():
+    peft = pytest.importorskip("peft")
+    units = _learner(units=2)
+    A = torch.randn(2, 2, 16, 16)
+    assert ML.fused_metric_learner(units, A) is not None
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["gluw1"]), units)
+    assert type(units[0].denseAs[0].gluw1) is not nn.Linear
+    assert ML.fused_metric_learner(units, A) is None
+
+
+def test_hooks_make_the_modules_run():
+    units = _learner(units=2)
+    A = torch.randn(2, 16)
+    for module in (units[1], units[0].denseAs[1], units[1].denseAs[0].gluw3, units[0].layernormA):
+        for register in (module.register_forward_hook, module.register_forward_pre_hook):
+            handle = register(lambda *args: None)
+            assert ML.fused_metric_learner(units, A) is None
+            handle.remove()
+        handle = module.register_full_backward_hook(lambda *args: None)
+        assert ML.fused_metric_learner(units, A) is None
+        handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert ML.fused_metric_learner(units, A) is None
+    finally:
+        handle.remove()
+    assert ML.fused_metric_learner(units, A) is not None
+
+
+def test_other_module_changes_make_the_modules_run():
+    A = torch.randn(2, 16)
+    units = _learner(units=2)
+    units[1].denseAs[0].gluw2 = nn.Sequential(units[1].denseAs[0].gluw2)  # a wrapped Linear
+    assert ML.fused_metric_learner(units, A) is None
+    units = _learner(units=2)
+    units[0].denseAs[0].act_fn = nn.GELU()
+    assert ML.fused_metric_learner(units, A) is None
+    units = _learner(units=2)
+    units[1].layernormA.bias.data = units[1].layernormA.bias.data.double()  # mixed parameter dtypes
+    assert ML.fused_metric_learner(units, A) is None
+    units = _learner(units=2)
+    assert ML.fused_metric_learner(units, A.double()) is None  # the modules raise their own dtype error
+    assert ML.fused_metric_learner(nn.ModuleList(), A) is A
+
+
+def test_wrong_shapes_raise_value_error():
+    units = _learner(units=2)
+    with pytest.raises(ValueError, match="rows of width 16"):
+        ML.fused_metric_learner(units, torch.randn(4, 15))
+    (w12, w3, b12, b3, ln_w, ln_b), eps = _stacked(units)
+    fwd = torch.ops.pldr.metric_learner_fwd
+    options = (eps, torch.float32, torch.float32, False)
+    with pytest.raises(ValueError, match=r"W1\|W2 must have shape \(8, 20, 16\)"):
+        fwd(torch.randn(4, 16), w12[:-1], w3, b12, b3, ln_w, ln_b, *options)
+    with pytest.raises(ValueError, match="rows must have shape"):
+        fwd(torch.randn(4, 17), w12, w3, b12, b3, ln_w, ln_b, *options)
+    with pytest.raises(ValueError, match=r"expected rows \[N, d\]"):
+        fwd(torch.randn(4, 2, 16), w12, w3, b12, b3, ln_w, ln_b, *options)
+    with pytest.raises(ValueError, match="G a multiple of U"):
+        fwd(torch.randn(4, 16), w12, w3, b12, b3, ln_w.repeat(3, 1), ln_b.repeat(3, 1), *options)
+    with pytest.raises(ValueError, match="both b1|b2 and b3, or neither"):
+        fwd(torch.randn(4, 16), w12, w3, b12, None, ln_w, ln_b, *options)
+    with pytest.raises(ValueError, match="same dtype"):
+        fwd(torch.randn(4, 16), w12, w3.double(), b12, b3, ln_w, ln_b, *options)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.compile and the operator checks
+# ---------------------------------------------------------------------------------------------------------------------
+def test_compiles_without_graph_breaks_and_matches_eager():
+    units = _learner(units=2, std=0.3)
+
+    def fn(A):
+        return ML.fused_metric_learner(units, A) * 2.0
+
+    A = torch.randn(2, 2, 16, 16, requires_grad=True)
+    assert torch._dynamo.explain(fn)(A).graph_break_count == 0
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    gout = torch.randn(2, 2, 16, 16)
+    inputs = [A] + list(units.parameters())
+    out, ref = compiled(A), fn(A)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    for g, r in zip(_grads(out, inputs, gout), _grads(ref, inputs, gout)):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = compiled(A), fn(A)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        assert not compiled(A).requires_grad
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(bias):
+    units = _learner(units=2, glus=2, bias=bias, std=0.3)
+    x = torch.randn(12, 16)
+    for save, dtype in ((True, torch.float32), (False, torch.float32), (True, torch.bfloat16)):
+        params, eps = _stacked(units, requires_grad=save)
+        args = (x.clone().requires_grad_(save), *params, eps, dtype, torch.float32, save)
+        torch.library.opcheck(torch.ops.pldr.metric_learner_fwd.default, args)
+    params, eps = _stacked(units)
+    _, xins, zs, mean, rstd = torch.ops.pldr.metric_learner_fwd(x, *params, eps, torch.float32, torch.float32, True)
+    for param_grads in (True, False):
+        args = (torch.randn(12, 16), *params, xins, zs, mean, rstd, eps, torch.float32, torch.float32, param_grads)
+        torch.library.opcheck(torch.ops.pldr.metric_learner_bwd.default, args)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_which_calls_the_kernels_take(monkeypatch):
+    monkeypatch.setattr(ML, "_KERNELS_ON_CPU", True)  # CPU tensors stand for GPU ones here (nothing is launched)
+    x = torch.zeros(10, 64)
+    params = torch.zeros(1)
+    layout = ML._Layout(8, 2, 170, 64, True)
+    assert ML._use_kernels(x, params, layout, torch.bfloat16) and ML._use_kernels(x, params, layout, torch.float16)
+    assert not ML._use_kernels(x, params, ML._Layout(8, 2, 170, 48, True), torch.bfloat16)  # d not a power of two
+    assert not ML._use_kernels(x.double(), params, layout, torch.float64)
+    # float32: cuBLAS unless the kernels' dot precision is named
+    assert not ML._use_kernels(x, params, layout, torch.float32)
+    for precision in ("ieee", "tf32"):
+        monkeypatch.setattr(ML, "FLOAT32_KERNELS", precision)
+        assert ML._use_kernels(x, params, layout, torch.float32) and ML._dot_precision(torch.float32) == precision
+    monkeypatch.setattr(ML, "_KERNELS_ON_CPU", False)
+    assert not ML._use_kernels(x, params, layout, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Triton kernels under Triton's CPU interpreter
+# ---------------------------------------------------------------------------------------------------------------------
+# Runs in a fresh interpreter with TRITON_INTERPRET=1. Three shortcomings of Triton 3.6's interpreter are patched
+# there first (they concern the interpreter only, not compiled kernels): loop bounds taken from kernel arguments are
+# converted with int() on one-element arrays, which NumPy >= 2.4 rejects; tl.dot multiplies bfloat16 operands as
+# their raw 16-bit patterns; and float32 -> bfloat16 casts truncate (or, asked to round, drop the carry) where the GPU
+# rounds to nearest even.
+_INTERPRETER_SCRIPT = r'''
+import copy, json, os, sys
+assert os.environ.get("TRITON_INTERPRET") == "1"
+import numpy as np
+import torch
+import triton.language as tl
+import triton.runtime.interpreter as interp
+
+_patch_tensor = interp._patch_lang_tensor
+def _patch_lang_tensor(tensor, scope):
+    _patch_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+interp._patch_lang_tensor = _patch_lang_tensor
+
+_create_dot = interp.InterpreterBuilder.create_dot
+def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    def widen(t):
+        if t.dtype.scalar != tl.bfloat16:
+            return t
+        return interp.TensorHandle(interp._convert_float(t.data, tl.bfloat16, tl.float32, None).view(np.float32),
+                                   tl.float32)
+    return _create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+interp.InterpreterBuilder.create_dot = create_dot
+
+_convert = interp._convert_float
+def _convert_float(data, src, dst, rounding_mode):
+    if src == tl.float32 and dst == tl.bfloat16:
+        u = np.ascontiguousarray(data).view(np.uint32).astype(np.uint64)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return _convert(data, src, dst, rounding_mode)
+interp._convert_float = _convert_float
+
+from test_metric_learner_op import _learner, _modules, _grads, _rel
+from pldr_hf.modeling import metric_learner as ML
+
+# Small blocks so that the sizes below exercise every edge: 70 rows = 4 full blocks of 16 + 6 (masked) rows;
+# A_dff = 40 = one chunk of 32 + a masked chunk of 8; the parameter gradients split over 2 row ranges.
+ML.KERNEL_CONFIGS.update(fwd=(16, 32, 4, 1), bwd_rows=(16, 32, 4, 1), bwd_params=(16, 32, 4, 1))
+ML.PARAM_GRAD_SPLITS = 2
+ML.FLOAT32_KERNELS = "ieee"
+calls = []
+for name in ("_kernel_forward", "_kernel_backward"):
+    fn = getattr(ML, name)
+    setattr(ML, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+
+def run(units, A, gout, kernels, autocast):
+    ML._KERNELS_ON_CPU = kernels
+    params = [p for p in units.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = ML.fused_metric_learner(units, A)
+    return out, _grads(out, [A] + params, gout)
+
+results = {}
+for case, (bias, frozen, autocast) in {
+    "fp32": (True, False, False), "fp32_no_bias_frozen": (False, True, False), "bf16": (True, False, True),
+}.items():
+    units = _learner(units=2, glus=2, bias=bias, d=32, hidden=40, seed=1)
+    for p in units.parameters():
+        p.requires_grad_(not frozen)
+    A = torch.randn(5, 14, 32, requires_grad=True)
+    gout = torch.randn(5, 14, 32)
+    calls.clear()
+    out, grads = run(units, A, gout, True, autocast)
+    assert calls == ["_kernel_forward", "_kernel_backward"], calls
+    ref, ref_grads = run(units, A, gout, False, autocast)
+    units64 = copy.deepcopy(units).double()
+    A64 = A.detach().double().requires_grad_()
+    exact = _modules(units64, A64)
+    exact_grads = _grads(exact, [A64] + [p for p in units64.parameters() if p.requires_grad], gout.double())
+    assert out.dtype == ref.dtype and len(grads) == len(ref_grads) == len(exact_grads)
+    results[case] = {
+        "kernel": [_rel(out, exact)] + [_rel(g, e) for g, e in zip(grads, exact_grads)],
+        "reference": [_rel(ref, exact)] + [_rel(g, e) for g, e in zip(ref_grads, exact_grads)],
+    }
+print(json.dumps(results))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable, so its kernels cannot be interpreted on CPU")
+def test_triton_kernels_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=REPO / "tests")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case in ("fp32", "fp32_no_bias_frozen"):
+        # float32 (input_precision="ieee"): as exact as the modules themselves
+        assert max(results[case]["kernel"]) <= 1e-5, results[case]
+    kernel, reference = results["bf16"]["kernel"], results["bf16"]["reference"]
+    for k, r in zip(kernel, reference):  # bf16 GEMMs: within autocast noise, as close as the reference path
+        assert k <= max(2e-2, 2 * r), results["bf16"]
+    assert len(kernel) == 1 + 1 + 2 * 2 * 6 + 2 * 2  # out, A, 4 GLUs x 6 parameters, 2 LayerNorms x 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA: the compiled kernels against the reference path and the modules
+# ---------------------------------------------------------------------------------------------------------------------
+def _cuda_case(dtype, bias, rows_shape, frozen=False, seed=0):
+    units = _learner(units=8, glus=2, bias=bias, d=64, hidden=170, seed=seed, device="cuda")
+    for p in units.parameters():
+        p.requires_grad_(not frozen)
+    A = torch.randn(*rows_shape, 64, device="cuda", requires_grad=True)
+    gout = torch.randn(*rows_shape, 64, device="cuda")
+    params = [p for p in units.parameters() if p.requires_grad]
+
+    def run(kernels):
+        orig = ML._use_kernels
+        ML._use_kernels = lambda *a: kernels and orig(*a)
+        ML.FLOAT32_KERNELS = "ieee"  # float32: check the exact kernels (by default float32 runs cuBLAS)
+        try:
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                out = ML.fused_metric_learner(units, A)
+            return out, _grads(out, [A] + params, gout)
+        finally:
+            ML._use_kernels = orig
+            ML.FLOAT32_KERNELS = None
+
+    units64 = copy.deepcopy(units).double()
+    A64 = A.detach().double().requires_grad_()
+    exact = _modules(units64, A64)
+    exact_grads = _grads(exact, [A64] + [p for p in units64.parameters() if p.requires_grad], gout.double())
+    assert dtype == torch.float32 or ML._use_kernels(A.reshape(-1, 64), torch.zeros(1, device="cuda"),
+                                                     ML._Layout(8, 2, 170, 64, bias), dtype)
+    return run(True), run(False), (exact, exact_grads)
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False),
+                                         (torch.float16, True)])
+def test_cuda_kernels_match_the_reference(dtype, bias):
+    # 3 x 14 x 64 = 2688 rows, and 2200 rows (not a multiple of any block); on 132 SMs both run row blocks of 32
+    for shape in ((3, 14, 64), (2200,)):
+        (out, grads), (ref, ref_grads), (exact, exact_grads) = _cuda_case(dtype, bias, shape)
+        assert out.dtype == ref.dtype
+        for k, r, e in zip((out, *grads), (ref, *ref_grads), (exact, *exact_grads)):
+            if dtype == torch.float32:
+                assert _rel(k, e) <= 1e-5 and _rel(r, e) <= 1e-4
+            else:
+                assert _rel(k, e) <= max(2e-2, 2 * _rel(r, e))
+
+
+@needs_cuda_triton
+def test_cuda_frozen_learner_and_no_grad():
+    (out, grads), (ref, ref_grads), (exact, exact_grads) = _cuda_case(torch.bfloat16, True, (2, 14, 64), frozen=True)
+    assert len(grads) == 1 and _rel(grads[0], exact_grads[0]) <= max(2e-2, 2 * _rel(ref_grads[0], exact_grads[0]))
+    units = _learner(units=8, glus=2, d=64, hidden=170, device="cuda")
+    A = torch.randn(2, 14, 64, 64, device="cuda")
+    with torch.no_grad():
+        out = ML.fused_metric_learner(units, A)
+        assert _rel(out, _modules(units, A)) <= 1e-5
+
+
+@needs_cuda_triton
+def test_cuda_compiled_with_inductor():
+    units = _learner(units=8, glus=2, d=64, hidden=170, device="cuda")
+
+    def fn(A):
+        return ML.fused_metric_learner(units, A).sum(-1)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    A = torch.randn(2, 14, 64, 64, device="cuda", requires_grad=True)
+    params = list(units.parameters())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, ref = compiled(A), fn(A)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    gout = torch.randn_like(out)
+    for g, r in zip(_grads(out, [A] + params, gout), _grads(ref, [A] + params, gout)):
+        torch.testing.assert_close(g, r, atol=1e-4 * max(1.0, r.abs().max().item()), rtol=0)
