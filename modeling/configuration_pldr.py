@@ -41,9 +41,6 @@ class PldrConfig(PreTrainedConfig):
             power law step is recomputed from the cached A at every decoding step (same numbers, slower).
         output_pldr_attentions: Return the deductive outputs (A, A_LM, exponents, G_LM...) of every layer.
         attention_dropout: Dropout on the attention probabilities.
-        metric_learner_cuda_graphs: When training on CUDA, replay each layer's metric learner (forward and backward)
-            as CUDA graphs captured once per input shape; its ~350 tiny kernels per layer otherwise cost more host
-            time than GPU time. Off: the same fused math runs op by op. Numerics are the same either way.
         initializer_range: Kept for compatibility with the published configs (the original's init is used).
     """
 
@@ -79,7 +76,6 @@ class PldrConfig(PreTrainedConfig):
     cache_first_G: bool = False
     use_g_cache: bool = True
     output_pldr_attentions: bool = False
-    metric_learner_cuda_graphs: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -111,7 +107,7 @@ class PldrConfig(PreTrainedConfig):
             raise ValueError(
                 f"PldrConfig: `custom_G_type` must be one of {list(CUSTOM_G_TYPES)}, got {self.custom_G_type!r}."
             )
-        for key in ("cache_first_G", "use_g_cache", "metric_learner_cuda_graphs"):
+        for key in ("cache_first_G", "use_g_cache"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"PldrConfig: `{key}` must be true or false, got {getattr(self, key)!r}.")
         if not self.layer_norm_eps > 0:
