@@ -39,7 +39,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_pldr import PldrConfig
 
@@ -814,9 +814,9 @@ class PldrAttention(nn.Module):
 
         # Induction: scaled dot-product attention on q' = q G_LM.
         query = torch.matmul(q, G_LM.to(q.dtype))
-        attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation != "eager":
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         out, weights = attention_interface(
             self,
             query,
@@ -975,6 +975,7 @@ class PldrModel(PldrPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embedding = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1120,8 +1121,13 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
     # prompt's deductive tensors filled in beforehand: assisted decoding (its first forward is prompt + draft tokens)
     # and chunked prefill (each chunk would otherwise see only part of the prompt).
     # ------------------------------------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs
+    ):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
         mask = inputs.get("attention_mask")
         if attention_mask is not None and attention_mask.dim() == 2 and (mask is None or mask.dim() != 2):
             # A static cache gets a 4D mask; keep the padding of the new tokens for the metric tensor A.
@@ -1176,6 +1182,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
                                       use_g_cache=model_kwargs.get("use_g_cache"), inputs_embeds=embeds)
         return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1203,6 +1210,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_pldr_attentions=output_pldr_attentions,
             use_g_cache=use_g_cache,
+            return_dict=True,
             pldr_token_mask=kwargs.pop("pldr_token_mask", None),
         )
         hidden_states = outputs.last_hidden_state
@@ -1239,13 +1247,14 @@ class PldrForSequenceClassification(PldrPreTrainedModel):
     def set_input_embeddings(self, value):
         self.decoder.embedding = value
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 output_pldr_attentions=None, **kwargs) -> SequenceClassifierOutputWithPast:
         outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                               output_pldr_attentions=output_pldr_attentions)
+                               output_pldr_attentions=output_pldr_attentions, return_dict=True, **kwargs)
         logits = self.score(outputs.last_hidden_state)
         batch = logits.shape[0]
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -1285,13 +1294,14 @@ class PldrForTokenClassification(PldrPreTrainedModel):
     def set_input_embeddings(self, value):
         self.decoder.embedding = value
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                output_attentions=None, output_hidden_states=None, output_pldr_attentions=None,
+                output_attentions=None, output_hidden_states=None, output_pldr_attentions=None, use_cache=None,
                 **kwargs) -> TokenClassifierOutput:
         outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states,
-                               output_pldr_attentions=output_pldr_attentions)
+                               output_pldr_attentions=output_pldr_attentions, return_dict=True, **kwargs)
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -1315,13 +1325,15 @@ class PldrForQuestionAnswering(PldrPreTrainedModel):
     def set_input_embeddings(self, value):
         self.decoder.embedding = value
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
-                output_pldr_attentions=None, **kwargs) -> QuestionAnsweringModelOutput:
+                output_pldr_attentions=None, use_cache=None,
+                **kwargs) -> QuestionAnsweringModelOutput:
         outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states,
-                               output_pldr_attentions=output_pldr_attentions)
+                               output_pldr_attentions=output_pldr_attentions, return_dict=True, **kwargs)
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
         start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
         loss = None
