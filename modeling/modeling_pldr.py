@@ -130,6 +130,14 @@ class PldrCacheMixin:
     def clear_deductive(self):
         self._init_deductive(len(getattr(self, "deductive_A", [])))
 
+    def share_first_row(self):
+        """Keeps the first batch row's deductive tensors only: they serve every row from now on (``cache_first_G``)."""
+        for store in (getattr(self, "deductive_A", []), getattr(self, "deductive_A_LM", []),
+                      getattr(self, "deductive_G_LM", [])):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t[:1]
+
     def _map_deductive(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         # Tensors of batch size 1 (cache_first_G, or an imported G) are shared by every row and stay as they are.
         for store in (getattr(self, "deductive_A", []), getattr(self, "deductive_A_LM", []),
@@ -781,6 +789,7 @@ class PldrAttention(nn.Module):
         past_key_values: Cache | None = None,
         fixed_G: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         output_pldr_attentions: bool = False,
+        use_g_cache: bool | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
         B, S, _ = hidden_states.shape
@@ -803,11 +812,7 @@ class PldrAttention(nn.Module):
                     A = self.metric_tensor(q, token_mask)
                 A_LM, G_LM = self.plgatt_layer(A)
                 if past_key_values is not None:
-                    if self.config.cache_first_G:
-                        # The first row's A, A_LM, G_LM serve the whole batch, from this (prefill) step on.
-                        A, A_LM, G_LM = A[:1], A_LM[:1], G_LM[:1]
-                    keep_g = self.config.use_g_cache if kwargs.get("use_g_cache") is None else kwargs["use_g_cache"]
-                    past_key_values.set_deductive(self.layer_idx, A, A_LM if keep_g else None, G_LM if keep_g else None)
+                    self._cache_deductive(past_key_values, A, A_LM, G_LM, use_g_cache)
 
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
@@ -825,6 +830,7 @@ class PldrAttention(nn.Module):
             attention_mask,
             dropout=self.config.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
+            **kwargs,
         )
         out = self.dense(out.reshape(B, S, -1))
         deductive = None
@@ -842,6 +848,14 @@ class PldrAttention(nn.Module):
                 attention_weights=weights,
             )
         return out, deductive
+
+    def _cache_deductive(self, cache, A, A_LM, G_LM, use_g_cache):
+        """Stores this forward's deductive tensors for the next steps: per row, or with ``cache_first_G`` the first
+        row's for every row. This forward itself has used each row's own (as the port does at prefill)."""
+        if self.config.cache_first_G:
+            A, A_LM, G_LM = A[:1], A_LM[:1], G_LM[:1]
+        keep_g = self.config.use_g_cache if use_g_cache is None else use_g_cache
+        cache.set_deductive(self.layer_idx, A, A_LM if keep_g else None, G_LM if keep_g else None)
 
 
 class PldrDecoderLayer(GradientCheckpointingLayer):
@@ -1040,11 +1054,6 @@ class PldrModel(PldrPreTrainedModel):
             if attention_mask.shape[1] < S:
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, the input has {S}.")
             token_mask = attention_mask[:, -S:]
-        elif kwargs.get("pldr_token_mask") is not None:
-            # generate() turns the 2D mask into a 4D one for static caches; it passes the 2D one along for A.
-            token_mask = kwargs["pldr_token_mask"]
-            if tuple(token_mask.shape) != (B, S):
-                raise ValueError(f"pldr_token_mask must have shape {(B, S)}, got {tuple(token_mask.shape)}.")
 
         cos, sin = rotary_tables(position_ids, c.head_dim, c.rope_theta, c.reference_rope)
         if cos.shape[0] != B:
@@ -1121,6 +1130,13 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
     # prompt's deductive tensors filled in beforehand: assisted decoding (its first forward is prompt + draft tokens)
     # and chunked prefill (each chunk would otherwise see only part of the prompt).
     # ------------------------------------------------------------------------------------------------------------------
+    def _computes_metric_tensor(self, cache: Cache | None) -> bool:
+        """Whether the next forward with ``cache`` computes A (it holds no deductive tensors yet)."""
+        if self.decoder.past_G_values is not None:
+            return False
+        get = getattr(cache, "get_deductive", None)
+        return get is None or all(t is None for t in get(0))
+
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs
     ):
@@ -1129,11 +1145,14 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         mask = inputs.get("attention_mask")
-        if attention_mask is not None and attention_mask.dim() == 2 and (mask is None or mask.dim() != 2):
-            # A static cache gets a 4D mask; keep the padding of the new tokens for the metric tensor A.
-            ids = inputs.get("input_ids")
-            seq = ids.shape[1] if ids is not None else inputs["inputs_embeds"].shape[1]
-            inputs["pldr_token_mask"] = attention_mask[:, -seq:]
+        if (mask is not None and mask.dim() == 4 and (attention_mask is None or attention_mask.dim() == 2)
+                and self._computes_metric_tensor(past_key_values)):
+            # generate() turns the mask into a 4D one for compileable (static) caches, for the compiled decoding steps.
+            # The forward that computes A (the prefill, never compiled by generate) needs to know the padding of the
+            # prompt, which A excludes: it gets the caller's 2D mask (or none) and builds the 4D one itself.
+            inputs.pop("attention_mask")
+            if attention_mask is not None:
+                inputs["attention_mask"] = attention_mask
         return inputs
 
     @torch.no_grad()
@@ -1144,20 +1163,26 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         use_g_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> Cache:
         """Stores the prompt's A (and with the G-cache A_LM, G_LM) of every layer in ``past_key_values``, leaving its
         keys and values empty, so that a later forward over the prompt plus other tokens uses the prompt's deductive
         tensors, exactly as step-by-step decoding would. Does nothing for a fixed-G model or a cache that already
-        holds deductive tensors (e.g. one made by ``pldr_hf.gfile.cache_with_g``)."""
+        holds deductive tensors (e.g. one made by ``pldr_hf.gfile.cache_with_g``).
+
+        Position ids default to generate()'s (counted over the non-padding tokens of ``attention_mask``). Each row
+        keeps its own tensors, also with ``cache_first_G``: the prompt's own forward uses each row's own G, as a
+        prefill does; call ``cache.share_first_row()`` after it to serve every row with the first row's."""
         cache = as_pldr_cache(past_key_values)
         if self.decoder.past_G_values is not None or any(t is not None for t in cache.get_deductive(0)):
             return cache
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         out = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           use_cache=False, output_pldr_attentions=True)
+                           position_ids=position_ids, use_cache=False, output_pldr_attentions=True)
         keep_g = self.config.use_g_cache if use_g_cache is None else use_g_cache
         for i, d in enumerate(out.pldr_attentions):
-            A, A_LM, G_LM = (d.A[:1], d.A_LM[:1], d.G_LM[:1]) if self.config.cache_first_G else (d.A, d.A_LM, d.G_LM)
-            cache.set_deductive(i, A, A_LM if keep_g else None, G_LM if keep_g else None)
+            cache.set_deductive(i, d.A, d.A_LM if keep_g else None, d.G_LM if keep_g else None)
         return cache
 
     def _assisted_decoding(self, input_ids, *args, **kwargs):
@@ -1167,20 +1192,25 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
                 "Assisted decoding with PLDR-LLM needs use_cache=True: without a cache the metric tensor A sums over "
                 "the whole input, so one forward over the draft tokens would score each of them with A of later ones."
             )
-        if cache.get_seq_length() == 0:
+        if cache.get_seq_length() == 0:  # (assisted decoding runs one row: cache_first_G changes nothing)
             self.fill_deductive_cache(input_ids, cache, attention_mask=kwargs.get("attention_mask"),
-                                      use_g_cache=kwargs.get("use_g_cache"))
+                                      use_g_cache=kwargs.get("use_g_cache"), position_ids=kwargs.get("position_ids"))
         return super()._assisted_decoding(input_ids, *args, **kwargs)
 
     def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
         cache = model_kwargs.get("past_key_values")
-        if getattr(generation_config, "prefill_chunk_size", None) is not None and cache is not None and \
-                cache.get_seq_length() == 0:
+        chunked = getattr(generation_config, "prefill_chunk_size", None) is not None and cache is not None and \
+            cache.get_seq_length() == 0 and self._computes_metric_tensor(cache)
+        if chunked:
             embeds = model_kwargs.get("inputs_embeds")
             self.fill_deductive_cache(None if embeds is not None else input_ids, cache,
                                       attention_mask=model_kwargs.get("attention_mask"),
-                                      use_g_cache=model_kwargs.get("use_g_cache"), inputs_embeds=embeds)
-        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+                                      use_g_cache=model_kwargs.get("use_g_cache"), inputs_embeds=embeds,
+                                      position_ids=model_kwargs.get("position_ids"))
+        outputs = super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        if chunked and self.config.cache_first_G:
+            cache.share_first_row()
+        return outputs
 
     @can_return_tuple
     def forward(
@@ -1211,7 +1241,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
             output_pldr_attentions=output_pldr_attentions,
             use_g_cache=use_g_cache,
             return_dict=True,
-            pldr_token_mask=kwargs.pop("pldr_token_mask", None),
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

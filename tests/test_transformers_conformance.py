@@ -196,3 +196,164 @@ def test_set_attn_implementation_flash_needs_the_package():
         assert model.config._attn_implementation == "flash_attention_2"
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Compiled static-cache decoding: no recompiles
+# ----------------------------------------------------------------------------------------------------------------------
+def test_compiled_static_cache_steps_never_recompile():
+    model = make(7)
+    ids, mask = left_pad([tokens(70, 5), tokens(71, 8)])
+    steps = 20
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+    eager_cache = DynamicCache()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        # Prefill, uncompiled, as generate() does; then every step through prepare_inputs_for_generation.
+        inputs = model.prepare_inputs_for_generation(ids, past_key_values=cache, attention_mask=mask,
+                                                     position_ids=position_ids, use_cache=True,
+                                                     is_first_iteration=True)
+        assert inputs["attention_mask"].dim() == 2  # the forward computing A gets the 2D mask (padding)
+        out = model(**inputs)
+        ref = model(ids, attention_mask=mask, position_ids=position_ids, past_key_values=eager_cache)
+        torch.testing.assert_close(out.logits, ref.logits, **TOL)
+        nxt = ref.logits[:, -1:].argmax(-1)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for step in range(steps):
+                ids = torch.cat([ids, nxt], 1)
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+                position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], 1)
+                inputs = model.prepare_inputs_for_generation(ids, past_key_values=cache, attention_mask=mask,
+                                                             position_ids=position_ids, use_cache=True,
+                                                             next_sequence_length=1)
+                assert inputs["attention_mask"].dim() == 4
+                got = compiled(**inputs).logits
+                want = model(nxt, attention_mask=mask, position_ids=position_ids[:, -1:],
+                             past_key_values=eager_cache).logits
+                torch.testing.assert_close(got, want, **TOL)
+                nxt = want[:, -1:].argmax(-1)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_generate_compiled_static_cache_compiles_once():
+    model = make(8)
+    ids, mask = left_pad([tokens(80, 4), tokens(81, 7)])
+    cfg = CompileConfig(fullgraph=True, backend="eager")
+    cfg._compile_all_devices = True  # generate compiles on accelerators only unless told otherwise
+    kw = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        out = model.generate(ids, cache_implementation="static", compile_config=cfg, **kw)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    with torch.no_grad():
+        assert torch.equal(out, model.generate(ids, **kw))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several new tokens per step with a static cache (the assisted / speculative decoding pattern)
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cache_factory", ["static", "dynamic"])
+def test_multi_token_steps_equal_single_token_steps(cache_factory):
+    model = make(9)
+    prompt, mask = left_pad([tokens(90, 4), tokens(91, 7)])
+    new = tokens(92, 9, batch=2)
+    positions = lambda m: (m.cumsum(-1) - 1).clamp(min=0)
+
+    def run(step):
+        cache = StaticCache(config=model.config, max_cache_len=20) if cache_factory == "static" else DynamicCache()
+        ids, m = prompt, mask
+        with torch.no_grad():
+            out = model(**model.prepare_inputs_for_generation(ids, past_key_values=cache, attention_mask=m,
+                                                              position_ids=positions(m), use_cache=True))
+            logits = [out.logits[:, -1:]]
+            for i in range(0, new.shape[1], step):
+                chunk = new[:, i: i + step]
+                ids = torch.cat([ids, chunk], 1)
+                m = torch.cat([m, torch.ones_like(chunk)], 1)
+                inputs = model.prepare_inputs_for_generation(ids, past_key_values=cache, attention_mask=m,
+                                                             position_ids=positions(m), use_cache=True,
+                                                             next_sequence_length=chunk.shape[1])
+                logits.append(model(**inputs).logits)
+        return torch.cat(logits, 1)
+
+    single = run(1)
+    torch.testing.assert_close(run(3), single, **TOL)
+    torch.testing.assert_close(run(4), single, **TOL)  # 4 + 4 + 1 tokens
+    # The same with a dynamic cache and plain 2D masks.
+    cache = DynamicCache()
+    with torch.no_grad():
+        first = model(prompt, attention_mask=mask, position_ids=positions(mask), past_key_values=cache)
+        m = torch.cat([mask, torch.ones_like(new)], 1)
+        rest = model(new, attention_mask=m, position_ids=positions(m)[:, -new.shape[1]:], past_key_values=cache)
+    torch.testing.assert_close(torch.cat([first.logits[:, -1:], rest.logits], 1), single, **TOL)
+
+
+def test_generate_continues_a_left_padded_batch_with_several_new_tokens_per_cache_type():
+    model = make(9)
+    ids, mask = left_pad([tokens(93, 4), tokens(94, 7)])
+    extra = tokens(95, 3, batch=2)  # user tokens appended before continuing: a 4-token step with the cache
+    results = []
+    for cache in (StaticCache(config=model.config, max_cache_len=40), DynamicCache()):
+        with torch.no_grad():
+            first = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4,
+                                   min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+            seq = torch.cat([first.sequences, extra], 1)
+            m = torch.cat([mask, torch.ones(2, 7, dtype=torch.long)], 1)
+            out = model.generate(seq, attention_mask=m, past_key_values=cache, max_new_tokens=5, min_new_tokens=5,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+        results.append(out)
+    assert torch.equal(results[0].sequences, results[1].sequences)
+    torch.testing.assert_close(torch.stack(results[0].logits), torch.stack(results[1].logits), **TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# cache_first_G
+# ----------------------------------------------------------------------------------------------------------------------
+def test_cache_first_G_prefill_uses_each_rows_own_G_then_the_first_rows():
+    first_g = make(18, cache_first_G=True)
+    plain = make(18)
+    prompts = torch.stack([tokens(180, 6), tokens(181, 6)])
+    nxt = tokens(182, 2).view(2, 1)
+    with torch.no_grad():
+        cache = DynamicCache()
+        prefill = first_g(prompts, past_key_values=cache).logits
+        step = first_g(nxt, past_key_values=cache).logits
+        # The port: the prefill uses each row's own G...
+        for r in range(2):
+            torch.testing.assert_close(prefill[r], plain(prompts[r: r + 1]).logits[0], **TOL)
+        # ...and the first row's A, A_LM, G_LM serve every row from the next step on.
+        own = [DynamicCache(), DynamicCache()]
+        for r in range(2):
+            plain(prompts[r: r + 1], past_key_values=own[r])
+        for i in range(plain.config.num_hidden_layers):
+            assert all(t.shape[0] == 1 for t in cache.get_deductive(i))
+            for got, want in zip(cache.get_deductive(i), own[0].get_deductive(i)):
+                torch.testing.assert_close(got, want, **TOL)
+            own[1].set_deductive(i, *own[0].get_deductive(i))  # row 1 decodes with row 0's tensors
+        for r in range(2):
+            torch.testing.assert_close(step[r], plain(nxt[r: r + 1], past_key_values=own[r]).logits[0], **TOL)
+
+
+def test_cache_first_G_generate_chunked_prefill_and_fill_deductive_cache():
+    first_g = make(19, cache_first_G=True)
+    plain = make(19)
+    prompts = torch.stack([tokens(190, 8), tokens(191, 8)])
+    kw = dict(attention_mask=torch.ones_like(prompts), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = first_g.generate(prompts, **kw)
+        chunked = first_g.generate(prompts, prefill_chunk_size=3, **kw)
+        alone = plain.generate(prompts[1:], **{**kw, "attention_mask": torch.ones_like(prompts[1:])})
+        cache = first_g.fill_deductive_cache(prompts, DynamicCache())
+    assert torch.equal(chunked.sequences, out.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(out.logits), **TOL)
+    # Row 1's first new token comes from its own prefill; later ones from row 0's G.
+    torch.testing.assert_close(out.logits[0][1], alone.logits[0][0], **TOL)
+    assert out.past_key_values.get_deductive(0)[2].shape[0] == 1
+    assert cache.get_deductive(0)[0].shape[0] == 2  # per row until the prompt has run
+    cache.share_first_row()
+    assert all(t.shape[0] == 1 for t in cache.get_deductive(0))
+
+
