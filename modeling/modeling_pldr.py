@@ -765,7 +765,13 @@ class PldrAttention(nn.Module):
             qf = q.float()
             masked = qf if token_mask is None else qf * token_mask[:, None, :, None].to(torch.float32)
             A = torch.matmul(masked.transpose(-1, -2), qf)
-        A = self.layernorm1(A.to(self.layernorm1.weight.dtype))
+        ln = self.layernorm1
+        if ln.weight.dtype == torch.float32:
+            A = ln(A)
+        else:
+            # A float16/bfloat16 model normalises the float32 sum before casting it: the raw sum grows with the
+            # sequence length and |q|^2 and overflows float16 (65504) on long or large-norm inputs (inf, then NaN).
+            A = F.layer_norm(A, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(ln.weight.dtype)
         if len(self.reslayerAs) and torch.is_grad_enabled() and (
             A.requires_grad or self.reslayerAs[0].layernormA.weight.requires_grad
         ):

@@ -5,6 +5,8 @@ static-cache steps, cache_first_G and half precision.
 Tiny random models on CPU; every test compares numbers or tokens against an independent way of getting them.
 """
 
+import copy
+
 import pytest
 import torch
 from transformers import CompileConfig, DynamicCache, StaticCache
@@ -356,4 +358,18 @@ def test_cache_first_G_generate_chunked_prefill_and_fill_deductive_cache():
     cache.share_first_row()
     assert all(t.shape[0] == 1 for t in cache.get_deductive(0))
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Half precision
+# ----------------------------------------------------------------------------------------------------------------------
+def test_float16_metric_sum_beyond_float16_range_stays_finite():
+    model = make(20)
+    with torch.no_grad():
+        for layer in model.decoder.dec_layers:
+            layer.mha1.wq.weight.mul_(20)  # |q|^2 summed over 120 positions exceeds 65504
+        x = tokens(200, 120, batch=1)
+        half = copy.deepcopy(model).half()
+        out = half(x, use_cache=False).logits
+    assert torch.isfinite(out).all()
+    assert half.decoder.dec_layers[0].mha1.layernorm1.weight.dtype == torch.float16
 
