@@ -42,6 +42,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_pldr import PldrConfig
+from .packing import (
+    SequenceGroups,
+    groups_from_cu_seq_lens,
+    groups_from_mask,
+    groups_from_position_ids,
+    positions_from_cu_seq_lens,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -708,10 +715,15 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with an explicit score matrix (returns the weights). query/key/value: [batch, heads, seq, head_dim]."""
+    """Attention with an explicit score matrix (returns the weights). query/key/value: [batch, heads, seq, head_dim].
+    attention_mask: additive (float) or boolean (True attends), e.g. a custom 4D mask."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
@@ -756,15 +768,21 @@ class PldrAttention(nn.Module):
             self._learner_graphs.graphs.clear()
         return super().train(mode)
 
-    def metric_tensor(self, q: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    def metric_tensor(
+        self, q: torch.Tensor, token_mask: torch.Tensor | None, sequence_groups: SequenceGroups | None = None
+    ) -> torch.Tensor:
         """A = metric learner(LayerNorm(sum over non-padding positions s of q_s^T q_s)); q: [B, H, S, d] contiguous.
 
-        The sum is taken in float32 (also under autocast): it runs over the whole sequence.
+        The sum is taken in float32 (also under autocast): it runs over the whole sequence. With ``sequence_groups``
+        (rows holding several sequences) it runs over each sequence and A has one entry per sequence, [groups, H, d, d].
         """
         with torch.autocast(device_type=q.device.type, enabled=False):
-            qf = q.float()
-            masked = qf if token_mask is None else qf * token_mask[:, None, :, None].to(torch.float32)
-            A = torch.matmul(masked.transpose(-1, -2), qf)
+            if sequence_groups is not None:
+                A = sequence_groups.metric_sum(q)
+            else:
+                qf = q.float()
+                masked = qf if token_mask is None else qf * token_mask[:, None, :, None].to(torch.float32)
+                A = torch.matmul(masked.transpose(-1, -2), qf)
         ln = self.layernorm1
         if ln.weight.dtype == torch.float32:
             A = ln(A)
@@ -795,6 +813,7 @@ class PldrAttention(nn.Module):
         past_key_values: Cache | None = None,
         fixed_G: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         output_pldr_attentions: bool = False,
+        sequence_groups: SequenceGroups | None = None,
         use_g_cache: bool | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
@@ -808,23 +827,30 @@ class PldrAttention(nn.Module):
         q = q.contiguous()  # [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs
         v = self.wv(hidden_states).view(shape).transpose(1, 2)
 
-        # Deduction: A -> A_LM -> G_LM, or their cached / fixed values.
+        # Deduction: A -> A_LM -> G_LM, or their cached / fixed values. Rows holding several sequences
+        # (sequence_groups) get one A, A_LM, G_LM per sequence.
+        grouped = False
         if fixed_G is not None:
             A, A_LM, G_LM = fixed_G
         else:
             A, A_LM, G_LM = past_key_values.get_deductive(self.layer_idx) if past_key_values is not None else (None,) * 3
             if G_LM is None:
                 if A is None:
-                    A = self.metric_tensor(q, token_mask)
+                    grouped = sequence_groups is not None
+                    A = self.metric_tensor(q, token_mask, sequence_groups if grouped else None)
                 A_LM, G_LM = self.plgatt_layer(A)
                 if past_key_values is not None:
-                    self._cache_deductive(past_key_values, A, A_LM, G_LM, use_g_cache)
+                    self._cache_deductive(past_key_values, A, A_LM, G_LM, sequence_groups if grouped else None,
+                                          use_g_cache)
 
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
         # Induction: scaled dot-product attention on q' = q G_LM.
-        query = torch.matmul(q, G_LM.to(q.dtype))
+        if grouped:
+            query = sequence_groups.apply_metric(q, G_LM)
+        else:
+            query = torch.matmul(q, G_LM.to(q.dtype))
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -841,6 +867,8 @@ class PldrAttention(nn.Module):
         out = self.dense(out.reshape(B, S, -1))
         deductive = None
         if output_pldr_attentions:
+            if grouped:  # one entry per sequence, without the rows that only round the learner's batch up
+                A, A_LM, G_LM = (t[: sequence_groups.num_sequences] for t in (A, A_LM, G_LM))
             power = self.plgatt_layer if self.learned_G else None
             # Copies, not the parameters themselves: under FSDP a parameter's unsharded storage is freed after the
             # layer's forward, and a loss on the deductive outputs (e.g. the DAG regulariser) must not read it.
@@ -855,9 +883,12 @@ class PldrAttention(nn.Module):
             )
         return out, deductive
 
-    def _cache_deductive(self, cache, A, A_LM, G_LM, use_g_cache):
-        """Stores this forward's deductive tensors for the next steps: per row, or with ``cache_first_G`` the first
-        row's for every row. This forward itself has used each row's own (as the port does at prefill)."""
+    def _cache_deductive(self, cache, A, A_LM, G_LM, sequence_groups: SequenceGroups | None, use_g_cache):
+        """Stores this forward's deductive tensors for the next steps: per row (the row's last sequence when a row
+        holds several), or with ``cache_first_G`` the first row's for every row. This forward itself has used each
+        row's own (as the port does at prefill)."""
+        if sequence_groups is not None:
+            A, A_LM, G_LM = (t.index_select(0, sequence_groups.row_group) for t in (A, A_LM, G_LM))
         if self.config.cache_first_G:
             A, A_LM, G_LM = A[:1], A_LM[:1], G_LM[:1]
         keep_g = self.config.use_g_cache if use_g_cache is None else use_g_cache
@@ -1010,6 +1041,12 @@ class PldrModel(PldrPreTrainedModel):
         use_g_cache: bool | None = None,
         **kwargs,
     ) -> PldrModelOutputWithPast:
+        r"""
+        Rows may hold several sequences (packed or padding-free batches, shared prefixes): they are read from
+        ``cu_seq_lens_q``/``cu_seq_lens_k``, a custom 4D ``attention_mask``, or ``position_ids`` that restart at a
+        sequence start (looked for when no ``past_key_values`` is passed; one host sync). Each position then gets the
+        metric tensor A of its own sequence and attends only inside it; see ``packing.py``.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if input_ids is not None and input_ids.dim() != 2:
@@ -1032,12 +1069,16 @@ class PldrModel(PldrPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != B:
             raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {B}.")
 
+        fresh_input = past_key_values is None
         if use_cache:
             past_key_values = PldrDynamicCache(config=c) if past_key_values is None else as_pldr_cache(past_key_values)
         elif past_key_values is not None:
             past_key_values = as_pldr_cache(past_key_values)
 
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        given_positions = position_ids is not None and fresh_input and position_ids.shape[-1] > 1
+        if position_ids is None and kwargs.get("cu_seq_lens_q") is not None:
+            position_ids = positions_from_cu_seq_lens(kwargs["cu_seq_lens_q"], B, S)
         if position_ids is None:
             position_ids = (torch.arange(S, device=inputs_embeds.device) + past_seen).unsqueeze(0)
         # A static cache reports its length as a tensor: reading it would sync the device and break a compiled graph.
@@ -1047,19 +1088,34 @@ class PldrModel(PldrPreTrainedModel):
             logger.warning(f"Sequence length {past_seen + S} exceeds max_position_embeddings ({c.max_position_embeddings}).")
             self._warned_long = True
 
-        causal_mask = create_causal_mask(
-            config=c,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
         # Positions excluded from the metric tensor A: the padding of the current input.
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             if attention_mask.shape[1] < S:
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, the input has {S}.")
             token_mask = attention_mask[:, -S:]
+        groups, token_mask = self._sequence_groups(attention_mask, position_ids if given_positions else None,
+                                                   token_mask, past_key_values, past_seen, inputs_embeds, kwargs)
+
+        mask_kwargs = {"position_ids": position_ids}
+        if groups is not None and groups.mask_function is not None and not (
+            attention_mask is None and past_key_values is None and groups.source == "position_ids"
+        ):
+            # create_causal_mask keeps sequences apart by itself only when it finds restarting position ids and there
+            # is neither a mask nor a cache. Otherwise the sequences' mask function does it; the position ids are then
+            # kept from create_causal_mask, which would call that function with positions instead of indices.
+            mask_kwargs = {"position_ids": None, "and_mask_function": groups.mask_function}
+        causal_mask = create_causal_mask(
+            config=c,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **mask_kwargs,
+        )
+        # What the attention kernels themselves read (flash attention's variable-length path).
+        attention_kwargs = {k: kwargs[k] for k in _ATTENTION_KWARGS if kwargs.get(k) is not None}
+        if "flash" in (c._attn_implementation or ""):
+            attention_kwargs["position_ids"] = position_ids
 
         cos, sin = rotary_tables(position_ids, c.head_dim, c.rope_theta, c.reference_rope)
         if cos.shape[0] != B:
@@ -1083,7 +1139,9 @@ class PldrModel(PldrPreTrainedModel):
                 past_key_values=past_key_values,
                 fixed_G=fixed,
                 output_pldr_attentions=output_pldr_attentions or output_attentions,
+                sequence_groups=groups,
                 use_g_cache=use_g_cache,
+                **attention_kwargs,
             )
             if output_hidden_states:
                 all_hidden += (hidden_states,)
@@ -1099,6 +1157,33 @@ class PldrModel(PldrPreTrainedModel):
             attentions=all_attn,
             pldr_attentions=all_deductive,
         )
+
+    def _sequence_groups(
+        self, attention_mask, position_ids, token_mask, cache, past_seen, embeds, kwargs
+    ) -> tuple[SequenceGroups | None, torch.Tensor | None]:
+        """The sequences of rows that hold several (see ``packing.py``), or None for one sequence per row (no work
+        is done then, unless position ids must be read), and the padding mask of the current tokens for A."""
+        B, S = embeds.shape[:2]
+        computes_A = self.past_G_values is None and (cache is None or all(t is None for t in cache.get_deductive(0)))
+        # The metric learner's CUDA graphs are captured per shape: round the number of sequences up when training.
+        bucket = (self.training and torch.is_grad_enabled() and self.config.metric_learner_cuda_graphs
+                  and embeds.device.type == "cuda")
+        cu_seq_lens = kwargs.get("cu_seq_lens_q")
+        if cu_seq_lens is None:
+            cu_seq_lens = kwargs.get("cu_seq_lens_k")
+        if cu_seq_lens is not None:
+            return groups_from_cu_seq_lens(cu_seq_lens, token_mask, B, S, bucket), token_mask
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # A custom mask is used as given for attention; A needs its sequences (and padding) only when computed.
+            if not computes_A:
+                return None, None
+            return groups_from_mask(attention_mask, B, int(past_seen), bucket)
+        if position_ids is not None:
+            return groups_from_position_ids(position_ids, token_mask, B, bucket), token_mask
+        return None, token_mask
+
+
+_ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):

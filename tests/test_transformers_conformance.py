@@ -9,11 +9,12 @@ import copy
 
 import pytest
 import torch
-from transformers import CompileConfig, DynamicCache, StaticCache
+from transformers import CompileConfig, DataCollatorWithFlattening, DynamicCache, StaticCache
 from transformers.modeling_utils import AttentionInterface
 
 import pldr_hf  # noqa: F401  (registers the model)
 import pldr_hf.modeling.modeling_pldr as modeling_pldr
+import pldr_hf.modeling.packing as packing
 from pldr_hf import (
     PldrConfig,
     PldrForCausalLM,
@@ -308,6 +309,224 @@ def test_generate_continues_a_left_padded_batch_with_several_new_tokens_per_cach
         results.append(out)
     assert torch.equal(results[0].sequences, results[1].sequences)
     torch.testing.assert_close(torch.stack(results[0].logits), torch.stack(results[1].logits), **TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Packed / padding-free sequences
+# ----------------------------------------------------------------------------------------------------------------------
+SEQ_LENS = [5, 9, 3, 70, 1]  # 70 > packing.CHUNK: a sequence spans two chunks
+
+
+def _sequences():
+    return [tokens(100 + i, n) for i, n in enumerate(SEQ_LENS)]
+
+
+def _padded_reference(model, seqs, **kw):
+    ids, mask = right_pad(seqs)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=False, output_pldr_attentions=True, **kw)
+    logits = [out.logits[i, : len(s)] for i, s in enumerate(seqs)]
+    A = [torch.stack([d.A[i] for d in out.pldr_attentions]) for i in range(len(seqs))]
+    return logits, A
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_packed_position_ids_equal_the_padded_batch(attn, use_cache):
+    model = make(10, attn=attn)
+    seqs = _sequences()
+    ref_logits, ref_A = _padded_reference(model, seqs)
+    packed = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad():
+        out = model(packed, position_ids=position_ids, use_cache=use_cache, output_pldr_attentions=True)
+    for i, got in enumerate(out.logits[0].split(SEQ_LENS)):
+        torch.testing.assert_close(got, ref_logits[i], **TOL)
+        got_A = torch.stack([d.A[i] for d in out.pldr_attentions])  # one A per sequence, in packing order
+        torch.testing.assert_close(got_A, ref_A[i], **TOL)
+    # Without the restarts the sequences leak into each other (what this guards against).
+    with torch.no_grad():
+        mixed = model(packed, use_cache=False).logits[0].split(SEQ_LENS)
+    assert (mixed[1] - ref_logits[1]).abs().max() > 1e-2
+
+
+def test_packed_rows_with_padding_and_several_rows():
+    model = make(11)
+    seqs = _sequences()
+    rows = [[seqs[0], seqs[1]], [seqs[2], seqs[3][:20]], [seqs[4]]]
+    ids = torch.zeros(3, 30, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    position_ids = torch.zeros_like(ids)
+    for r, parts in enumerate(rows):
+        at = 0
+        for s in parts:
+            ids[r, at: at + len(s)] = s
+            position_ids[r, at: at + len(s)] = torch.arange(len(s))
+            at += len(s)
+        mask[r, :at] = 1
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=position_ids).logits
+        for r, parts in enumerate(rows):
+            at = 0
+            for s in parts:
+                alone = model(s[None]).logits[0]
+                torch.testing.assert_close(out[r, at: at + len(s)], alone, **TOL)
+                at += len(s)
+
+
+def test_data_collator_with_flattening_equals_the_padded_batch():
+    model = make(12)
+    seqs = _sequences()
+    features = [{"input_ids": s.tolist()} for s in seqs]
+    ids, mask = right_pad(seqs)
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask, labels=labels, use_cache=False)
+        for flash_kwargs in (False, True):
+            batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(features)
+            assert ("cu_seq_lens_q" in batch) == flash_kwargs and "attention_mask" not in batch
+            out = model(**batch, use_cache=False)
+            torch.testing.assert_close(out.loss, padded.loss, **TOL)
+            for i, got in enumerate(out.logits[0].split(SEQ_LENS)):
+                torch.testing.assert_close(got, padded.logits[i, : SEQ_LENS[i]], **TOL)
+        # cu_seq_lens alone (no position ids): positions restart at each sequence too.
+        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False)(features)
+        out = model(**batch, use_cache=False)
+        torch.testing.assert_close(out.loss, padded.loss, **TOL)
+
+
+@pytest.mark.parametrize("rounded", [False, True])
+def test_packed_training_step_has_the_padded_gradients(monkeypatch, rounded):
+    if rounded:  # as on CUDA with the learner's CUDA graphs: the number of sequences rounded up with unused rows
+        monkeypatch.setattr(packing, "_round_groups", lambda n, bucket: 1 << (n - 1).bit_length())
+    seqs = _sequences()[:3]
+    model = make(13).train()
+    ids, mask = right_pad(seqs)
+    labels = ids.masked_fill(mask == 0, -100)
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    padded = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    batch = DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in seqs])
+    out = model(**batch, output_pldr_attentions=True)
+    assert all(d.A.shape[0] == 3 and d.G_LM.shape[0] == 3 for d in out.pldr_attentions)  # one per sequence
+    out.loss.backward()
+    assert padded.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, g in padded.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_fixed_G_model_keeps_packed_sequences_apart():
+    model = make(14, custom_G_type="identity")
+    seqs = _sequences()[:3]
+    packed = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad():
+        out = model(packed, position_ids=position_ids).logits[0].split([len(s) for s in seqs])
+        for s, got in zip(seqs, out):
+            torch.testing.assert_close(got, model(s[None]).logits[0], **TOL)
+
+
+def _shared_prefix_mask(p, continuations, dtype=torch.bool):
+    n = p + sum(continuations)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    allowed[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+    at = p
+    for c in continuations:
+        allowed[at: at + c, :p] = True
+        allowed[at: at + c, at: at + c] = torch.ones(c, c, dtype=torch.bool).tril()
+        at += c
+    if dtype != torch.bool:
+        return torch.zeros(n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    return allowed[None, None]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_shared_prefix_4d_mask_gives_each_continuation_its_own_A(attn, mask_dtype):
+    prefix, conts = tokens(140, 6), [tokens(141, 5), tokens(142, 3)]
+    ids = torch.cat([prefix, *conts])[None]
+    mask = _shared_prefix_mask(6, [5, 3], mask_dtype)
+    position_ids = torch.cat([torch.arange(6), torch.arange(6, 11), torch.arange(6, 9)])[None]
+    # One layer: a continuation token's A, G and logits are those of prefix + that continuation run as its own row.
+    model = make(15, attn=attn, num_hidden_layers=1)
+    with torch.no_grad():
+        shared = model(ids, attention_mask=mask, position_ids=position_ids).logits[0]
+        at = 6
+        for c in conts:
+            alone = model(torch.cat([prefix, c])[None]).logits[0, 6:]
+            torch.testing.assert_close(shared[at: at + len(c)], alone, **TOL)
+            at += len(c)
+    # Deeper models: the first layer's A of each continuation is its own row's (deeper layers read keys and values of
+    # prefix tokens, whose own A sums every continuation: a shared prefix cannot carry one state per continuation).
+    model = make(15, attn=attn)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=position_ids, output_pldr_attentions=True, use_cache=False)
+        groups, _ = packing.groups_from_mask(mask, 1)
+        at = 6
+        for c in conts:
+            alone = model(torch.cat([prefix, c])[None], output_pldr_attentions=True)
+            group = groups.token_group[0, at]
+            torch.testing.assert_close(out.pldr_attentions[0].A[group], alone.pldr_attentions[0].A[0], **TOL)
+            at += len(c)
+        # One continuation: the 4D mask is a plain causal mask and every layer matches the plain row.
+        single = model(ids[:, :11], attention_mask=_shared_prefix_mask(6, [5], mask_dtype)).logits
+        torch.testing.assert_close(single, model(ids[:, :11]).logits, **TOL)
+
+
+def test_padded_4d_mask_excludes_padding_from_A():
+    model = make(16, attn="eager")
+    x, mask = left_pad([tokens(160, 5), tokens(161, 8)])
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    mask4d = causal[None, None] & mask.bool()[:, None, None, :]
+    mask4d |= torch.eye(8, dtype=torch.bool)[None, None] & ~mask.bool()[:, None, :, None]  # padding rows see themselves
+    with torch.no_grad():
+        two_d = model(x, attention_mask=mask).logits
+        four_d = model(x, attention_mask=mask4d).logits
+    torch.testing.assert_close(four_d[mask.bool()], two_d[mask.bool()], **TOL)
+
+
+def test_unpacked_inputs_take_the_plain_path(monkeypatch):
+    model = make(17)
+    x = tokens(170, 12, batch=2)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # generate's position ids: 0 on the left padding
+    with torch.no_grad():
+        plain = model(x, attention_mask=mask).logits
+        read = model(x, attention_mask=mask, position_ids=positions).logits  # read once: no restart found
+        not_read = model(x, attention_mask=mask, position_ids=positions, past_key_values=DynamicCache()).logits
+    assert torch.equal(read, not_read)
+    assert torch.equal(read[1], plain[1])  # row 1 has no padding: the same positions
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("looked for packed sequences")
+
+    # Without position ids, or with a cache passed (as generate does), nothing looks for sequences.
+    monkeypatch.setattr(modeling_pldr, "groups_from_position_ids", refuse)
+    monkeypatch.setattr(modeling_pldr, "groups_from_mask", refuse)
+    monkeypatch.setattr(modeling_pldr, "groups_from_cu_seq_lens", refuse)
+    with torch.no_grad():
+        again = model(x, attention_mask=mask).logits
+        cached = model(x, attention_mask=mask, past_key_values=DynamicCache()).logits
+        generated = model.generate(x, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        static = model.generate(x, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                cache_implementation="static")
+    assert torch.equal(again, plain) and torch.equal(cached, plain)
+    assert torch.equal(generated, static) and generated.shape == (2, 15)
+
+
+def test_packing_layout_is_proportional_to_tokens():
+    seg = torch.tensor([[0] * 3 + [1] * 130 + [2] * 1])
+    groups = packing.groups_from_position_ids(torch.cat([torch.arange(3), torch.arange(130), torch.arange(1)])[None],
+                                              None, 1)
+    assert groups.num_groups == 3 and torch.equal(groups.token_group, seg)
+    # 3 + 130 + 1 tokens: ceil(3/64) + ceil(130/64) + ceil(1/64) = 5 chunks, not 3 x 130 slots.
+    assert groups.members.num_chunks == 5 and groups.queries is groups.members
+    assert groups.members.chunk_group.tolist() == [0, 1, 1, 1, 2]
+    assert packing.groups_from_position_ids(torch.arange(10)[None], None, 1) is None
+    assert packing.groups_from_position_ids(torch.arange(10)[None], None, 1, bucket=False) is None
+    rounded = packing.groups_from_position_ids(torch.tensor([[0, 1, 0, 1, 0]]), None, 1, bucket=True)
+    assert rounded.num_groups == 4  # 3 sequences, rounded up to a power of two for the learner's CUDA graphs
 
 
 # ----------------------------------------------------------------------------------------------------------------------
