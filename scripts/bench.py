@@ -4,10 +4,14 @@
     python scripts/bench.py --task train                 # GPU: the papers' 110M config, batch 16 x 1024, bf16 autocast + AdamW
     python scripts/bench.py --task train --metric_learner_cuda_graphs false        # PLDR's metric learner op by op
     python scripts/bench.py --task train --tiny --device cpu --steps 2 --warmup 1   # smoke run anywhere
+    python scripts/bench.py --task train --packed_mean_doc_len 350    # packed rows: ~3 documents a 1024-token row
 
 Training: tokens/s and peak GPU memory of full optimizer steps (forward, backward, clip, AdamW) on random token ids,
 PLDR-LLM (PldrConfig() defaults: 5 layers, 14 heads x 64, A_dff 170, 8 residual units x 2 GLUs, vocab 32000) and
 LlamaForCausalLM (hidden 896, 14 heads, 5 layers, intermediate 2389, vocab 32000) measured in the same process.
+With --packed_mean_doc_len, every row packs documents of random (exponential) length with position ids restarting
+at each (as DataCollatorWithFlattening or packed pretraining give them; a new layout every step, from a pool of 8),
+and both models run with use_cache=False, so that each keeps the documents apart.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class BenchArguments:
     metric_learner_cuda_graphs: bool = field(
         default=True, metadata={"help": "PLDR: replay each layer's metric learner as CUDA graphs in training"})
     profile: str = field(default="", metadata={"help": "write a torch.profiler table of 2 steps per model to this folder"})
+    packed_mean_doc_len: int = field(
+        default=0, metadata={"help": "pack documents of this mean length into each row (position ids restart); 0: off"})
 
 
 def model_configs(tiny: bool):
@@ -61,6 +67,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def packed_position_ids(batch: int, seq: int, mean_doc_len: int, seed: int, device) -> torch.Tensor:
+    """[batch, seq] position ids of rows packed with documents of exponential length (mean ``mean_doc_len``)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        row = []
+        while len(row) < seq:
+            n = max(1, int(torch.empty(1).exponential_(1 / max(mean_doc_len, 1), generator=gen)))
+            row += range(min(n, seq - len(row)))
+        rows.append(row)
+    return torch.tensor(rows, device=device)
+
+
 def bench_train(name, cls, config, args) -> dict:
     device = args.device
     torch.manual_seed(0)
@@ -75,10 +94,15 @@ def bench_train(name, cls, config, args) -> dict:
     seq = min(args.seq_len, config.max_position_embeddings)
     ids = torch.randint(4, config.vocab_size, (args.batch_size, seq), device=device)
     amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    layouts = [packed_position_ids(args.batch_size, seq, args.packed_mean_doc_len, seed, device) for seed in range(8)]
+    calls = iter(range(10**9))
 
     def step():
+        packed = {}
+        if args.packed_mean_doc_len:
+            packed = {"position_ids": layouts[next(calls) % len(layouts)], "use_cache": False}
         with amp:
-            loss = step_model(input_ids=ids, labels=ids).loss
+            loss = step_model(input_ids=ids, labels=ids, **packed).loss
         loss.backward()
         torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
         opt.step()
@@ -137,7 +161,8 @@ def main(argv=None):
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": "bf16-autocast",
                "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
-               "metric_learner_cuda_graphs": args.metric_learner_cuda_graphs, "runs": []}
+               "metric_learner_cuda_graphs": args.metric_learner_cuda_graphs,
+               "packed_mean_doc_len": args.packed_mean_doc_len, "runs": []}
     for name in args.models.split(","):
         if name not in configs:
             raise SystemExit(f"bench: unknown model {name!r} in --models (expected pldr, llama)")
