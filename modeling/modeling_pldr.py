@@ -38,10 +38,17 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_pldr import PldrConfig
 from .metric_learner import fused_metric_learner
+from .packing import (
+    SequenceGroups,
+    groups_from_cu_seq_lens,
+    groups_from_mask,
+    groups_from_position_ids,
+    positions_from_cu_seq_lens,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -129,6 +136,14 @@ class PldrCacheMixin:
 
     def clear_deductive(self):
         self._init_deductive(len(getattr(self, "deductive_A", [])))
+
+    def share_first_row(self):
+        """Keeps the first batch row's deductive tensors only: they serve every row from now on (``cache_first_G``)."""
+        for store in (getattr(self, "deductive_A", []), getattr(self, "deductive_A_LM", []),
+                      getattr(self, "deductive_G_LM", [])):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t[:1]
 
     def _map_deductive(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         # Tensors of batch size 1 (cache_first_G, or an imported G) are shared by every row and stay as they are.
@@ -321,10 +336,15 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with an explicit score matrix (returns the weights). query/key/value: [batch, heads, seq, head_dim]."""
+    """Attention with an explicit score matrix (returns the weights). query/key/value: [batch, heads, seq, head_dim].
+    attention_mask: additive (float) or boolean (True attends), e.g. a custom 4D mask."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
@@ -361,16 +381,28 @@ class PldrAttention(nn.Module):
             self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
             self.plgatt_layer = PldrPowerLaw(config)
 
-    def metric_tensor(self, q: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    def metric_tensor(
+        self, q: torch.Tensor, token_mask: torch.Tensor | None, sequence_groups: SequenceGroups | None = None
+    ) -> torch.Tensor:
         """A = metric learner(LayerNorm(sum over non-padding positions s of q_s^T q_s)); q: [B, H, S, d] contiguous.
 
-        The sum is taken in float32 (also under autocast): it runs over the whole sequence.
+        The sum is taken in float32 (also under autocast): it runs over the whole sequence. With ``sequence_groups``
+        (rows holding several sequences) it runs over each sequence and A has one entry per sequence, [groups, H, d, d].
         """
         with torch.autocast(device_type=q.device.type, enabled=False):
-            qf = q.float()
-            masked = qf if token_mask is None else qf * token_mask[:, None, :, None].to(torch.float32)
-            A = torch.matmul(masked.transpose(-1, -2), qf)
-        A = self.layernorm1(A.to(self.layernorm1.weight.dtype))
+            if sequence_groups is not None:
+                A = sequence_groups.metric_sum(q)
+            else:
+                qf = q.float()
+                masked = qf if token_mask is None else qf * token_mask[:, None, :, None].to(torch.float32)
+                A = torch.matmul(masked.transpose(-1, -2), qf)
+        ln = self.layernorm1
+        if ln.weight.dtype == torch.float32:
+            A = ln(A)
+        else:
+            # A float16/bfloat16 model normalises the float32 sum before casting it: the raw sum grows with the
+            # sequence length and |q|^2 and overflows float16 (65504) on long or large-norm inputs (inf, then NaN).
+            A = F.layer_norm(A, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(ln.weight.dtype)
         # The metric learner as one operator per layer (Triton kernels on GPU), in training, inference and under
         # torch.compile; the modules themselves run when they are not plain (adapters, hooks).
         learned = fused_metric_learner(self.reslayerAs, A)
@@ -389,6 +421,8 @@ class PldrAttention(nn.Module):
         past_key_values: Cache | None = None,
         fixed_G: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         output_pldr_attentions: bool = False,
+        sequence_groups: SequenceGroups | None = None,
+        use_g_cache: bool | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
         B, S, _ = hidden_states.shape
@@ -401,30 +435,33 @@ class PldrAttention(nn.Module):
         q = q.contiguous()  # [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs
         v = self.wv(hidden_states).view(shape).transpose(1, 2)
 
-        # Deduction: A -> A_LM -> G_LM, or their cached / fixed values.
+        # Deduction: A -> A_LM -> G_LM, or their cached / fixed values. Rows holding several sequences
+        # (sequence_groups) get one A, A_LM, G_LM per sequence.
+        grouped = False
         if fixed_G is not None:
             A, A_LM, G_LM = fixed_G
         else:
             A, A_LM, G_LM = past_key_values.get_deductive(self.layer_idx) if past_key_values is not None else (None,) * 3
             if G_LM is None:
                 if A is None:
-                    A = self.metric_tensor(q, token_mask)
+                    grouped = sequence_groups is not None
+                    A = self.metric_tensor(q, token_mask, sequence_groups if grouped else None)
                 A_LM, G_LM = self.plgatt_layer(A)
                 if past_key_values is not None:
-                    if self.config.cache_first_G:
-                        # The first row's A, A_LM, G_LM serve the whole batch, from this (prefill) step on.
-                        A, A_LM, G_LM = A[:1], A_LM[:1], G_LM[:1]
-                    keep_g = self.config.use_g_cache if kwargs.get("use_g_cache") is None else kwargs["use_g_cache"]
-                    past_key_values.set_deductive(self.layer_idx, A, A_LM if keep_g else None, G_LM if keep_g else None)
+                    self._cache_deductive(past_key_values, A, A_LM, G_LM, sequence_groups if grouped else None,
+                                          use_g_cache)
 
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
         # Induction: scaled dot-product attention on q' = q G_LM.
-        query = torch.matmul(q, G_LM.to(q.dtype))
-        attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation != "eager":
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        if grouped:
+            query = sequence_groups.apply_metric(q, G_LM)
+        else:
+            query = torch.matmul(q, G_LM.to(q.dtype))
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         out, weights = attention_interface(
             self,
             query,
@@ -433,6 +470,7 @@ class PldrAttention(nn.Module):
             attention_mask,
             dropout=self.config.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
+            **kwargs,
         )
         out = self.dense(out.reshape(B, S, -1))
         deductive = None
@@ -450,6 +488,17 @@ class PldrAttention(nn.Module):
                 attention_weights=weights,
             )
         return out, deductive
+
+    def _cache_deductive(self, cache, A, A_LM, G_LM, sequence_groups: SequenceGroups | None, use_g_cache):
+        """Stores this forward's deductive tensors for the next steps: per row (the row's last sequence when a row
+        holds several), or with ``cache_first_G`` the first row's for every row. This forward itself has used each
+        row's own (as the port does at prefill)."""
+        if sequence_groups is not None:
+            A, A_LM, G_LM = (t.index_select(0, sequence_groups.row_group) for t in (A, A_LM, G_LM))
+        if self.config.cache_first_G:
+            A, A_LM, G_LM = A[:1], A_LM[:1], G_LM[:1]
+        keep_g = self.config.use_g_cache if use_g_cache is None else use_g_cache
+        cache.set_deductive(self.layer_idx, A, A_LM if keep_g else None, G_LM if keep_g else None)
 
 
 class PldrDecoderLayer(GradientCheckpointingLayer):
@@ -583,6 +632,7 @@ class PldrModel(PldrPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embedding = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -597,6 +647,12 @@ class PldrModel(PldrPreTrainedModel):
         use_g_cache: bool | None = None,
         **kwargs,
     ) -> PldrModelOutputWithPast:
+        r"""
+        Rows may hold several sequences (packed or padding-free batches, shared prefixes): they are read from
+        ``cu_seq_lens_q``/``cu_seq_lens_k``, a custom 4D ``attention_mask``, or ``position_ids`` that restart at a
+        sequence start (looked for when no ``past_key_values`` is passed; one host sync). Each position then gets the
+        metric tensor A of its own sequence and attends only inside it; see ``packing.py``.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if input_ids is not None and input_ids.dim() != 2:
@@ -619,12 +675,16 @@ class PldrModel(PldrPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != B:
             raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {B}.")
 
+        fresh_input = past_key_values is None
         if use_cache:
             past_key_values = PldrDynamicCache(config=c) if past_key_values is None else as_pldr_cache(past_key_values)
         elif past_key_values is not None:
             past_key_values = as_pldr_cache(past_key_values)
 
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        given_positions = position_ids is not None and fresh_input and position_ids.shape[-1] > 1
+        if position_ids is None and kwargs.get("cu_seq_lens_q") is not None:
+            position_ids = positions_from_cu_seq_lens(kwargs["cu_seq_lens_q"], B, S)
         if position_ids is None:
             position_ids = (torch.arange(S, device=inputs_embeds.device) + past_seen).unsqueeze(0)
         # A static cache reports its length as a tensor: reading it would sync the device and break a compiled graph.
@@ -634,24 +694,34 @@ class PldrModel(PldrPreTrainedModel):
             logger.warning(f"Sequence length {past_seen + S} exceeds max_position_embeddings ({c.max_position_embeddings}).")
             self._warned_long = True
 
-        causal_mask = create_causal_mask(
-            config=c,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
         # Positions excluded from the metric tensor A: the padding of the current input.
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             if attention_mask.shape[1] < S:
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, the input has {S}.")
             token_mask = attention_mask[:, -S:]
-        elif kwargs.get("pldr_token_mask") is not None:
-            # generate() turns the 2D mask into a 4D one for static caches; it passes the 2D one along for A.
-            token_mask = kwargs["pldr_token_mask"]
-            if tuple(token_mask.shape) != (B, S):
-                raise ValueError(f"pldr_token_mask must have shape {(B, S)}, got {tuple(token_mask.shape)}.")
+        groups, token_mask = self._sequence_groups(attention_mask, position_ids if given_positions else None,
+                                                   token_mask, past_key_values, past_seen, inputs_embeds, kwargs)
+
+        mask_kwargs = {"position_ids": position_ids}
+        if groups is not None and groups.mask_function is not None and not (
+            attention_mask is None and past_key_values is None and groups.source == "position_ids"
+        ):
+            # create_causal_mask keeps sequences apart by itself only when it finds restarting position ids and there
+            # is neither a mask nor a cache. Otherwise the sequences' mask function does it; the position ids are then
+            # kept from create_causal_mask, which would call that function with positions instead of indices.
+            mask_kwargs = {"position_ids": None, "and_mask_function": groups.mask_function}
+        causal_mask = create_causal_mask(
+            config=c,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **mask_kwargs,
+        )
+        # What the attention kernels themselves read (flash attention's variable-length path).
+        attention_kwargs = {k: kwargs[k] for k in _ATTENTION_KWARGS if kwargs.get(k) is not None}
+        if "flash" in (c._attn_implementation or ""):
+            attention_kwargs["position_ids"] = position_ids
 
         cos, sin = rotary_tables(position_ids, c.head_dim, c.rope_theta, c.reference_rope)
         if cos.shape[0] != B:
@@ -675,7 +745,9 @@ class PldrModel(PldrPreTrainedModel):
                 past_key_values=past_key_values,
                 fixed_G=fixed,
                 output_pldr_attentions=output_pldr_attentions or output_attentions,
+                sequence_groups=groups,
                 use_g_cache=use_g_cache,
+                **attention_kwargs,
             )
             if output_hidden_states:
                 all_hidden += (hidden_states,)
@@ -691,6 +763,30 @@ class PldrModel(PldrPreTrainedModel):
             attentions=all_attn,
             pldr_attentions=all_deductive,
         )
+
+    def _sequence_groups(
+        self, attention_mask, position_ids, token_mask, cache, past_seen, embeds, kwargs
+    ) -> tuple[SequenceGroups | None, torch.Tensor | None]:
+        """The sequences of rows that hold several (see ``packing.py``), or None for one sequence per row (no work
+        is done then, unless position ids must be read), and the padding mask of the current tokens for A."""
+        B, S = embeds.shape[:2]
+        computes_A = self.past_G_values is None and (cache is None or all(t is None for t in cache.get_deductive(0)))
+        cu_seq_lens = kwargs.get("cu_seq_lens_q")
+        if cu_seq_lens is None:
+            cu_seq_lens = kwargs.get("cu_seq_lens_k")
+        if cu_seq_lens is not None:
+            return groups_from_cu_seq_lens(cu_seq_lens, token_mask, B, S), token_mask
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # A custom mask is used as given for attention; A needs its sequences (and padding) only when computed.
+            if not computes_A:
+                return None, None
+            return groups_from_mask(attention_mask, B, int(past_seen))
+        if position_ids is not None:
+            return groups_from_position_ids(position_ids, token_mask, B), token_mask
+        return None, token_mask
+
+
+_ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
@@ -728,14 +824,29 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
     # prompt's deductive tensors filled in beforehand: assisted decoding (its first forward is prompt + draft tokens)
     # and chunked prefill (each chunk would otherwise see only part of the prompt).
     # ------------------------------------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+    def _computes_metric_tensor(self, cache: Cache | None) -> bool:
+        """Whether the next forward with ``cache`` computes A (it holds no deductive tensors yet)."""
+        if self.decoder.past_G_values is not None:
+            return False
+        get = getattr(cache, "get_deductive", None)
+        return get is None or all(t is None for t in get(0))
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs
+    ):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
         mask = inputs.get("attention_mask")
-        if attention_mask is not None and attention_mask.dim() == 2 and (mask is None or mask.dim() != 2):
-            # A static cache gets a 4D mask; keep the padding of the new tokens for the metric tensor A.
-            ids = inputs.get("input_ids")
-            seq = ids.shape[1] if ids is not None else inputs["inputs_embeds"].shape[1]
-            inputs["pldr_token_mask"] = attention_mask[:, -seq:]
+        if (mask is not None and mask.dim() == 4 and (attention_mask is None or attention_mask.dim() == 2)
+                and self._computes_metric_tensor(past_key_values)):
+            # generate() turns the mask into a 4D one for compileable (static) caches, for the compiled decoding steps.
+            # The forward that computes A (the prefill, never compiled by generate) needs to know the padding of the
+            # prompt, which A excludes: it gets the caller's 2D mask (or none) and builds the 4D one itself.
+            inputs.pop("attention_mask")
+            if attention_mask is not None:
+                inputs["attention_mask"] = attention_mask
         return inputs
 
     @torch.no_grad()
@@ -746,20 +857,26 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         use_g_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> Cache:
         """Stores the prompt's A (and with the G-cache A_LM, G_LM) of every layer in ``past_key_values``, leaving its
         keys and values empty, so that a later forward over the prompt plus other tokens uses the prompt's deductive
         tensors, exactly as step-by-step decoding would. Does nothing for a fixed-G model or a cache that already
-        holds deductive tensors (e.g. one made by ``pldr_hf.gfile.cache_with_g``)."""
+        holds deductive tensors (e.g. one made by ``pldr_hf.gfile.cache_with_g``).
+
+        Position ids default to generate()'s (counted over the non-padding tokens of ``attention_mask``). Each row
+        keeps its own tensors, also with ``cache_first_G``: the prompt's own forward uses each row's own G, as a
+        prefill does; call ``cache.share_first_row()`` after it to serve every row with the first row's."""
         cache = as_pldr_cache(past_key_values)
         if self.decoder.past_G_values is not None or any(t is not None for t in cache.get_deductive(0)):
             return cache
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         out = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           use_cache=False, output_pldr_attentions=True)
+                           position_ids=position_ids, use_cache=False, output_pldr_attentions=True)
         keep_g = self.config.use_g_cache if use_g_cache is None else use_g_cache
         for i, d in enumerate(out.pldr_attentions):
-            A, A_LM, G_LM = (d.A[:1], d.A_LM[:1], d.G_LM[:1]) if self.config.cache_first_G else (d.A, d.A_LM, d.G_LM)
-            cache.set_deductive(i, A, A_LM if keep_g else None, G_LM if keep_g else None)
+            cache.set_deductive(i, d.A, d.A_LM if keep_g else None, d.G_LM if keep_g else None)
         return cache
 
     def _assisted_decoding(self, input_ids, *args, **kwargs):
@@ -769,21 +886,27 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
                 "Assisted decoding with PLDR-LLM needs use_cache=True: without a cache the metric tensor A sums over "
                 "the whole input, so one forward over the draft tokens would score each of them with A of later ones."
             )
-        if cache.get_seq_length() == 0:
+        if cache.get_seq_length() == 0:  # (assisted decoding runs one row: cache_first_G changes nothing)
             self.fill_deductive_cache(input_ids, cache, attention_mask=kwargs.get("attention_mask"),
-                                      use_g_cache=kwargs.get("use_g_cache"))
+                                      use_g_cache=kwargs.get("use_g_cache"), position_ids=kwargs.get("position_ids"))
         return super()._assisted_decoding(input_ids, *args, **kwargs)
 
     def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
         cache = model_kwargs.get("past_key_values")
-        if getattr(generation_config, "prefill_chunk_size", None) is not None and cache is not None and \
-                cache.get_seq_length() == 0:
+        chunked = getattr(generation_config, "prefill_chunk_size", None) is not None and cache is not None and \
+            cache.get_seq_length() == 0 and self._computes_metric_tensor(cache)
+        if chunked:
             embeds = model_kwargs.get("inputs_embeds")
             self.fill_deductive_cache(None if embeds is not None else input_ids, cache,
                                       attention_mask=model_kwargs.get("attention_mask"),
-                                      use_g_cache=model_kwargs.get("use_g_cache"), inputs_embeds=embeds)
-        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+                                      use_g_cache=model_kwargs.get("use_g_cache"), inputs_embeds=embeds,
+                                      position_ids=model_kwargs.get("position_ids"))
+        outputs = super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        if chunked and self.config.cache_first_G:
+            cache.share_first_row()
+        return outputs
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -811,7 +934,8 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_pldr_attentions=output_pldr_attentions,
             use_g_cache=use_g_cache,
-            pldr_token_mask=kwargs.pop("pldr_token_mask", None),
+            return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -847,13 +971,14 @@ class PldrForSequenceClassification(PldrPreTrainedModel):
     def set_input_embeddings(self, value):
         self.decoder.embedding = value
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 output_pldr_attentions=None, **kwargs) -> SequenceClassifierOutputWithPast:
         outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                               output_pldr_attentions=output_pldr_attentions)
+                               output_pldr_attentions=output_pldr_attentions, return_dict=True, **kwargs)
         logits = self.score(outputs.last_hidden_state)
         batch = logits.shape[0]
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -893,13 +1018,14 @@ class PldrForTokenClassification(PldrPreTrainedModel):
     def set_input_embeddings(self, value):
         self.decoder.embedding = value
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                output_attentions=None, output_hidden_states=None, output_pldr_attentions=None,
+                output_attentions=None, output_hidden_states=None, output_pldr_attentions=None, use_cache=None,
                 **kwargs) -> TokenClassifierOutput:
         outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states,
-                               output_pldr_attentions=output_pldr_attentions)
+                               output_pldr_attentions=output_pldr_attentions, return_dict=True, **kwargs)
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -923,13 +1049,15 @@ class PldrForQuestionAnswering(PldrPreTrainedModel):
     def set_input_embeddings(self, value):
         self.decoder.embedding = value
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
-                output_pldr_attentions=None, **kwargs) -> QuestionAnsweringModelOutput:
+                output_pldr_attentions=None, use_cache=None,
+                **kwargs) -> QuestionAnsweringModelOutput:
         outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states,
-                               output_pldr_attentions=output_pldr_attentions)
+                               output_pldr_attentions=output_pldr_attentions, return_dict=True, **kwargs)
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
         start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
         loss = None

@@ -26,7 +26,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .convert import copy_tokenizer_files, has_tokenizer, model_class_for, read_json, read_port_config
 
-REMOTE_CODE_FILES = ("configuration_pldr.py", "modeling_pldr.py", "metric_learner.py")
+REMOTE_CODE_FILES = ("configuration_pldr.py", "modeling_pldr.py", "metric_learner.py", "packing.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_pldr.PldrConfig",
     "AutoModel": "modeling_pldr.PldrModel",

@@ -4,6 +4,7 @@
     python scripts/bench.py                                   # GPU: 110M config, 16 x 1024, eager and torch.compile
     python scripts/bench.py --shapes 16x1024,4x1024,8x2048    # several batch x sequence shapes in one run
     python scripts/bench.py --modes eager --profile prof/     # also a torch.profiler table per run (2 steps)
+    python scripts/bench.py --packed_mean_doc_len 350         # rows packed with ~3 documents (position ids restart)
     python scripts/bench.py --tiny --device cpu --modes eager --steps 2 --warmup 1   # smoke run anywhere
 
 Every run is a full optimizer step (forward, backward, clip by value, fused AdamW) under bf16 autocast on random
@@ -15,6 +16,11 @@ token ids. Models, built in the same process:
   kernels, so this one is handicapped);
 * ``llama_aligned``: the same Llama with the FFN width rounded up to a multiple of 64 (2432): the setting a user would
   pick, and the one PLDR-LLM is compared with.
+
+With ``--packed_mean_doc_len``, every row packs documents of random (exponential) length with position ids restarting
+at each (as DataCollatorWithFlattening or document-masked pretraining give them; a new layout every step, from a pool
+of 8), so each model keeps the documents apart: PLDR-LLM computes A per document, every model masks attention per
+document.
 
 Modes: ``eager`` and ``compile`` (``torch.compile(model)``, default mode, what Trainer's ``torch_compile=True`` does).
 For each shape and mode the JSON's ``summary`` gives PLDR-LLM's throughput and peak memory as a ratio to the best
@@ -58,6 +64,8 @@ class BenchArguments:
     gradient_checkpointing: bool = field(default=False)
     tiny: bool = field(default=False, metadata={"help": "tiny configs (smoke test)"})
     profile: str = field(default="", metadata={"help": "write a torch.profiler table of 2 steps per run to this folder"})
+    packed_mean_doc_len: int = field(
+        default=0, metadata={"help": "pack documents of this mean length into each row (position ids restart); 0: off"})
 
 
 def parse_shapes(args) -> list[tuple[int, int]]:
@@ -73,6 +81,19 @@ def parse_shapes(args) -> list[tuple[int, int]]:
             raise SystemExit(f"bench: --shapes item {item!r} needs batch >= 1 and seq >= 2")
         shapes.append((b, s))
     return shapes
+
+
+def packed_position_ids(batch: int, seq: int, mean_doc_len: int, seed: int, device) -> torch.Tensor:
+    """[batch, seq] position ids of rows packed with documents of exponential length (mean ``mean_doc_len``)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        row = []
+        while len(row) < seq:
+            n = max(1, int(torch.empty(1).exponential_(1 / max(mean_doc_len, 1), generator=gen)))
+            row += range(min(n, seq - len(row)))
+        rows.append(row)
+    return torch.tensor(rows, device=device)
 
 
 def model_configs(tiny: bool, seq_len: int) -> dict:
@@ -135,10 +156,16 @@ def bench_train(name, cls, config, args, batch, seq, mode) -> dict:
     step_model = torch.compile(model) if mode == "compile" else model
     ids = torch.randint(4, config.vocab_size, (batch, seq), device=device)
     amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    layouts = [packed_position_ids(batch, seq, args.packed_mean_doc_len, seed, device)
+               for seed in range(8 if args.packed_mean_doc_len else 0)]
+    calls = iter(range(10**9))
 
     def step():
+        packed = {}
+        if args.packed_mean_doc_len:
+            packed = {"position_ids": layouts[next(calls) % len(layouts)], "use_cache": False}
         with amp:
-            loss = step_model(input_ids=ids, labels=ids).loss
+            loss = step_model(input_ids=ids, labels=ids, **packed).loss
         loss.backward()
         torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
         opt.step()
@@ -219,7 +246,7 @@ def main(argv=None):
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "dtype": "bf16-autocast", "optimizer": "AdamW (fused on GPU), clip by value 1.0",
                "gradient_checkpointing": args.gradient_checkpointing, "attn_implementation": args.attn_implementation,
-               "steps": args.steps, "runs": []}
+               "steps": args.steps, "packed_mean_doc_len": args.packed_mean_doc_len, "runs": []}
     for batch, seq in shapes:
         configs = model_configs(args.tiny, seq)
         for mode in modes:
