@@ -159,6 +159,20 @@ def test_inspect_writes_report_and_pngs_identity_invariance_is_zero(tmp_path):
     # Diagonal of the swap matrix: a G-cache of the prompt itself changes nothing.
     kl = torch.tensor(learned["g_cache_swap"]["kl"])
     assert kl.diagonal().abs().max() < 1e-5
+    # The DAG measure DL of A_LM, A_P = A_LM ** P and G_LM per layer (the regulariser's terms), mean over prompts/heads
+    from pldr_hf.deductive import dag_divergence
+
+    dag = json.loads((tmp_path / "learned" / "report.json").read_text())["dag"]
+    assert [row["layer"] for row in dag["per_layer"]] == [0, 1]
+    model = make_model()
+    x = tok(prompts[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    layer1 = model(x, use_cache=False, output_pldr_attentions=True).pldr_attentions[1]
+    one_prompt = dag_divergence(layer1.A_LM ** layer1.power_exponents).mean().item()
+    assert dag["per_layer"][1]["A_P"] > 0 and one_prompt > 0
+    means = {k: sum(r[k] for r in dag["per_layer"]) / 2 for k in ("A_LM", "A_P", "G_LM")}
+    assert learned["summary"]["dag_A_P"] == pytest.approx(means["A_P"]) and ident["dag"] is None
+    single = inspect_prompts(make_model(), tok, [prompts[0], prompts[0]], tmp_path / "single", plots=False)
+    assert single["dag"]["per_layer"][1]["A_P"] == pytest.approx(one_prompt, rel=1e-5)
 
 
 def test_export_g_loads_into_external_model(saved, tmp_path):
