@@ -367,3 +367,21 @@ def test_tiny_suite_needs_the_tinybenchmarks_package(monkeypatch):
     with pytest.raises(ValueError, match="pldrllm_tiny.*tinyBenchmarks package"):
         check_tasks(["pldrllm_tiny"], task_manager())
     assert check_tasks(["pldrllm_zeroshot"], task_manager()) == ["pldrllm_zeroshot"]
+
+
+def test_eval_demo_compares_trained_and_random_twin(saved, tmp_path, capsys):
+    demo = _load_script("eval_demo")
+    assert demo.main(["--trained", str(saved), "--out", str(tmp_path / "demo"), "--limit", "4",
+                      "--tasks", "pldr_kjv_word_order,pldr_kjv_perplexity"]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    rows = {(r["task"], r["metric"]): r for r in summary["rows"]}
+    assert set(rows) == {("pldr_kjv_word_order", "acc"), ("pldr_kjv_perplexity", "word_perplexity"),
+                         ("pldr_kjv_perplexity", "byte_perplexity"), ("pldr_kjv_perplexity", "bits_per_byte")}
+    acc = rows[("pldr_kjv_word_order", "acc")]
+    assert acc["gap"] == pytest.approx(acc["trained"] - acc["random"]) and "gap_stderr" in acc
+    # the random twin: the trained folder's config and tokenizer, other weights
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "demo" / "random").to_dict()["hidden_size"] == TINY["hidden_size"]
+    assert "| task | metric | random | trained |" in capsys.readouterr().out
+    assert demo.main(["--trained", str(tmp_path / "nope")]) == 2
