@@ -29,7 +29,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SaveStrategy, SchedulerType
 
-from .deductive import DAG_TERMS, dag_divergence, dag_terms
+from .deductive import DAG_TERMS, dag_divergence, dag_terms  # noqa: F401  (dag_divergence re-exported)
 from .modeling import PldrConfig
 
 # ----------------------------------------------------------------------------------------------------------------------
