@@ -41,16 +41,25 @@ def _add_5_commands(sub) -> None:
         from .evaluation import run_offline_eval
 
         res = run_offline_eval(args.model_dir, tasks=args.tasks.split(","), out=args.out, tokenizer=args.tokenizer,
-                               batch_size=args.batch_size, device=args.device, limit=args.limit)
+                               batch_size=args.batch_size, device=args.device, limit=args.limit,
+                               g_cache=args.g_cache, g_prompt=args.g_prompt, g_file=args.g_file)
         from lm_eval.utils import make_table
 
+        from .evaluation import format_g_cache_comparison
+
         print(make_table(res))
+        g = res["pldr_g_cache"]
+        if "comparison" in g:
+            print(format_g_cache_comparison(g["comparison"]))
+        for mode, meaning in g["meaning"].items():
+            print(f"G-cache {mode}: {meaning}" + (f" ({g['g_source']})" if mode == "on" else ""))
         print(f"results: {res['results_file']}")
         return 0
 
     p = sub.add_parser("eval", help="run lm-eval tasks (default: the offline tasks shipped with pldr-hf) on a saved model",
                        formatter_class=raw,
-                       epilog="example:\n  pldr-hf eval runs/tiny --tasks pldr_offline --out runs/tiny/eval")
+                       epilog="examples:\n  pldr-hf eval runs/tiny --tasks pldr_offline --out runs/tiny/eval\n"
+                              "  pldr-hf eval runs/v51 --tasks pldrllm_zeroshot --device cuda   # the papers' suite (Hub)")
     p.add_argument("model_dir", help="saved model folder (config.json, weights, tokenizer)")
     p.add_argument("--tasks", default="pldr_offline", help="comma-separated lm-eval tasks/groups (default pldr_offline)")
     p.add_argument("--out", default=None, help="results JSON file or folder (default MODEL_DIR/eval/results.json)")
@@ -58,6 +67,12 @@ def _add_5_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    p.add_argument("--g-cache", choices=["off", "on", "both"], default="both",
+                   help="off: each request deduces its own G; on: one G (from --g-prompt or --g-file) serves every "
+                        "request, the metric learner skipped (the paper's G-cache); both (default): both, compared")
+    p.add_argument("--g-prompt", default=None, help="text whose G serves every request with the G-cache on "
+                                                    "(default: 'The quick brown fox jumps over the lazy dog.')")
+    p.add_argument("--g-file", default=None, help="a G file (pldr-hf export-g) to use with the G-cache on instead")
     p.set_defaults(func=lambda a: cmd_eval(a if a.out else argparse.Namespace(**{**vars(a), "out": str(
         __import__("pathlib").Path(a.model_dir) / "eval" / "results.json")})))
 

@@ -1,8 +1,16 @@
 """Corpora for PLDR-LLM training: load text through ``datasets`` and pack it into fixed-length blocks.
 
-The order is deterministic: files are read in the order given, documents keep their order, and packing concatenates
-them (each followed by the eos token) before cutting blocks. Shuffling is left to the Trainer's seeded sampler, so a
-run resumed from a checkpoint sees exactly the batches an uninterrupted run would.
+Packing is the original's: every document is tokenised, followed by the eos token, and the documents of a split are
+joined in order into one token stream that is cut into consecutive blocks of ``block_size`` tokens (a document may
+run across a block boundary; only the final remainder shorter than a block is dropped). The loss sees every token.
+
+``document_masking=True`` keeps that packing and adds ``position_ids`` to every block, restarting at 0 at each
+document start inside the block (the token after each eos) and at the block start: the contract of transformers'
+``DataCollatorWithFlattening`` (no attention mask; position-id resets mark the documents), from which the model
+builds per-document attention and metric tensors.
+
+The order is deterministic: files are read in the order given and documents keep their order. Shuffling is left to
+the Trainer's seeded sampler, so a run resumed from a checkpoint sees exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -82,11 +90,12 @@ def load_corpus(
 
 
 def pack_corpus(raw, tokenizer, block_size: int, text_column: str = "text", num_proc: int | None = None,
-                add_eos: bool = True):
-    """Tokenises every split and packs it into rows of exactly ``block_size`` tokens (``input_ids``, ``labels``).
-
-    Each document is followed by the eos token; the remainder shorter than a block at the end of a split is dropped.
+                add_eos: bool = True, document_masking: bool = False):
+    """Tokenises every split and packs it into rows of exactly ``block_size`` tokens (``input_ids``, ``labels``, and
+    with ``document_masking`` also ``position_ids``); see the module docstring.
     """
+    import numpy as np
+
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
     eos = tokenizer.eos_token_id
@@ -96,22 +105,55 @@ def pack_corpus(raw, tokenizer, block_size: int, text_column: str = "text", num_
         ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
         if add_eos and eos is not None:
             ids = [x + [eos] for x in ids]
-        return {"ids": ids}
-
-    def group(batch):
-        flat = [t for doc in batch["ids"] for t in doc]
-        n = (len(flat) // block_size) * block_size
-        blocks = [flat[i : i + block_size] for i in range(0, n, block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        return {"ids": ids, "length": [len(x) for x in ids]}
 
     tokenized = raw.map(tokenize, batched=True, remove_columns=columns, num_proc=num_proc, desc="tokenising")
-    packed = tokenized.map(group, batched=True, batch_size=2000, remove_columns=["ids"], num_proc=num_proc,
-                           desc=f"packing into blocks of {block_size}")
-    for split, ds in packed.items():
-        if len(ds) == 0:
+    packed = {}
+    for split, docs in tokenized.items():
+        packed[split] = _pack_split(docs, block_size, document_masking, num_proc, split, np)
+        if len(packed[split]) == 0:
             raise ValueError(f"the {split} split has fewer than block_size={block_size} tokens; use a smaller "
                              f"--block_size or a larger corpus")
-    return packed
+    import datasets
+
+    return datasets.DatasetDict(packed)
+
+
+def _pack_split(docs, block_size: int, document_masking: bool, num_proc, split: str, np):
+    """Cuts the token stream of ``docs`` (columns ids, length) into blocks: block k holds stream tokens
+    [k * block_size, (k + 1) * block_size). Each batch of blocks reads only the documents it spans."""
+    import datasets
+
+    lengths = np.asarray(docs["length"], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])  # stream offset of each document (and the total at the end)
+    n_blocks = int(starts[-1] // block_size)
+    index = datasets.Dataset.from_dict({"block": np.arange(n_blocks, dtype=np.int64)})
+
+    def build(batch):
+        first, last = int(batch["block"][0]), int(batch["block"][-1])
+        lo, hi = first * block_size, (last + 1) * block_size
+        d0 = int(np.searchsorted(starts, lo, side="right")) - 1
+        d1 = int(np.searchsorted(starts, hi - 1, side="right")) - 1
+        ids = docs[d0:d1 + 1]["ids"]
+        stream = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])[lo - starts[d0]:hi - starts[d0]]
+        blocks = stream.reshape(-1, block_size)
+        out = {"input_ids": blocks.tolist(), "labels": blocks.tolist()}
+        if document_masking:
+            # position within its document for every stream token of the batch
+            doc_len = lengths[d0:d1 + 1]
+            pos = np.arange(int(doc_len.sum()), dtype=np.int64) - np.repeat(starts[d0:d1 + 1] - starts[d0], doc_len)
+            pos = pos[lo - starts[d0]:hi - starts[d0]].reshape(-1, block_size).copy()
+            for row in pos:  # a document that began in an earlier block restarts at 0 at the block start
+                if row[0] != 0:
+                    resets = np.flatnonzero(row == 0)
+                    end = resets[0] if len(resets) else block_size
+                    row[:end] -= row[0]
+            out["position_ids"] = pos.tolist()
+        return out
+
+    fingerprint = f"pldr-pack-{docs._fingerprint}-{block_size}-{int(document_masking)}"
+    return index.map(build, batched=True, batch_size=1000, remove_columns=["block"], num_proc=num_proc,
+                     new_fingerprint=fingerprint[:64], desc=f"packing {split} into blocks of {block_size}")
 
 
 def write_lines(path: str | os.PathLike, lines: list[str]) -> Path:

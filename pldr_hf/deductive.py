@@ -11,11 +11,15 @@
 
 :func:`export_g` writes one prompt's G as a G file (:mod:`pldr_hf.gfile`) and measures what "G-only" inference
 (``custom_G_type="external"``, no metric learner) saves: parameters skipped and forward time.
+
+:func:`dag_divergence` / :func:`dag_terms` are the DAG measure of arXiv 2410.16703 (section 2.2) as the original code
+optimises it; the training regulariser (:mod:`pldr_hf.training`) and ``pldr-hf inspect`` (per layer) use them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -25,6 +29,99 @@ import torch
 
 from .gfile import GTensors, apply_g_to_model, cache_with_g, extract_g, save_g_file
 from .modeling import PldrForCausalLM
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DAG measure of the deductive outputs
+# ----------------------------------------------------------------------------------------------------------------------
+DAG_TERMS = ("A_LM", "A_P", "G_LM")
+
+
+def dag_divergence(M: torch.Tensor) -> torch.Tensor:
+    """``DL(M) = |log(tr(exp(M * M)) / d)|`` for every d x d matrix in the last two dims (``*`` elementwise, exp the
+    matrix exponential), in float32; returns the leading dims.
+
+    This is the DAG loss of the original v510_dag code (arXiv 2410.16703, section 2.2, after NOTEARS: M is the weighted
+    adjacency matrix of a directed acyclic graph iff ``tr(exp(M * M)) = d``; the original takes the log of the ratio,
+    so DL = 0 exactly for a DAG and grows slowly with the cycles). ``log tr(exp(B))`` (``B = M * M``) is computed by
+    scaling and squaring with a running scale (:func:`log_trace_expm`): the same value and gradient as
+    ``torch.log(torch.linalg.matrix_exp(B).diagonal(...).sum(-1))`` wherever that is finite, and finite where
+    ``exp(B)`` overflows float32 (spectral radius above ~88: an all-ones 64 x 64 A_P, as at initialisation, has 64),
+    unless ``tr(exp(B))`` is more than float32's range below ``exp(B)``'s largest entry (e.g. a strictly triangular
+    64 x 64 M with entries in the thousands: then DL is inf, as the plain float32 computation gives too).
+    """
+    if M.dim() < 2 or M.shape[-1] != M.shape[-2]:
+        raise ValueError(f"dag_divergence needs square matrices in the last two dims, got shape {tuple(M.shape)}")
+    with torch.autocast(device_type=M.device.type, enabled=False):
+        B = M.float().square()
+        return (log_trace_expm(B) - math.log(B.shape[-1])).abs()
+
+
+def log_trace_expm(B: torch.Tensor) -> torch.Tensor:
+    """``log(tr(exp(B)))`` of nonnegative square matrices (last two dims) without overflow: ``exp(B / 2^s)`` with
+    ``||B / 2^s|| <= 1`` (torch.linalg.matrix_exp), then s squarings, each rescaled by a power of two (exact, no
+    gradient) that is added back to the log. s is chosen per matrix, so small matrices are not squared at all. The
+    matrix products run in B's dtype; the final log and the scale are float64 scalars (returned in B's dtype)."""
+    norm = B.sum(-1).amax(-1)  # the infinity norm of a nonnegative matrix
+    s = torch.ceil(torch.log2(norm.detach().clamp_min(1.0)))
+    E = torch.linalg.matrix_exp(B / torch.exp2(s)[..., None, None])
+    exponent = torch.zeros(norm.shape, dtype=torch.float64, device=B.device)  # log2 of the scale taken out of E
+    for k in range(int(s.max().item()) if s.numel() else 0):
+        E2 = E @ E
+        e = torch.floor(torch.log2(E2.detach().amax(dim=(-2, -1)).clamp_min(torch.finfo(E2.dtype).tiny)))
+        active = s > k
+        E = torch.where(active[..., None, None], E2 / torch.exp2(e)[..., None, None], E)
+        exponent = torch.where(active, 2 * exponent + e.double(), exponent)
+    trace = E.diagonal(dim1=-2, dim2=-1).sum(-1).double()
+    return (torch.log(trace) + exponent * math.log(2.0)).to(B.dtype)
+
+
+def dag_terms(pldr_attentions, per_layer: bool = False) -> dict[str, torch.Tensor]:
+    """DL (:func:`dag_divergence`) of the three deductive outputs the original regularises, from the model's
+    ``pldr_attentions`` (one :class:`PldrDeductiveOutputs` per layer, ``output_pldr_attentions=True``):
+
+    * ``A_LM``: the positive tensor ``iSwiGLU(W A + b) + 1e-9``;
+    * ``A_P = A_LM ** P``: A_LM raised elementwise to the learned exponents P (not P itself);
+    * ``G_LM = a A_P + b_a``: the energy-curvature tensor.
+
+    Returns {"A_LM", "A_P", "G_LM"}: each the mean over layers x batch rows x heads (float32 scalars with gradient), or
+    with ``per_layer=True`` a [layers] tensor of per-layer means over batch rows x heads.
+    """
+    if not pldr_attentions:
+        raise ValueError("the DAG terms need the deductive outputs: call the model with output_pldr_attentions=True")
+    per = {k: [] for k in DAG_TERMS}
+    for layer in pldr_attentions:
+        if layer is None or layer.A_LM is None or layer.power_exponents is None or layer.G_LM is None:
+            continue
+        A_LM = layer.A_LM.float()
+        A_P = A_LM.pow(layer.power_exponents.float())
+        for key, M in (("A_LM", A_LM), ("A_P", A_P), ("G_LM", layer.G_LM)):
+            per[key].append(dag_divergence(M).flatten())
+    if not per["A_LM"]:
+        raise ValueError("the model has no learned deductive outputs (custom_G_type is set): no DAG terms")
+    if per_layer:
+        return {k: torch.stack([v.mean() for v in vals]) for k, vals in per.items()}
+    return {k: torch.cat(vals).mean() for k, vals in per.items()}
+
+
+@torch.no_grad()
+def dag_report(model, prompt_ids: Sequence[torch.Tensor]) -> dict | None:
+    """Per layer DL of A_LM, A_P and G_LM (mean over prompts and heads) of each prompt run without cache; None for a
+    fixed-G model."""
+    if getattr(model.config, "custom_G_type", None) is not None:
+        return None
+    rows = []
+    for x in prompt_ids:
+        out = model(input_ids=x, use_cache=False, output_pldr_attentions=True)
+        rows.append(dag_terms(out.pldr_attentions, per_layer=True))
+    per_layer = {k: torch.stack([r[k] for r in rows]).mean(0) for k in DAG_TERMS}  # [layers]
+    return {
+        "definition": "DL(M) = |log(tr(exp(M*M)) / d)| (matrix exponential; 0 iff M is a DAG adjacency matrix); "
+                      "A_P = A_LM ** P; mean over prompts and heads",
+        "per_layer": [{"layer": i, **{k: per_layer[k][i].item() for k in DAG_TERMS}}
+                      for i in range(len(per_layer["A_LM"]))],
+        "mean": {k: per_layer[k].mean().item() for k in DAG_TERMS},
+    }
 
 
 def load_model_and_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
@@ -111,6 +208,7 @@ def inspect_prompts(model, tokenizer, prompts: Sequence[str], out_dir: str | os.
     rmse_A, rel_A = _rel_rmse(A_LM)
     det_G = torch.linalg.det(G)                          # [P, L, H]
     swap = g_swap_effect(model, ids, gs)
+    dag = dag_report(model, ids)
     c = model.config
     report = {
         "model": {"num_layers": c.num_hidden_layers, "num_heads": c.num_attention_heads, "head_dim": c.head_dim,
@@ -124,11 +222,13 @@ def inspect_prompts(model, tokenizer, prompts: Sequence[str], out_dir: str | os.
             "det_G_LM_mean": det_G.mean(0).tolist(), "det_G_LM_std": det_G.std(0).tolist(),
         },
         "g_cache_swap": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in swap.items()},
+        "dag": dag,
         "summary": {
             "G_LM_relative_rmse_mean": rel_G.mean().item(), "G_LM_relative_rmse_max": rel_G.max().item(),
             "A_LM_relative_rmse_mean": rel_A.mean().item(),
             "swap_mean_kl": swap["mean_kl_offdiag"], "swap_top1_agreement": swap["top1_agreement_offdiag"],
             "swap_mean_relative_logit_change": swap["mean_relative_logit_change_offdiag"],
+            **({f"dag_{k}": v for k, v in dag["mean"].items()} if dag else {}),
         },
         "files": {"tensors": "deductive_tensors.safetensors"},
     }

@@ -42,6 +42,8 @@ _CARD_TRAINING_KEYS = (
     "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_steps", "seed", "bf16", "fp16", "optim",
+    # the PLDR-LLM recipe (scripts/pretrain.py writes them to training_args.json)
+    "clip_grad_value", "lr_scheduler_kwargs", "dag_coeffs", "preset", "block_size", "document_masking",
 )
 
 

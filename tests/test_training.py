@@ -1,4 +1,5 @@
-"""Training recipe, DAG regulariser, resume, LoRA, tokenizer and quickstart (tiny, CPU, offline, seeded)."""
+"""Training recipe (optimiser, schedule, clipping by value, packing), DAG regulariser, resume, LoRA, tokenizer and
+quickstart (tiny, CPU, offline, seeded)."""
 
 import json
 import random
@@ -10,10 +11,11 @@ import torch
 import pldr_hf  # noqa: F401
 from pldr_hf.tokenizer import SPECIAL_IDS, train_tokenizer, wrap_sentencepiece
 from pldr_hf.training import (
+    DAG_PRESETS,
     DataArguments,
     ModelArguments,
     PldrTrainingArguments,
-    dag_acyclicity,
+    dag_divergence,
     dag_loss,
     pretrain,
 )
@@ -107,7 +109,17 @@ def test_recipe_trains_and_loss_falls(corpus, tok_dir, tmp_path):
     # recipe defaults
     a = trainer.args
     assert (a.adam_beta1, a.adam_beta2, a.adam_epsilon, a.weight_decay) == (0.9, 0.95, 1e-5, 0.1)
-    assert a.lr_scheduler_type == "cosine_with_min_lr" and a.max_grad_norm == 1.0
+    assert a.lr_scheduler_type == "cosine_with_min_lr" and a.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert a.clip_grad_value == 1.0 and a.max_grad_norm == 0.0  # the original clips by value, not by norm
+    # the run records its recipe beside the weights (the model card reads it)
+    record = json.loads((tmp_path / "run" / "training_args.json").read_text())
+    assert record["clip_grad_value"] == 1.0 and record["max_grad_norm"] == 0.0 and record["block_size"] == 32
+    assert record["document_masking"] is False and record["dag_coeffs"] is None and "EOS" in record["packing"]
+    from pldr_hf.hub import CardOptions, build_model_card
+
+    card = build_model_card(tmp_path / "run", CardOptions()).text
+    assert "gradient clipping: by value, each element to [-1.0, 1.0]" in card
+    assert "then cosine_with_min_lr down to 0.1 x the peak" in card and "blocks of 32 tokens" in card
 
 
 def test_resume_gives_same_next_losses(corpus, tok_dir, tmp_path):
@@ -130,25 +142,225 @@ def test_resume_gives_same_next_losses(corpus, tok_dir, tmp_path):
         assert resumed[step] == pytest.approx(full[step], rel=1e-4, abs=1e-4), (step, resumed, full)
 
 
-def test_dag_regulariser_value_and_logging(corpus, tok_dir, tmp_path):
-    # h(M) = tr(exp(M*M)) - d: zero for a strictly triangular (acyclic) matrix, positive with a cycle
-    tri = torch.triu(torch.randn(5, 5), diagonal=1)
-    assert dag_acyclicity(tri).item() == pytest.approx(0.0, abs=1e-6)
+def test_dag_divergence_closed_forms():
+    import math
+
+    # diagonal M: exp(M*M) is diagonal, tr = sum_i exp(m_ii^2), so DL = |log(sum exp(m_ii^2) / d)|
+    diag = torch.tensor([0.5, 1.0, 2.0, 10.0])  # 10^2 = 100: exp(100) overflows float32, DL must not
+    want = abs(math.log(sum(math.exp(x * x) for x in diag.tolist()) / 4))
+    assert dag_divergence(torch.diag(diag)).item() == pytest.approx(want, rel=1e-5)
+    # t * identity: tr = d exp(t^2), DL = t^2
+    assert dag_divergence(0.3 * torch.eye(5)).item() == pytest.approx(0.09, rel=1e-5)
+    # strictly triangular M: M*M is nilpotent, tr(exp(M*M)) = d, DL = 0 (a DAG), also with large entries
+    g = torch.Generator().manual_seed(0)
+    tri = torch.triu(torch.randn(3, 6, 6, generator=g) * 30, diagonal=1)
+    assert torch.equal(dag_divergence(tri), torch.zeros(3))
+    # a 3-cycle with unit weights: tr(exp(P)) = 3 * sum_{k = 0 mod 3} 1/k!
     cyc = torch.zeros(3, 3)
     cyc[0, 1] = cyc[1, 2] = cyc[2, 0] = 1.0
-    assert dag_acyclicity(cyc).item() == pytest.approx(3 * (1 / 6 + 1 / 720 + 1 / 362880.0), rel=1e-4)
+    want = math.log(sum(1 / math.factorial(k) for k in range(0, 30, 3)))
+    assert dag_divergence(cyc).item() == pytest.approx(want, rel=1e-5)
+    # all-ones 64 x 64 (an A_P at initialisation): tr(exp(J)) = 63 + e^64, DL = log((63 + e^64) / 64)
+    assert dag_divergence(torch.ones(64, 64)).item() == pytest.approx(math.log((63 + math.exp(64)) / 64), rel=1e-6)
+    # batched, against the plain float64 formula; values and gradients
+    M = (torch.randn(20, 8, 8, generator=g, dtype=torch.float64) * torch.rand(20, 1, 1, generator=g, dtype=torch.float64)
+         * 3).requires_grad_()
+    ref = (torch.log(torch.linalg.matrix_exp(M * M).diagonal(dim1=-2, dim2=-1).sum(-1) / 8)).abs()
+    Mf = M.detach().float().requires_grad_()
+    got = dag_divergence(Mf)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
+    ref.sum().backward()
+    got.sum().backward()
+    assert torch.allclose(Mf.grad.double(), M.grad, rtol=1e-4, atol=1e-5 * M.grad.abs().max().item())
+    with pytest.raises(ValueError, match="square"):
+        dag_divergence(torch.ones(3, 4))
 
-    trainer = pretrain(_model_args(tok_dir), DataArguments(train_file=[str(corpus)], block_size=32),
-                       _args(tmp_path / "dag", 6, dag_weight=0.01))
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert all("dag_loss" in h and "lm_loss" in h and h["dag_loss"] > 0 for h in logs)
-    assert all(h["lm_loss"] == pytest.approx(h["loss"] - 0.01 * h["dag_loss"], abs=1e-4) for h in logs)
-    # the value logged is the one the model's deductive outputs give
-    model = trainer.model.eval()
-    batch = torch.tensor([trainer.train_dataset[0]["input_ids"]])
-    out = model(batch, output_pldr_attentions=True)
-    value, parts = dag_loss(out.pldr_attentions)
-    assert set(parts) == {"A_LM", "P", "G_LM"} and value.item() > 0
+
+def test_dag_loss_terms_and_gradient_reach_the_metric_learner():
+    from pldr_hf import PldrConfig, PldrForCausalLM
+
+    torch.manual_seed(0)
+    cfg = PldrConfig(vocab_size=64, hidden_size=16, num_attention_heads=2, head_dim=8, num_hidden_layers=2,
+                     intermediate_size=42, A_dff=12, num_reslayerA=2, num_denseA=2, max_position_embeddings=64)
+    model = PldrForCausalLM(cfg).train()
+    x = torch.randint(4, 64, (3, 16))
+    out = model(x, use_cache=False, output_pldr_attentions=True)
+    coeffs = (0.001, 0.005, 0.005)
+    value, terms = dag_loss(out.pldr_attentions, coeffs)
+    assert set(terms) == {"A_LM", "A_P", "G_LM"}
+    # each term: mean over layers x batch x heads of DL; A_P is A_LM ** P (the power), not the exponents P
+    layers = out.pldr_attentions
+    want = {
+        "A_LM": torch.stack([dag_divergence(d.A_LM) for d in layers]).mean(),
+        "A_P": torch.stack([dag_divergence(d.A_LM ** d.power_exponents) for d in layers]).mean(),
+        "G_LM": torch.stack([dag_divergence(d.G_LM) for d in layers]).mean(),
+    }
+    for k in want:
+        assert terms[k].item() == pytest.approx(want[k].item(), rel=1e-5), k
+    assert terms["A_P"].item() != pytest.approx(torch.stack([dag_divergence(d.power_exponents) for d in layers]).mean().item())
+    assert value.item() == pytest.approx(sum(c * want[k].item() for c, k in zip(coeffs, ("A_LM", "A_P", "G_LM"))), rel=1e-5)
+    # the gradient of the DAG loss alone reaches the metric learner, W, b, the exponents and the couplings
+    model.zero_grad()
+    value.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for part in ("reslayerAs.0.denseAs.0.gluw1.weight", "reslayerAs.1.layernormA.weight", "plgatt_layer.Wlst",
+                 "plgatt_layer.blst", "plgatt_layer.pwlst", "plgatt_layer.alst", "plgatt_layer.balst", "mha1.wq.weight"):
+        name = next(n for n in grads if n.endswith(part) and "dec_layers.0." in n)
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    assert DAG_PRESETS == {"paper": (0.001, 0.005, 0.005), "v510_dag": (0.05, 0.05, 0.05)}
+
+
+def test_dag_regularised_run_logs_three_terms_and_they_fall(corpus, tok_dir, tmp_path):
+    import statistics
+
+    data = DataArguments(train_file=[str(corpus)], block_size=32)
+    dag = pretrain(_model_args(tok_dir), data, _args(tmp_path / "dag", 30, dag_preset="v510_dag"))
+    assert dag.args.dag_coeffs == [0.05, 0.05, 0.05]
+    free = pretrain(_model_args(tok_dir), data, _args(tmp_path / "free", 30, log_dag=True))  # logged, not in the loss
+    terms = ("dag_A_LM", "dag_A_P", "dag_G_LM")
+    for trainer, coeffs in ((dag, (0.05,) * 3), (free, (0.0,) * 3)):
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        assert len(logs) == 30 and all(set(terms) | {"lm_loss"} <= set(h) for h in logs)
+        for h in logs:  # lm_loss is the cross-entropy: the logged loss less the weighted DAG terms
+            assert h["lm_loss"] == pytest.approx(h["loss"] - sum(c * h[t] for c, t in zip(coeffs, terms)), abs=1e-3)
+    logs = {name: [h for h in t.state.log_history if "loss" in h] for name, t in (("dag", dag), ("free", free))}
+    for t in terms:
+        first = statistics.median(h[t] for h in logs["dag"][:5])
+        last = statistics.median(h[t] for h in logs["dag"][-5:])
+        free_last = statistics.median(h[t] for h in logs["free"][-5:])
+        assert last < 0.7 * first, (t, first, last)
+        assert last < free_last, (t, last, free_last)  # lower than the same run without the regulariser
+    # held-out evaluation reports the plain cross-entropy (no DAG term in eval_loss)
+    assert "eval_loss" in dag.evaluate()
+
+
+def test_dag_arguments(tmp_path):
+    with pytest.raises(ValueError, match="--dag_weight was removed.*--dag_coeffs"):
+        _args(tmp_path, 1, dag_weight=0.01)
+    with pytest.raises(ValueError, match="unknown --dag_preset 'nope'"):
+        _args(tmp_path, 1, dag_preset="nope")
+    with pytest.raises(ValueError, match="not both"):
+        _args(tmp_path, 1, dag_preset="paper", dag_coeffs=[0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="three non-negative"):
+        _args(tmp_path, 1, dag_coeffs=[0.1, 0.1])
+    assert _args(tmp_path, 1, dag_preset="paper").dag_coeffs == [0.001, 0.005, 0.005]
+    assert _args(tmp_path, 1, dag_coeffs=[0.1, 0, 0.2]).dag_coeffs == [0.1, 0.0, 0.2]
+
+
+def test_clipping_is_by_value_not_by_norm(corpus, tok_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class SetAndRecordGrads(TrainerCallback):
+        # User callbacks run before the recipe's clipping callback: set known gradients, then read what the
+        # optimiser stepped with.
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            g = torch.Generator().manual_seed(state.global_step)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g) * 3  # many elements beyond +-1
+            seen["before"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        def on_optimizer_step(self, args, state, control, model=None, **kw):
+            seen["after"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    pretrain(_model_args(tok_dir), DataArguments(train_file=[str(corpus)], block_size=32), _args(tmp_path / "v", 1),
+             callbacks=[SetAndRecordGrads()])
+    before, after = seen["before"], seen["after"]
+    n_big = sum(int((g.abs() > 1).sum()) for g in before.values())
+    assert n_big > 100
+    for n, g in before.items():
+        assert torch.equal(after[n], g.clamp(-1.0, 1.0)), n  # elementwise: >1 -> 1, <-1 -> -1, the rest untouched
+    small = torch.cat([g[g.abs() <= 1] for g in before.values()])
+    assert torch.equal(small, torch.cat([after[n][g.abs() <= 1] for n, g in before.items()]))  # no norm rescaling
+    # norm clipping instead, and both at once
+    assert _args(tmp_path, 1, max_grad_norm=1.0).clip_grad_value == 0.0
+    with pytest.raises(ValueError, match="not both"):
+        _args(tmp_path, 1, max_grad_norm=1.0, clip_grad_value=1.0)
+
+
+def test_optimizer_and_schedule_warm_up_then_cosine_to_a_tenth(corpus, tok_dir, tmp_path):
+    import math
+
+    from pldr_hf.training import PldrTrainer, build_model_and_tokenizer
+
+    model, _ = build_model_and_tokenizer(_model_args(tok_dir))
+    args = _args(tmp_path, 100, learning_rate=1e-3, warmup_steps=10)
+    trainer = PldrTrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    opt = trainer.optimizer
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {g["betas"] for g in opt.param_groups} == {(0.9, 0.95)} and {g["eps"] for g in opt.param_groups} == {1e-5}
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.1}  # biases and norms are not decayed
+    lrs = []
+    for _ in range(101):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        trainer.lr_scheduler.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5e-3) and lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # decays monotonically after the warm-up
+    assert lrs[100] == pytest.approx(0.1 * 1e-3, rel=1e-6)  # ends at min_lr_rate x peak
+    mid = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90))  # cosine between the peak and the floor
+    assert lrs[55] == pytest.approx(1e-3 * mid, rel=1e-6)
+
+
+def test_pretrain_script_preset_defaults(tmp_path):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("pldr_pretrain", Path(__file__).resolve().parents[1] / "scripts" / "pretrain.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["pldr_pretrain"] = script
+    spec.loader.exec_module(script)
+    base = ["--tokenizer_name_or_path", "t", "--train_file", "x.txt", "--output_dir", str(tmp_path), "--use_cpu"]
+    _, _, args, _ = script.parse(["--preset", "pldr-110m", *base, "--dag_preset", "v510_dag"])
+    assert (args.learning_rate, args.warmup_steps, args.clip_grad_value, args.max_grad_norm) == (1e-3, 2000, 1.0, 0.0)
+    assert args.dag_coeffs == [0.05, 0.05, 0.05] and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    _, data, args, _ = script.parse(["--preset", "pldr-110m", *base, "--warmup_steps", "4000", "--document_masking"])
+    assert args.warmup_steps == 4000 and data.document_masking
+    _, _, args, _ = script.parse(["--preset", "tiny", *base])
+    assert args.warmup_steps == 0.05
+
+
+def test_packing_plain_and_document_masked():
+    import datasets
+
+    from pldr_hf.data import pack_corpus
+
+    class WordTok:  # one token per word, ids >= 4; eos 3
+        eos_token_id = 3
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[4 + sum(map(ord, w)) % 50 for w in t.split()] for t in texts]}
+
+    rng = random.Random(1)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 23))) for _ in range(300)]
+    raw = datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": docs}) for s in ("train", "validation")})
+    stream = [t for d in WordTok()(docs)["input_ids"] for t in d + [3]]  # documents joined with EOS
+    for block in (7, 64):
+        plain = pack_corpus(raw, WordTok(), block)["train"]
+        masked = pack_corpus(raw, WordTok(), block, document_masking=True)["train"]
+        n = len(stream) // block
+        assert plain.column_names == ["input_ids", "labels"] and len(plain) == n  # only the final remainder dropped
+        assert plain["input_ids"] == [stream[i * block:(i + 1) * block] for i in range(n)] == plain["labels"]
+        assert masked["input_ids"] == plain["input_ids"] and masked["labels"] == plain["labels"]
+        for ids, pos in zip(masked["input_ids"], masked["position_ids"]):
+            assert len(ids) == len(pos) == block and pos[0] == 0
+            for j in range(1, block):  # restart exactly after each EOS, count up otherwise
+                assert pos[j] == (0 if ids[j - 1] == 3 else pos[j - 1] + 1), (j, ids, pos)
+    # the collator the recipe uses stacks them, with no attention mask
+    from transformers import default_data_collator
+
+    batch = default_data_collator([masked[0], masked[1]])
+    assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["position_ids"].shape == (2, 64)
+
+
+def test_document_masked_pretraining_runs(corpus, tok_dir, tmp_path):
+    trainer = pretrain(_model_args(tok_dir), DataArguments(train_file=[str(corpus)], block_size=32,
+                                                          document_masking=True), _args(tmp_path / "dm", 3))
+    assert "position_ids" in trainer.train_dataset.column_names
+    assert all(h["loss"] > 0 for h in trainer.state.log_history if "loss" in h)
+    assert json.loads((tmp_path / "dm" / "training_args.json").read_text())["document_masking"] is True
 
 
 @pytest.mark.parametrize("case", ["missing_file", "block_too_large", "unknown_preset", "both_sources"])
@@ -171,13 +383,20 @@ def test_bad_arguments_give_clear_errors(case, corpus, tok_dir, tmp_path):
 
 
 def test_pretrain_script_cli_errors(tmp_path, tok_dir):
+    import os
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "scripts/pretrain.py", "--preset", "nope", "--tokenizer_name_or_path",
-                        str(tok_dir), "--train_file", str(tmp_path / "x.txt"), "--output_dir", str(tmp_path / "o"),
-                        "--use_cpu"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr and "Traceback" not in r.stderr
+    repo = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}  # this checkout
+    base = ["--tokenizer_name_or_path", str(tok_dir), "--train_file", str(tmp_path / "x.txt"), "--output_dir",
+            str(tmp_path / "o"), "--use_cpu"]
+    for extra, message in ((["--preset", "nope"], "unknown preset 'nope'"),
+                           (["--preset", "tiny", "--dag_weight", "0.01"], "--dag_weight was removed"),
+                           (["--preset", "tiny", "--max_grad_norm", "1", "--clip_grad_value", "1"], "not both")):
+        r = subprocess.run([sys.executable, "scripts/pretrain.py", *extra, *base], capture_output=True, text=True,
+                           cwd=repo, env=env)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_lora_trains_only_adapters_and_merge_equals_adapter(corpus, tok_dir, tmp_path):
