@@ -50,3 +50,14 @@ def test_bench_train_reports_every_model_and_ratio_to_the_best_llama(bench, caps
 def test_bench_rejects_bad_arguments_by_name(bench, argv, message):
     with pytest.raises(SystemExit, match=message):
         bench.main(["--tiny", "--device", "cpu"] + argv)
+
+
+def test_bench_train_packed_rows(bench, capsys):
+    pos = bench.packed_position_ids(3, 40, 6, seed=0, device="cpu")
+    assert pos.shape == (3, 40) and (pos == 0).sum() > 3  # several documents a row
+    assert ((pos[:, 1:] == pos[:, :-1] + 1) | (pos[:, 1:] == 0)).all()  # +1 inside a document, 0 at each start
+    res = bench.main(["--tiny", "--device", "cpu", "--modes", "eager", "--models", "pldr,llama_aligned", "--steps", "1",
+                      "--warmup", "0", "--batch_size", "2", "--seq_len", "32", "--packed_mean_doc_len", "8"])
+    assert res["packed_mean_doc_len"] == 8 and [r["model"] for r in res["runs"]] == ["pldr", "llama_aligned"]
+    assert all("error" not in r and r["final_loss"] > 0 for r in res["runs"])
+    assert json.loads(capsys.readouterr().out)["packed_mean_doc_len"] == 8

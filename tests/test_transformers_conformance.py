@@ -585,23 +585,3 @@ def test_float16_metric_sum_beyond_float16_range_stays_finite():
         out = half(x, use_cache=False).logits
     assert torch.isfinite(out).all()
     assert half.decoder.dec_layers[0].mha1.layernorm1.weight.dtype == torch.float16
-
-
-def test_bench_train_packed_rows_smoke(capsys, monkeypatch):
-    import importlib.util
-    import json
-    import sys
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("pldr_bench", Path(__file__).resolve().parents[1] / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "pldr_bench", bench)  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(bench)
-    pos = bench.packed_position_ids(3, 40, 6, seed=0, device="cpu")
-    assert pos.shape == (3, 40) and (pos == 0).sum() > 3  # several documents a row
-    assert ((pos[:, 1:] == pos[:, :-1] + 1) | (pos[:, 1:] == 0)).all()  # +1 inside a document, 0 at each start
-    res = bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch_size", "2",
-                      "--seq_len", "32", "--packed_mean_doc_len", "8"])
-    assert res["packed_mean_doc_len"] == 8 and [r["model"] for r in res["runs"]] == ["pldr", "llama"]
-    assert all(r["final_loss"] > 0 for r in res["runs"])
-    assert json.loads(capsys.readouterr().out)["packed_mean_doc_len"] == 8
