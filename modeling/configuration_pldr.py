@@ -36,7 +36,8 @@ class PldrConfig(PreTrainedConfig):
             G_LM to the identity (no metric learner: scaled dot-product attention); ``"random"`` fixes it to a random
             tensor; ``"external"`` expects G_LM to be supplied after loading (for instance a G file exported from
             another model). Fixed G tensors live in the ``decoder.past_G_values`` buffer and are saved with the model.
-        cache_first_G: With ``use_cache=True``, keep only the first batch row's A/A_LM/G_LM and use it for every row.
+        cache_first_G: With ``use_cache=True``, the prefill uses each row's own A/A_LM/G_LM; from the next step on the
+            first batch row's serve every row (only they are cached), as in the published port.
         use_g_cache: With ``use_cache=True``, cache A_LM and G_LM (the G-cache) besides k, v and A. Without it, the
             power law step is recomputed from the cached A at every decoding step (same numbers, slower).
         output_pldr_attentions: Return the deductive outputs (A, A_LM, exponents, G_LM...) of every layer.
