@@ -385,7 +385,7 @@ def test_gradient_checkpointing_same_loss_and_grads():
     loss = ref(x, labels=x).loss
     loss.backward()
     ck = tiny_model(16).train()
-    ck.gradient_checkpointing_enable()
+    (getattr(ck, "activation_checkpointing_enable", None) or ck.gradient_checkpointing_enable)()  # renamed in 5.x
     assert ck.decoder.dec_layers[0].gradient_checkpointing
     loss2 = ck(x, labels=x).loss
     loss2.backward()
