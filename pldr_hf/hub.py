@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .convert import copy_tokenizer_files, has_tokenizer, model_class_for, read_json, read_port_config
+from .checks import check_weights, has_tokenizer, read_json
+from .convert import copy_tokenizer_files, model_class_for, read_port_config
 
 REMOTE_CODE_FILES = ("configuration_pldr.py", "modeling_pldr.py")
 AUTO_MAP = {
@@ -189,6 +190,7 @@ def assemble(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = read_port_config(model_dir)
     cls = model_class_for(config)
+    check_weights(model_dir)
     if options.eval_results:  # fail before writing anything
         eval_results_from_lm_eval(options.eval_results, options.repo_id)
     if out_dir.exists() and any(out_dir.iterdir()):

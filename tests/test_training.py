@@ -171,13 +171,17 @@ def test_bad_arguments_give_clear_errors(case, corpus, tok_dir, tmp_path):
 
 
 def test_pretrain_script_cli_errors(tmp_path, tok_dir):
+    import os
     import subprocess
     import sys
 
+    repo = Path(__file__).parents[1]  # this checkout's pldr_hf, not whichever one the environment has installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    (tmp_path / "x.txt").write_text("the cat sat on a mat.\n")
     r = subprocess.run([sys.executable, "scripts/pretrain.py", "--preset", "nope", "--tokenizer_name_or_path",
                         str(tok_dir), "--train_file", str(tmp_path / "x.txt"), "--output_dir", str(tmp_path / "o"),
-                        "--use_cpu"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr and "Traceback" not in r.stderr
+                        "--use_cpu"], capture_output=True, text=True, cwd=repo, env=env)
+    assert r.returncode == 1 and "unknown preset 'nope'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_lora_trains_only_adapters_and_merge_equals_adapter(corpus, tok_dir, tmp_path):
