@@ -1,4 +1,4 @@
-"""Demo for the issue-5 note: trains a tiny PLDR-LLM for a few minutes on CPU on Python standard-library docstrings
+"""Evaluation demo: trains a tiny PLDR-LLM for a few minutes on CPU on Python standard-library docstrings
 (PSF licence; English prose available offline), saves it with a BPE tokenizer, and saves a randomly initialised model of
 the same size, so that `pldr-hf eval` / `pldr-hf inspect` can compare them.
 
