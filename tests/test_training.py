@@ -235,8 +235,20 @@ def test_quickstart_small_learns(tmp_path):
     assert r["g_cache_same_tokens"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(tmp_path / "qs").eos_token_id == 3
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "qs").config.vocab_size == r["vocab_size"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "qs")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "qs")
+    assert tok.eos_token_id == 3 and model.config.vocab_size == r["vocab_size"]
+    # the saved tokenizer knows the model's context (the work copy used for packing documents has no limit)
+    assert tok.model_max_length == model.config.max_position_embeddings == 256
+    assert AutoTokenizer.from_pretrained(tmp_path / "qs" / "work" / "tokenizer").model_max_length > 1e20
+    # the model card finds the training data and the hyperparameters beside the weights
+    from pldr_hf.hub import CardOptions, build_model_card
+
+    card = str(build_model_card(tmp_path / "qs", CardOptions(repo_id="me/qs"), num_parameters=r["parameters"]))
+    assert "Not recorded" not in card and "CPython standard library docstrings" in card
+    for line in ("- learning_rate: 0.003", "- max_steps: 40", "- block_size: 64", "- per_device_train_batch_size: 8",
+                 "- seed: 42", "- final_eval_loss: "):
+        assert line in card, line
 
 
 def test_bench_train_smoke_prints_both_models_and_their_ratio(capsys, monkeypatch):
