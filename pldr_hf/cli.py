@@ -185,14 +185,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_lm_eval(args: argparse.Namespace) -> int:
-    import pldr_hf.evaluation as ev  # registers lm-eval model "pldr"
-    from lm_eval.__main__ import cli_evaluate
-
-    _quiet_lm_eval()
+    from .checks import check_device
 
     argv = list(args.lm_eval_args)
     if argv and argv[0] == "--":
         argv = argv[1:]
+    for i, a in enumerate(argv):  # lm-eval's --device, checked before lm-eval loads
+        if a == "--device" and i + 1 < len(argv):
+            check_device(argv[i + 1])
+        elif a.startswith("--device="):
+            check_device(a.split("=", 1)[1])
+    import pldr_hf.evaluation as ev  # registers lm-eval model "pldr"
+    from lm_eval.__main__ import cli_evaluate
+
+    _quiet_lm_eval()
     if "--include_path" not in argv:
         argv += ["--include_path", ev.tasks_dir()]
     sys.argv = ["lm_eval", *argv]

@@ -159,13 +159,16 @@ def test_corrupt_config_one_line_error(command, corrupt, tmp_path, capsys):
     assert "not valid JSON" in _one_line_error(capsys, f"pldr-hf {command}", str(corrupt / "config.json"))
 
 
-@pytest.mark.parametrize("command", ["eval", "inspect", "export-g"])
+@pytest.mark.parametrize("command", ["eval", "inspect", "export-g", "lm-eval"])
 @pytest.mark.parametrize("cuda_build", [False, True], ids=["cpu-torch", "no-visible-gpu"])
 def test_device_cuda_without_cuda_one_line_error(command, cuda_build, folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "12.4" if cuda_build else None)
-    argv = _commands(folder, tmp_path)[command] + ["--device", "cuda"]
+    commands = {**_commands(folder, tmp_path),
+                "lm-eval": ["lm-eval", "--", "--model", "pldr", "--model_args", f"pretrained={folder}", "--tasks",
+                            "pldr_pd_word_order"]}
+    argv = commands[command] + ["--device", "cuda"]
     assert cli_main(argv) == 1
     line = _one_line_error(capsys, f"pldr-hf {command}", "--device cuda", "use --device cpu")
     assert ("no CUDA GPU is visible" if cuda_build else "no CUDA support") in line
