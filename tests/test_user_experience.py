@@ -285,6 +285,11 @@ def test_saved_tokenizer_needs_no_code_of_this_package(folder):
     plain = PreTrainedTokenizerFast.from_pretrained(folder)  # the stock class, no remote code
     assert plain("the cat sat")["input_ids"] == pldr_hf_tokenizer(folder)("the cat sat")["input_ids"]
     assert (plain.pad_token_id, plain.unk_token_id, plain.bos_token_id, plain.eos_token_id) == (0, 1, 2, 3)
+    # ...and the model card shows that way next to the remote-code model
+    from pldr_hf.hub import CardOptions, build_model_card
+
+    card = str(build_model_card(folder, CardOptions(repo_id="me/ux")))
+    assert 'PreTrainedTokenizerFast.from_pretrained("me/ux")' in card
 
 
 def pldr_hf_tokenizer(path):
