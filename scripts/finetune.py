@@ -7,6 +7,10 @@ Examples:
   python scripts/finetune.py --model_name_or_path runs/quickstart --train_file my.jsonl --text_column text \\
       --learning_rate 1e-4 --max_steps 100 --output_dir runs/ft-full
 The adapters go to --output_dir; with --merge a standalone model goes to --output_dir/merged.
+
+--help lists every TrainingArguments option after this script's own; the few that matter here: --output_dir,
+--max_steps (or --num_train_epochs), --learning_rate, --per_device_train_batch_size, --gradient_accumulation_steps,
+--warmup_steps, --logging_steps, --save_steps, --eval_strategy steps --eval_steps N, --bf16 (GPU), --seed.
 """
 
 import sys
