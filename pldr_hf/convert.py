@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_model_dir, check_safetensors, has_tokenizer, read_json  # noqa: F401  (re-exported)
 from .modeling import PldrConfig, PldrForCausalLM
 
 _PLAIN_BUILTINS = {"set", "frozenset", "complex", "bytearray", "slice", "range"}
@@ -237,6 +238,7 @@ def _load_weight_file(file: Path) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        check_safetensors(file)  # a truncated file: one line that says so
         try:
             return load_file(str(file))
         except (SafetensorError, OSError) as e:
@@ -326,26 +328,3 @@ def convert_port(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: tor
     model.save_pretrained(out_dir)
     copy_tokenizer_files(path, out_dir)
     return model
-
-
-def read_json(path: str | os.PathLike):
-    """The content of a JSON file, or a ValueError naming the file."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
-def check_model_dir(path: str | os.PathLike) -> Path:
-    """Raises a clear error unless ``path`` is a saved model folder (with config.json)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model folder not found: {p} (expected a folder written by save_pretrained)")
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p} is not a saved model folder: no config.json in it")
-    return p
-
-
-def has_tokenizer(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

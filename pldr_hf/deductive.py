@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from .gfile import GTensors, apply_g_to_model, cache_with_g, extract_g, save_g_file
+from .gfile import GTensors, cache_with_g, extract_g, load_g_only_model, save_g_file
 from .modeling import PldrForCausalLM
 
 
@@ -321,8 +321,7 @@ def export_g(model_dir: str | os.PathLike, prompt: str, out: str | os.PathLike, 
     x = _encode(tok, prompt, device)
     g = extract_g(model, x)
     path = save_g_file(out, g, {"prompt": prompt, "source_model": str(model_dir)})
-    g_only = PldrForCausalLM.from_pretrained(str(model_dir), custom_G_type="external").to(device).eval()
-    apply_g_to_model(g_only, g)
+    g_only = load_g_only_model(model_dir, g).to(device).eval()
     # Correctness: G-only logits on the prompt equal the full model's with that G in its cache.
     ref = model(input_ids=x, past_key_values=cache_with_g(model, g), use_cache=True).logits
     got = g_only(input_ids=x, use_cache=False).logits

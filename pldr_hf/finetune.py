@@ -8,6 +8,8 @@ frozen). Adapters are saved in ``output_dir``; with ``merge=True`` they are also
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,24 +43,36 @@ class FinetuneArguments:
     merge: bool = field(default=False, metadata={"help": "also save the adapters merged into a standalone model"})
 
 
+@contextlib.contextmanager
+def _peft_quiet():
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5.x deprecates with a FutureWarning on every
+    wrap: third-party noise (peft vs transformers), ignored here and only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model, args: FinetuneArguments):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=lora_target_regex(args.lora_target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with _peft_quiet():
+        return get_peft_model(model, config)
 
 
 def finetune(ft_args: FinetuneArguments, data_args: DataArguments, training_args: PldrTrainingArguments):
     """Fine-tunes and saves; returns (trainer, merged_dir or None)."""
     from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
+    from .checks import check_training_inputs
     from .tokenizer import load_tokenizer
 
-    if not ft_args.model_name_or_path or not Path(ft_args.model_name_or_path).is_dir():
-        raise FileNotFoundError(f"model folder not found: {ft_args.model_name_or_path}")
+    if not ft_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required: the saved PLDR-LLM folder to fine-tune")
     if ft_args.merge and not ft_args.use_lora:
         raise ValueError("--merge applies to LoRA adapters: add --use_lora")
+    check_training_inputs(ft_args, data_args)  # model folder, tokenizer, corpus files: one clear line each
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(ft_args.tokenizer_name_or_path or ft_args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(ft_args.model_name_or_path)
@@ -80,7 +94,8 @@ def finetune(ft_args: FinetuneArguments, data_args: DataArguments, training_args
 
         # Merge from the saved files (base folder + saved adapters), leaving the trained PeftModel untouched.
         base = AutoModelForCausalLM.from_pretrained(ft_args.model_name_or_path)
-        merged = PeftModel.from_pretrained(base, training_args.output_dir).merge_and_unload()
+        with _peft_quiet():
+            merged = PeftModel.from_pretrained(base, training_args.output_dir).merge_and_unload()
         merged.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
     return trainer, merged_dir

@@ -3,6 +3,7 @@
 A G file is what the paper's G-cache experiments need outside a running process: take the G_LM of one prompt (or of
 a model), then generate other prompts with it fixed (:func:`cache_with_g`), or load it as the G of a
 ``custom_G_type="external"`` model (:func:`apply_g_to_model`), i.e. "G-only" inference without the metric learner.
+:func:`load_g_only_model` builds that model from a saved learned-G folder and a G file in one call.
 
 Layout: tensors ``layer{i}.A``, ``layer{i}.A_LM``, ``layer{i}.G_LM`` of shape [heads, head_dim, head_dim] (``A``
 optional), metadata ``format=pldr-g``, ``num_layers``, ``num_heads``, ``head_dim``.
@@ -11,6 +12,7 @@ optional), metadata ``format=pldr-g``, ``num_layers``, ``num_heads``, ``head_dim
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +129,59 @@ def apply_g_to_model(model, g: GTensors) -> None:
     check_g_fits(g, model.config)
     base = getattr(model, model.base_model_prefix, model)
     base.set_fixed_G(g.G_LM, g.A_LM)
+
+
+# The parameters of a learned-G layer that a fixed-G ("external") model does not have: the LayerNorm on A, the residual
+# metric learner and the power law. G-only inference skips exactly these.
+METRIC_LEARNER_KEY = re.compile(r"\.mha1\.(layernorm1|reslayerAs|plgatt_layer)\.")
+FIXED_G_KEY = "past_G_values"
+
+
+def load_g_only_model(model_dir: str | os.PathLike, g: GTensors | str | os.PathLike | None = None,
+                      custom_G_type: str = "external", dtype: torch.dtype | None = None):
+    """A fixed-G ``PldrForCausalLM`` (``custom_G_type="external"``: "G-only" inference, no metric learner) from the
+    folder of a learned-G model, with its G from ``g`` (a :class:`GTensors` or the path of a G file; None leaves the
+    identity until :func:`apply_g_to_model`).
+
+    ``PldrForCausalLM.from_pretrained(folder, custom_G_type="external")`` gives the same model, but transformers
+    reports the metric learner's weights as UNEXPECTED and the fixed G as MISSING; here the checkpoint is matched to
+    the G-only model first (the metric learner's tensors left out, the fixed G supplied), so a correct load says
+    nothing, while any other mismatch still raises a ValueError that lists it.
+    """
+    from transformers import GenerationConfig
+
+    from .checks import check_model_dir
+    from .convert import check_state_dict, load_port_state_dict, model_class_for, read_port_config
+
+    model_dir = check_model_dir(model_dir)
+    config = read_port_config(model_dir)
+    if config.custom_G_type is not None:
+        raise ValueError(f"{model_dir}: already a fixed-G model (custom_G_type={config.custom_G_type!r}); "
+                         "load it with from_pretrained")
+    cls = model_class_for(config)
+    config.custom_G_type = custom_G_type
+    if isinstance(g, (str, os.PathLike)):
+        g = load_g_file(g, config)
+    state = {k: v for k, v in load_port_state_dict(model_dir).items() if not METRIC_LEARNER_KEY.search(k)}
+    with torch.device("meta"):
+        reference = cls(config)  # shapes only
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    if dtype is None:
+        floats = {v.dtype for v in state.values() if v.is_floating_point()}
+        dtype = floats.pop() if len(floats) == 1 else torch.float32
+    for k in (k for k in expected if k.split(".")[-1] == FIXED_G_KEY):
+        shape = expected[k]  # [A, A_LM, G_LM] per layer: zeros, zeros and the identity until a G is applied
+        value = torch.zeros(shape, dtype=dtype)
+        value[:, 2] = torch.eye(shape[-1], dtype=dtype)
+        state[k] = value
+    check_state_dict(reference, state, str(model_dir),
+                     built_from=f"its config.json with custom_G_type={custom_G_type!r}")
+    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    if g is not None:
+        apply_g_to_model(model, g)
+    return model.eval()
 
 
 def g_from_cache(cache, row: int = 0) -> GTensors:

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .convert import copy_tokenizer_files, has_tokenizer, model_class_for, read_json, read_port_config
+from .checks import check_weights, has_tokenizer, read_json
+from .convert import copy_tokenizer_files, model_class_for, read_port_config
 
 REMOTE_CODE_FILES = ("configuration_pldr.py", "modeling_pldr.py", "metric_learner.py", "packing.py")
 AUTO_MAP = {
@@ -41,9 +42,9 @@ DEFAULT_TAGS = ["pldr-llm", "pldrllm", "power-law-graph-attention", "custom_code
 _CARD_TRAINING_KEYS = (
     "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-    "max_steps", "seed", "bf16", "fp16", "optim",
+    "max_steps", "block_size", "seed", "bf16", "fp16", "optim",
     # the PLDR-LLM recipe (scripts/pretrain.py writes them to training_args.json)
-    "clip_grad_value", "lr_scheduler_kwargs", "dag_coeffs", "preset", "block_size", "document_masking",
+    "clip_grad_value", "lr_scheduler_kwargs", "dag_coeffs", "preset", "document_masking",
 )
 
 
@@ -86,8 +87,11 @@ def read_training_info(model_dir: str | os.PathLike) -> tuple[dict, list[str]]:
         args = read_json(args_file)
         for k in _CARD_TRAINING_KEYS:
             v = args.get(k)
-            if v is not None and v != -1 and not (k in ("warmup_steps", "warmup_ratio") and v == 0):
-                hp[k] = v
+            if v is None or v is False or v == -1 or (k in ("warmup_steps", "warmup_ratio") and v == 0):
+                continue
+            if k == "num_train_epochs" and (args.get("max_steps") or 0) > 0:
+                continue  # max_steps decides the length of the run
+            hp[k] = v
         for k in ("dataset_name", "dataset", "datasets"):
             v = args.get(k)
             if isinstance(v, str) and v:
@@ -109,6 +113,17 @@ def read_training_info(model_dir: str | os.PathLike) -> tuple[dict, list[str]]:
         if state.get("total_flos"):
             hp["total_flos"] = f"{float(state['total_flos']):.3g}"
     return hp, datasets
+
+
+def read_training_data(model_dir: str | os.PathLike) -> str | None:
+    """The description of the training data that a run recorded (``training_data`` in training_args.json), for
+    corpora that are not a Hub dataset (e.g. the quickstart's)."""
+    args_file = Path(model_dir) / "training_args.json"
+    if not args_file.is_file():
+        return None
+    data = read_json(args_file)
+    v = data.get("training_data") if isinstance(data, dict) else None
+    return v if isinstance(v, str) and v.strip() else None
 
 
 def eval_results_from_lm_eval(path: str | os.PathLike, model_name: str) -> list[EvalResult]:
@@ -174,6 +189,7 @@ def build_model_card(model_dir: str | os.PathLike, options: CardOptions, config=
         num_parameters=f"{num_parameters:,}" if num_parameters else "n/a", dtype=dtype or "float32",
         g_description=g.get(config.custom_G_type, str(config.custom_G_type)), datasets=datasets,
         hyperparameters=hp, eval_rows=rows, has_tokenizer=tokenizer_present,
+        training_data=read_training_data(model_dir),
     )
 
 
@@ -191,6 +207,7 @@ def assemble(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = read_port_config(model_dir)
     cls = model_class_for(config)
+    check_weights(model_dir)
     if options.eval_results:  # fail before writing anything
         eval_results_from_lm_eval(options.eval_results, options.repo_id)
     if out_dir.exists() and any(out_dir.iterdir()):

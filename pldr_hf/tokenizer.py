@@ -2,6 +2,16 @@
 transformers tokenizer folder that ``AutoTokenizer.from_pretrained`` loads.
 
 The papers' special ids are kept: pad 0 ``[PAD]``, unk 1 ``[UNK]``, bos 2 ``[START]``, eos 3 ``[END]``.
+
+Decoding keeps the space that a word-initial piece (``▁word``) stands for, also when that piece comes first: text
+decoded in parts reads like the whole decoded at once (``decode(a + b) == decode(a) + decode(b)``), which is what
+``pipeline("text-generation")`` (prompt + decoded new tokens), ``TextStreamer`` and ``decode(out[0, n:])`` rely on.
+SentencePiece itself drops the space before the first word of a decode, so a continuation decoded on its own would
+be glued to its prompt ("a function isa string"). The price: a whole text decodes with one leading space (the
+"dummy prefix" SentencePiece adds when encoding), which ``.strip()`` removes.
+
+The folder saved holds only ``tokenizer.json`` + ``tokenizer_config.json`` of the stock ``TokenizersBackend`` class:
+no code of this package is needed to load it.
 """
 
 from __future__ import annotations
@@ -15,10 +25,22 @@ SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "bos": "[START]", "eos": "[END
 SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
 
 
-def _wrap_tokenizers_object(tok, out_dir: str | os.PathLike, model_max_length: int = 1024):
-    """Wraps a ``tokenizers.Tokenizer`` as a transformers fast tokenizer with the special tokens, saves and returns it."""
+def continuation_decoder():
+    """The decoder of the tokenizers this module writes: "▁" becomes a space everywhere, also in the first token, and
+    byte pieces (``<0x0A>``, SentencePiece byte fallback) become their bytes."""
+    from tokenizers import decoders
+
+    return decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+
+
+def _wrap_tokenizers_object(tok, out_dir: str | os.PathLike, model_max_length: int | None = None):
+    """Wraps a ``tokenizers.Tokenizer`` as a transformers fast tokenizer with the special tokens, saves and returns it.
+
+    ``model_max_length``: the context of the model the tokenizer is for (None: no limit, for a tokenizer on its own).
+    """
     from transformers import PreTrainedTokenizerFast
 
+    tok.decoder = continuation_decoder()
     for name, token in SPECIAL_TOKENS.items():
         got = tok.token_to_id(token)
         if got != SPECIAL_IDS[name]:
@@ -29,19 +51,19 @@ def _wrap_tokenizers_object(tok, out_dir: str | os.PathLike, model_max_length: i
         unk_token=SPECIAL_TOKENS["unk"],
         bos_token=SPECIAL_TOKENS["bos"],
         eos_token=SPECIAL_TOKENS["eos"],
-        model_max_length=model_max_length,
         padding_side="left",
+        **({"model_max_length": int(model_max_length)} if model_max_length else {}),
     )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out_dir))
     return hf
 
 
-def wrap_sentencepiece(model_file: str | os.PathLike, out_dir: str | os.PathLike, model_max_length: int = 1024):
+def wrap_sentencepiece(model_file: str | os.PathLike, out_dir: str | os.PathLike, model_max_length: int | None = None):
     """Converts a SentencePiece ``.model`` (unigram or BPE) into a transformers tokenizer folder.
 
     The model must define the papers' special pieces at ids 0-3 ([PAD], [UNK], [START], [END]); the error names any
-    id that does not match.
+    id that does not match. Encoding gives SentencePiece's ids, byte fallback included.
     """
     import sentencepiece as spm
     from transformers.convert_slow_tokenizer import SpmConverter
@@ -62,11 +84,14 @@ def wrap_sentencepiece(model_file: str | os.PathLike, out_dir: str | os.PathLike
         vocab_file = str(model_file)
         add_prefix_space = True
         legacy = False
-        handle_byte_fallback = True
 
-    converter = SpmConverter.__new__(SpmConverter)
+    class _Converter(SpmConverter):
+        # A model trained with byte fallback (the papers' has the 256 byte pieces <0x00>..<0xFF>) keeps it: characters
+        # outside the vocabulary become their UTF-8 bytes, exactly as in SentencePiece, not [UNK].
+        handle_byte_fallback = any(sp.is_byte(i) for i in range(sp.get_piece_size()))
+
+    converter = _Converter.__new__(_Converter)
     converter.original_tokenizer = _Original()
-
     converter.__init__(_Original())
     tok = converter.converted()
     # No template post-processor: the recipes add [START]/[END] themselves where they belong.
@@ -90,7 +115,7 @@ def train_tokenizer(
     out_dir: str | os.PathLike,
     vocab_size: int = 32000,
     kind: str = "sentencepiece",
-    model_max_length: int = 1024,
+    model_max_length: int | None = None,
     seed: int = 0,
 ):
     """Trains a tokenizer on text files and saves it as a transformers tokenizer folder.
@@ -126,7 +151,7 @@ def train_tokenizer(
         )
         return wrap_sentencepiece(f"{prefix}.model", out_dir, model_max_length)
     if kind in ("unigram", "bpe"):
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
         if kind == "unigram":
             tok = Tokenizer(models.Unigram())
@@ -136,7 +161,6 @@ def train_tokenizer(
             trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
         tok.normalizer = normalizers.NFKC()
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
         tok.train_from_iterator(iter_text_lines(files), trainer=trainer)
         return _wrap_tokenizers_object(tok, out_dir, model_max_length)
     raise ValueError(f"unknown tokenizer kind {kind!r}: use 'sentencepiece', 'unigram' or 'bpe'")
@@ -146,10 +170,11 @@ def load_tokenizer(path: str | os.PathLike):
     """Loads a tokenizer folder (or wraps a SentencePiece ``.model`` file on the fly into a temporary folder)."""
     from transformers import AutoTokenizer
 
+    from .checks import check_tokenizer_dir
+
     path = Path(path)
     if path.suffix == ".model" and path.is_file():
         tmp = tempfile.mkdtemp(prefix="pldr-tok-")
         return wrap_sentencepiece(path, tmp)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer not found: {path}")
+    check_tokenizer_dir(path)
     return AutoTokenizer.from_pretrained(str(path))

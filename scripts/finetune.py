@@ -7,6 +7,10 @@ Examples:
   python scripts/finetune.py --model_name_or_path runs/quickstart --train_file my.jsonl --text_column text \\
       --learning_rate 1e-4 --max_steps 100 --output_dir runs/ft-full
 The adapters go to --output_dir; with --merge a standalone model goes to --output_dir/merged.
+
+--help lists every TrainingArguments option after this script's own; the few that matter here: --output_dir,
+--max_steps (or --num_train_epochs), --learning_rate, --per_device_train_batch_size, --gradient_accumulation_steps,
+--warmup_steps, --logging_steps, --save_steps, --eval_strategy steps --eval_steps N, --bf16 (GPU), --seed.
 """
 
 import sys
@@ -14,6 +18,7 @@ import sys
 from transformers import HfArgumentParser
 
 import pldr_hf  # noqa: F401  (registers the model with the Auto classes)
+from pldr_hf.checks import input_errors, report_error
 from pldr_hf.finetune import FinetuneArguments, finetune
 from pldr_hf.training import DataArguments, PldrTrainingArguments, perplexity
 
@@ -23,9 +28,8 @@ def main(argv=None):
     ft_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     try:
         trainer, merged = finetune(ft_args, data_args, training_args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"finetune.py: error: {e}", file=sys.stderr)
-        return 2
+    except input_errors() as e:  # a bad folder, file or option: one line, exit status 1
+        return report_error("finetune.py", e)
     loss = trainer.evaluate()["eval_loss"]
     if trainer.is_world_process_zero():
         print(f"[pldr-hf] held-out loss {loss:.4f}, perplexity {perplexity(loss):.2f}; saved to {training_args.output_dir}"

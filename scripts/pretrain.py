@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 import pldr_hf  # noqa: F401  (registers the model with the Auto classes)
+from pldr_hf.checks import check_training_inputs, input_errors, report_error
 from pldr_hf.training import (
     PRESET_TRAINING_DEFAULTS,
     DataArguments,
@@ -65,14 +66,13 @@ def main(argv=None):
     try:
         model_args, data_args, training_args, run_args = parse(argv)
     except ValueError as e:  # argument validation (e.g. the removed --dag_weight, clip by value and by norm)
-        print(f"pretrain.py: error: {e}", file=sys.stderr)
-        return 2
+        return report_error("pretrain.py", e)
     try:
         resume = run_args.resume_from or (True if run_args.resume else None)
+        check_training_inputs(model_args, data_args)
         trainer = pretrain(model_args, data_args, training_args, resume=resume, eval_before=run_args.eval_before)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pretrain.py: error: {e}", file=sys.stderr)
-        return 2
+    except input_errors() as e:
+        return report_error("pretrain.py", e)
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         loss = metrics["eval_loss"]

@@ -427,8 +427,8 @@ def test_port_errors_name_the_problem(tmp_path, capsys):
     (bad / "config.json").unlink()
     assert main(["convert", "--from", "port", str(bad), "--out", str(tmp_path / "o")]) == 1
     assert "no config.json" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="needs PATH"):
-        main(["convert", "--from", "port", "--out", str(tmp_path / "o")])
+    assert main(["convert", "--from", "port", "--out", str(tmp_path / "o")]) == 1
+    assert "needs PATH" in capsys.readouterr().err
 
 
 def test_push_script_dry_run(run_dir, tmp_path):
