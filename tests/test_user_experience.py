@@ -356,7 +356,7 @@ def test_nothing_outside_markdown_is_named_after_an_issue_number():
     for f in REPO.rglob("*"):
         rel = f.relative_to(REPO)
         if (not f.is_file() or f.suffix in (".md", ".pyc", ".safetensors", ".pth", ".pkl")
-                or any(p in skip or p.endswith(".egg-info") for p in rel.parts)):
+                or any(p in skip or p.startswith(".") or p.endswith(".egg-info") for p in rel.parts)):
             continue
         try:
             text = f.read_text(encoding="utf-8")
