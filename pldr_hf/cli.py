@@ -15,7 +15,7 @@ from pathlib import Path
 RAW = argparse.RawDescriptionHelpFormatter
 
 # Measured wall time of `pldr-hf quickstart` with the defaults (see README.md, "Install and run").
-QUICKSTART_TIME = "about 5 minutes on 2 CPU cores"
+QUICKSTART_TIME = "about 6 minutes on 2 CPU cores"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
