@@ -596,6 +596,11 @@ class PldrModel(PldrPreTrainedModel):
         self.dec_layers = nn.ModuleList([PldrDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         if config.custom_G_type is not None:
             self.register_buffer("past_G_values", self.initial_fixed_G(), persistent=True)
+            # Loading a learned-G folder as a fixed-G model is expected: its metric learner and power law are unused,
+            # and the fixed G comes afterwards (pldr_hf.gfile), so neither is reported as a mismatch.
+            self._keys_to_ignore_on_load_unexpected = [r"past_G_values_status",
+                                                       r"\.mha1\.(layernorm1|reslayerAs|plgatt_layer)\."]
+            self._keys_to_ignore_on_load_missing = [r"(^|\.)past_G_values$"]
         else:
             self.past_G_values = None
         self.gradient_checkpointing = False

@@ -364,3 +364,33 @@ def test_nothing_outside_markdown_is_named_after_an_issue_number():
             continue
         found += [f"{rel}:{i}" for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
     assert not found, found
+
+
+
+_EXTERNAL_LOAD = """
+import sys, torch
+import pldr_hf
+from pldr_hf import PldrConfig, PldrForCausalLM
+cfg = PldrConfig(vocab_size=64, hidden_size=32, num_attention_heads=2, head_dim=16, num_hidden_layers=2,
+                 intermediate_size=40, A_dff=20, num_reslayerA=2, num_denseA=2)
+torch.manual_seed(0)
+learned = PldrForCausalLM(cfg)
+learned.save_pretrained(sys.argv[1])
+print("LOADING", file=sys.stderr, flush=True)
+model = PldrForCausalLM.from_pretrained(sys.argv[1], custom_G_type="external")
+assert torch.equal(model.final_layer.weight, learned.final_layer.weight)
+assert torch.equal(model.decoder.past_G_values[:, 2, 0], torch.eye(16).expand(2, 2, 16, 16))
+"""
+
+
+def test_from_pretrained_of_a_learned_folder_as_external_G_model_is_quiet(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-c", _EXTERNAL_LOAD, str(tmp_path / "m")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = r.stderr.split("LOADING", 1)[1]
+    assert "UNEXPECTED" not in after and "MISSING" not in after, after
