@@ -58,7 +58,7 @@ except Exception:  # noqa: BLE001  (any failure to import means: no kernels)
     triton = None
     tl = None
 
-__all__ = ["fused_metric_learner", "learner_tensors"]
+__all__ = ["fused_metric_learner", "learner_tensors", "stacked_metric_learner"]
 
 # Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
 # triton is imported); the tests use it to check the kernels without a GPU.
@@ -752,6 +752,84 @@ def _output_dtype(A: torch.Tensor, compute_dtype: torch.dtype, autocast: bool, p
     return torch.promote_types(A.dtype, compute_dtype)
 
 
+class _LearnerFunction(torch.autograd.Function):
+    """The operators' math as a plain autograd function, for eager mode: a custom operator's Python dispatch (autograd
+    wrapper, redispatch, alias checks) cost about 0.5 ms of host time per call, more than its kernels' GPU time at small
+    batches. Under torch.compile the custom operators run instead (opaque to inductor, no graph break)."""
+
+    @staticmethod
+    def forward(ctx, x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype):
+        out, xins, zs, mean, rstd = _fwd_impl(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, True)
+        ctx.save_for_backward(w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd)
+        ctx.options = (eps, compute_dtype, x.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd = ctx.saved_tensors
+        eps, compute_dtype, x_dtype = ctx.options
+        needs = ctx.needs_input_grad[1:7]
+        param_grads = any(needs)
+        gx, flat = _bwd_impl(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
+                             param_grads)
+        grads = [None] * 6
+        if param_grads:
+            layout = _Layout(ln_w.shape[0], w3.shape[0] // ln_w.shape[0], w3.shape[2], w3.shape[1], b12 is not None)
+            grads = [g if need else None for g, need in zip(layout.unpack(flat), needs)]
+        return gx, *grads, None, None, None
+
+
+def _dtypes(A: torch.Tensor, param_dtype: torch.dtype):
+    """(compute dtype, output dtype) of the learner on A, or None when the modules would reject the combination."""
+    device = A.device.type
+    autocast = torch.is_autocast_enabled(device)
+    if autocast:
+        compute_dtype = torch.get_autocast_dtype(device)
+    elif A.dtype != param_dtype:
+        return None
+    else:
+        compute_dtype = param_dtype
+    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        return None
+    return compute_dtype, _output_dtype(A, compute_dtype, autocast, param_dtype)
+
+
+def _run(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, eps: float, compute_dtype, out_dtype) -> torch.Tensor:
+    """The learner on the rows of A [..., d] with the parameters stacked per kind (see :class:`_Layout`)."""
+    d = w12.shape[-1]
+    x = A.reshape(-1, d)
+    params = [t for t in (w12, w3, b12, b3, ln_w, ln_b) if t is not None]
+    needs_grad = torch.is_grad_enabled() and (A.requires_grad or any(p.requires_grad for p in params))
+    if torch.compiler.is_compiling():
+        out = torch.ops.pldr.metric_learner_fwd(x, w12, w3, b12, b3, ln_w, ln_b, float(eps), compute_dtype, out_dtype,
+                                                needs_grad)[0]
+    elif needs_grad:
+        out = _LearnerFunction.apply(x, w12, w3, b12, b3, ln_w, ln_b, float(eps), compute_dtype, out_dtype)
+    else:
+        out = _fwd_impl(x, w12, w3, b12, b3, ln_w, ln_b, float(eps), compute_dtype, out_dtype, False)[0]
+    return out.view(A.shape)
+
+
+def _check_rows(A: torch.Tensor, d: int):
+    if A.dim() < 1 or A.shape[-1] != d:
+        raise ValueError(f"metric learner: A must have rows of width {d} (the learner's d), got shape {tuple(A.shape)}")
+    if not A.is_floating_point():
+        raise ValueError(f"metric learner: A must be floating point, got {A.dtype}")
+
+
+def stacked_metric_learner(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, eps: float) -> torch.Tensor:
+    """The learner on the rows of A [..., d] from parameters stored stacked per kind (the model's
+    ``PldrMetricLearner``): W1|W2 [2G, h, d] (gluw1 and gluw2 of each GLU in turn), W3 [G, d, h], b1|b2 [2G, h] and
+    b3 [G, d] or None, LayerNorm weights and biases [U, d]. Returns a tensor of A's shape with the dtype the modules
+    would give; raises a ValueError for rows of the wrong width or a dtype the modules would reject."""
+    _check_rows(A, w12.shape[-1])
+    dtypes = _dtypes(A, w12.dtype)
+    if dtypes is None:
+        raise ValueError(f"metric learner: A is {A.dtype} but the learner's parameters are {w12.dtype} (and no "
+                         f"autocast is active); cast A or the model to one dtype")
+    return _run(A, w12, w3, b12, b3, ln_w, ln_b, eps, *dtypes)
+
+
 def fused_metric_learner(units: nn.ModuleList, A: torch.Tensor) -> torch.Tensor | None:
     """Runs the metric learner ``units`` (a ModuleList of PldrResidualMetricUnit) on the rows of A [..., d] as one
     operator; returns a tensor of A's shape with the dtype the modules would give, or None when the modules
@@ -759,32 +837,18 @@ def fused_metric_learner(units: nn.ModuleList, A: torch.Tensor) -> torch.Tensor 
 
     Works with and without gradients (nothing is kept for the backward when none is needed), under autocast (GEMMs
     in the autocast dtype with float32 accumulation, LayerNorms and the residual stream in float32), in eager mode
-    and under ``torch.compile``."""
+    and under ``torch.compile``. The model itself stores its learners stacked (``PldrMetricLearner``), which saves the
+    per-call stacking and the per-parameter autograd and optimizer work; this entry serves learners kept as modules
+    (e.g. with adapters on their GLUs, which make it return None)."""
     if len(units) == 0:
         return A
     found = learner_tensors(units)
     if found is None:
         return None
     w12, w3, b12, b3, ln_w, ln_b, eps = found
-    d = w12[0].shape[1]
-    if A.dim() < 1 or A.shape[-1] != d:
-        raise ValueError(f"metric learner: A must have rows of width {d} (the learner's d), got shape {tuple(A.shape)}")
-    if not A.is_floating_point():
-        raise ValueError(f"metric learner: A must be floating point, got {A.dtype}")
-    device = A.device.type
-    param_dtype = w12[0].dtype
-    autocast = torch.is_autocast_enabled(device)
-    if autocast:
-        compute_dtype = torch.get_autocast_dtype(device)
-    elif A.dtype != param_dtype:
+    _check_rows(A, w12[0].shape[1])
+    dtypes = _dtypes(A, w12[0].dtype)
+    if dtypes is None:
         return None  # the modules raise a dtype mismatch: let them say so
-    else:
-        compute_dtype = param_dtype
-    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        return None
-    out_dtype = _output_dtype(A, compute_dtype, autocast, param_dtype)
-    kinds = (w12, w3, b12, b3, ln_w, ln_b)
-    save = torch.is_grad_enabled() and (A.requires_grad or any(p.requires_grad for ps in kinds if ps for p in ps))
-    stacked = [None if ps is None else torch.stack(ps) for ps in kinds]
-    out = torch.ops.pldr.metric_learner_fwd(A.reshape(-1, d), *stacked, float(eps), compute_dtype, out_dtype, save)[0]
-    return out.view(A.shape)
+    stacked = [None if ps is None else torch.stack(ps) for ps in (w12, w3, b12, b3, ln_w, ln_b)]
+    return _run(A, *stacked, eps, *dtypes)

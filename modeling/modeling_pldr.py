@@ -41,7 +41,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_pldr import PldrConfig
-from .metric_learner import fused_metric_learner
+from .metric_learner import fused_metric_learner, stacked_metric_learner
 from .packing import (
     SequenceGroups,
     groups_from_cu_seq_lens,
@@ -262,6 +262,211 @@ class PldrResidualMetricUnit(nn.Module):
         return self.layernormA(A + residual)
 
 
+_STACKED_LEARNER_ACTS = ("silu", "swish")
+
+
+class PldrMetricLearner(nn.Module):
+    """The residual metric learner of a PLGA layer (``num_reslayerA`` units of ``num_denseA`` SwiGLUs and a LayerNorm,
+    the math of :class:`PldrResidualMetricUnit`) with its parameters stored stacked per kind, run as one operator
+    (``metric_learner.py``):
+
+    * ``gluw12_weight`` [2G, A_dff, d]: gluw1.weight and gluw2.weight of each GLU in turn (G = units x GLUs, unit-major),
+      ``gluw3_weight`` [G, d, A_dff], ``gluw12_bias`` [2G, A_dff] and ``gluw3_bias`` [G, d] (None without ``glu_bias``),
+      ``layernormA_weight`` / ``layernormA_bias`` [units, d].
+
+    Stacked, a layer's learner is 6 parameter tensors instead of 112 (at the papers' sizes): per training step that
+    saves hundreds of autograd nodes, stack/unbind copies and optimizer and gradient-clipping bookkeeping, which made
+    the host, not the GPU, set the pace of small batches. The names mean what they meant as modules, so Trainer's
+    weight-decay rule (not on biases and LayerNorms) is unchanged.
+
+    Checkpoints keep the original's (and the transformers port's) per-unit names,
+    ``reslayerAs.{u}.denseAs.{j}.gluw{1,2,3}.{weight,bias}`` and ``reslayerAs.{u}.layernormA.{weight,bias}``:
+    ``state_dict()`` gives them (copies of the slices), ``load_state_dict()`` takes them, and ``from_pretrained`` finds
+    them through ``getattr`` (``learner.3.denseAs.1.gluw2.weight`` is the slice ``gluw12_weight[2 * (3 * J + 1) + 1]``).
+    For adapters on the learner's GLUs, :meth:`PldrPreTrainedModel.use_metric_learner_modules` turns the learners back
+    into modules.
+    """
+
+    KINDS = ("gluw12_weight", "gluw3_weight", "gluw12_bias", "gluw3_bias", "layernormA_weight", "layernormA_bias")
+
+    def __init__(self, config: PldrConfig):
+        super().__init__()
+        U, J, h, d = config.num_reslayerA, config.num_denseA, config.A_dff, config.head_dim
+        G = U * J
+        self.num_units, self.num_glus, self.hidden, self.d = U, J, h, d
+        self.eps = config.layer_norm_eps
+        self.config_for_modules = config
+        self.gluw12_weight = nn.Parameter(torch.empty(2 * G, h, d))
+        self.gluw3_weight = nn.Parameter(torch.empty(G, d, h))
+        if config.glu_bias:
+            self.gluw12_bias = nn.Parameter(torch.zeros(2 * G, h))
+            self.gluw3_bias = nn.Parameter(torch.zeros(G, d))
+        else:
+            self.register_parameter("gluw12_bias", None)
+            self.register_parameter("gluw3_bias", None)
+        self.layernormA_weight = nn.Parameter(torch.ones(U, d))
+        self.layernormA_bias = nn.Parameter(torch.zeros(U, d))
+        self._port_names = {name: (kind, i) for name, kind, i in self._port_slots()}
+        self._register_state_dict_hook(PldrMetricLearner._state_dict_in_port_names)
+        self.register_load_state_dict_pre_hook(PldrMetricLearner._load_port_names)
+
+    def __len__(self) -> int:
+        return self.num_units
+
+    def forward(self, A: torch.Tensor) -> torch.Tensor:
+        return stacked_metric_learner(A, *(getattr(self, k) for k in self.KINDS), self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"units={self.num_units}, glus_per_unit={self.num_glus}, d={self.d}, hidden={self.hidden}, "
+                f"bias={self.gluw12_bias is not None}")
+
+    # -- the port's per-unit names ---------------------------------------------------------------------------------
+    def _port_slots(self):
+        """(name relative to this module in the port's layout, stacked parameter, index in it)."""
+        bias = self.gluw12_bias is not None
+        for u in range(self.num_units):
+            for j in range(self.num_glus):
+                g = u * self.num_glus + j
+                p = f"{u}.denseAs.{j}."
+                yield p + "gluw1.weight", "gluw12_weight", 2 * g
+                yield p + "gluw2.weight", "gluw12_weight", 2 * g + 1
+                yield p + "gluw3.weight", "gluw3_weight", g
+                if bias:
+                    yield p + "gluw1.bias", "gluw12_bias", 2 * g
+                    yield p + "gluw2.bias", "gluw12_bias", 2 * g + 1
+                    yield p + "gluw3.bias", "gluw3_bias", g
+            yield f"{u}.layernormA.weight", "layernormA_weight", u
+            yield f"{u}.layernormA.bias", "layernormA_bias", u
+
+    @staticmethod
+    def _state_dict_in_port_names(module, state_dict, prefix, local_metadata):
+        stacked = {k: state_dict.pop(prefix + k) for k in module.KINDS if prefix + k in state_dict}
+        for kind, t in stacked.items():
+            if hasattr(t, "full_tensor"):  # a sharded (FSDP2 / DTensor) parameter: slices of the whole tensor
+                stacked[kind] = t.full_tensor()
+        for name, (kind, i) in module._port_names.items():
+            if kind in stacked:
+                state_dict[prefix + name] = stacked[kind].detach()[i].clone()
+        return state_dict
+
+    @staticmethod
+    def _load_port_names(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+        """Stacks the port's per-unit entries of a state dict into the stacked parameters' entries (a state dict that
+        already has the stacked names loads as it is)."""
+        names = [n for n in module._port_names if prefix + n in state_dict]
+        if not names:
+            return
+        for kind in module.KINDS:
+            param = getattr(module, kind)
+            if param is None or prefix + kind in state_dict:
+                continue
+            slots = {i: n for n, (k, i) in module._port_names.items() if k == kind}
+            found = {i: state_dict.pop(prefix + n) for i, n in slots.items() if prefix + n in state_dict}
+            if not found:
+                continue  # reported as a missing key of its own
+            if len(found) != len(slots):
+                missing_keys.extend(prefix + n for i, n in slots.items() if i not in found)
+                merged = param.detach().clone()
+                for i, t in found.items():
+                    merged[i] = t
+                state_dict[prefix + kind] = merged
+            else:
+                state_dict[prefix + kind] = torch.stack([found[i] for i in range(len(slots))])
+
+    def __getattr__(self, name: str):
+        # transformers' loader reaches a checkpoint entry by attribute path (``learner.0.denseAs.1.gluw1.weight``)
+        if name.isdigit() and int(name) < self.__dict__.get("num_units", 0):
+            return _PortNameView(self, name + ".")
+        return super().__getattr__(name)
+
+    def _port_get(self, name: str) -> nn.Parameter:
+        kind, i = self._port_names[name]
+        param = getattr(self, kind)
+        return nn.Parameter(param.detach()[i], requires_grad=param.requires_grad)
+
+    @torch.no_grad()
+    def _port_set(self, name: str, value: torch.Tensor):
+        kind, i = self._port_names[name]
+        param = getattr(self, kind)
+        if tuple(value.shape) != tuple(param.shape[1:]):
+            raise ValueError(f"metric learner: {name} must have shape {tuple(param.shape[1:])}, got "
+                             f"{tuple(value.shape)}")
+        if param.device != value.device or param.dtype != value.dtype or param.is_meta:
+            # Loading into a model made on the meta device: the stacked parameter is created on the first slice,
+            # initialised as a new model's (slices the checkpoint lacks keep that), then filled slice by slice.
+            fresh = nn.Parameter(torch.empty(param.shape, dtype=value.dtype, device=value.device),
+                                 requires_grad=param.requires_grad)
+            if param.is_meta:
+                _init_learner_kind(fresh, kind)
+            else:
+                fresh.copy_(param)
+            fresh._is_hf_initialized = True
+            setattr(self, kind, fresh)
+            param = fresh
+        param[i].copy_(value)
+
+    # -- conversion to and from modules ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_units(self) -> nn.ModuleList:
+        """The same learner as a ModuleList of :class:`PldrResidualMetricUnit` (the port's modules), with copies of
+        the weights on the same device and dtype."""
+        units = nn.ModuleList([PldrResidualMetricUnit(self.config_for_modules) for _ in range(self.num_units)])
+        units.to(device=self.gluw12_weight.device, dtype=self.gluw12_weight.dtype)
+        own = dict(units.named_parameters())
+        for name in self._port_names:
+            own[name].copy_(self._port_get(name))
+        return units
+
+    @torch.no_grad()
+    def load_units(self, units: nn.ModuleList):
+        """Copies the weights of a ModuleList of :class:`PldrResidualMetricUnit` of the same sizes into this learner."""
+        own = dict(units.named_parameters())
+        if set(own) != set(self._port_names):
+            raise ValueError("metric learner: the units do not have this learner's sizes")
+        for name, value in own.items():
+            self._port_set(name, value.detach())
+
+
+def _init_learner_kind(param: torch.Tensor, kind: str):
+    """A new model's values for one stacked parameter: each GLU's weights as an nn.Linear of the original (Xavier
+    uniform per matrix), zero biases, LayerNorm weights 1 and biases 0."""
+    with torch.no_grad():
+        if kind.endswith("_weight") and kind.startswith("gluw"):
+            for m in param:
+                nn.init.xavier_uniform_(m)
+        elif kind == "layernormA_weight":
+            nn.init.ones_(param)
+        else:
+            nn.init.zeros_(param)
+
+
+class _PortNameView(nn.Module):
+    """A path into a :class:`PldrMetricLearner` in the port's per-unit names (``0.``, ``0.denseAs.``, ...), for loaders
+    that reach parameters by attribute: reading the leaf gives the slice, assigning it writes the slice."""
+
+    def __init__(self, learner: PldrMetricLearner, path: str):
+        super().__init__()
+        object.__setattr__(self, "_learner", learner)
+        object.__setattr__(self, "_path", path)
+
+    def __getattr__(self, name: str):
+        learner, path = self.__dict__["_learner"], self.__dict__["_path"]
+        full = path + name
+        if full in learner._port_names:
+            return learner._port_get(full)
+        if any(n.startswith(full + ".") for n in learner._port_names):
+            return _PortNameView(learner, full + ".")
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value):
+        learner, path = self.__dict__["_learner"], self.__dict__["_path"]
+        if path + name in learner._port_names:
+            learner._port_set(path + name, value.detach() if isinstance(value, torch.Tensor) else value)
+            return
+        super().__setattr__(name, value)
+
+
 class PldrPowerLaw(nn.Module):
     """The power law step: ``A_LM = iSwiGLU(W @ A + b) + 1e-9``, ``G_LM = a @ (A_LM ** p) + ba`` per head.
 
@@ -378,7 +583,10 @@ class PldrAttention(nn.Module):
         self.dense = nn.Linear(D, D, bias=config.attention_bias)
         if self.learned_G:
             self.layernorm1 = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
-            self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
+            if config.hidden_act in _STACKED_LEARNER_ACTS:
+                self.reslayerAs = PldrMetricLearner(config)
+            else:  # the operator computes SwiGLUs only: other activations keep the modules
+                self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
             self.plgatt_layer = PldrPowerLaw(config)
 
     def metric_tensor(
@@ -404,7 +612,10 @@ class PldrAttention(nn.Module):
             # sequence length and |q|^2 and overflows float16 (65504) on long or large-norm inputs (inf, then NaN).
             A = F.layer_norm(A, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(ln.weight.dtype)
         # The metric learner as one operator per layer (Triton kernels on GPU), in training, inference and under
-        # torch.compile; the modules themselves run when they are not plain (adapters, hooks).
+        # torch.compile. Learners kept as modules (use_metric_learner_modules) run through the same operator unless
+        # they are not plain (adapters, hooks): then the modules themselves run.
+        if isinstance(self.reslayerAs, PldrMetricLearner):
+            return self.reslayerAs(A)
         learned = fused_metric_learner(self.reslayerAs, A)
         if learned is not None:
             return learned
@@ -554,6 +765,16 @@ class PldrPreTrainedModel(PreTrainedModel):
         finally:
             self.__class__ = cls
 
+    def use_metric_learner_modules(self):
+        """Turns every layer's stacked metric learner (:class:`PldrMetricLearner`) into the port's modules, a
+        ModuleList of :class:`PldrResidualMetricUnit` with the same weights and parameter names as the checkpoint
+        (``mha1.reslayerAs.{u}.denseAs.{j}.gluw1``, ...), e.g. to put PEFT adapters on the learner's GLUs. Plain
+        modules still run as one operator; adapted ones run module by module. Returns the model."""
+        for module in list(self.modules()):
+            if isinstance(module, PldrAttention) and isinstance(getattr(module, "reslayerAs", None), PldrMetricLearner):
+                module.reslayerAs = module.reslayerAs.to_units()
+        return self
+
     @torch.no_grad()
     def _init_weights(self, module):
         """The original implementation's initialisation (see architecture notes in the project docs)."""
@@ -572,6 +793,11 @@ class PldrPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, PldrMetricLearner):
+            for kind in module.KINDS:
+                param = getattr(module, kind)
+                if param is not None and not getattr(param, "_is_hf_initialized", False):
+                    _init_learner_kind(param, kind)
         elif isinstance(module, PldrPowerLaw):
             init.xavier_normal_(module.Wlst)
             init.zeros_(module.blst)

@@ -198,11 +198,21 @@ def test_cache_first_G_uses_first_rows_G_for_whole_batch():
         out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
                          do_sample=False, return_dict_in_generate=True)
     assert out.past_key_values.get_deductive(0)[2].shape[0] == 1  # one G for the batch
-    g0 = extract_g(plain, prompts[0])
     assert torch.equal(out.sequences[0], gen(plain, prompts[0])[0])
-    row1 = generate_with_g(plain, g0, prompts[1], max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    # Row 1 as the port computes it: its prefill with its own A/A_LM/G_LM, every later step with row 0's.
+    with torch.no_grad():
+        first = plain(prompts[0], use_cache=True).past_key_values
+        step = plain(prompts[1], use_cache=True)
+        cache = step.past_key_values
+        for layer in range(plain.config.num_hidden_layers):
+            cache.set_deductive(layer, *first.get_deductive(layer))
+        tokens = [step.logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(N - 1):
+            step = plain(tokens[-1], past_key_values=cache, use_cache=True)
+            tokens.append(step.logits[:, -1].argmax(-1, keepdim=True))
+    row1 = torch.cat([prompts[1]] + tokens, dim=1)
     assert torch.equal(out.sequences[1], row1[0])
-    assert not torch.equal(row1, gen(plain, prompts[1]))  # prompt 1 with its own G goes elsewhere
+    assert not torch.equal(row1, gen(plain, prompts[1]))  # prompt 1 with its own G all along goes elsewhere
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pldr_hf import (
 TINY = dict(vocab_size=64, hidden_size=16, num_attention_heads=2, head_dim=8, num_hidden_layers=2,
             intermediate_size=42, A_dff=12, num_reslayerA=2, num_denseA=2, max_position_embeddings=128,
             pad_token_id=0, bos_token_id=None, eos_token_id=None)
-TOL = dict(rtol=0, atol=1e-5)
+TOL = dict(rtol=0, atol=5e-5)  # float32 sum-order noise, amplified through the power law
 
 
 def make(seed=0, cls=PldrForCausalLM, attn="sdpa", **overrides):
