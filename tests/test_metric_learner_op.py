@@ -417,8 +417,8 @@ def test_triton_kernels_in_the_interpreter():
 # ---------------------------------------------------------------------------------------------------------------------
 # CUDA: the compiled kernels against the reference path and the modules
 # ---------------------------------------------------------------------------------------------------------------------
-def _cuda_case(dtype, bias, rows_shape, frozen=False, seed=0, d=64, hidden=170, units=8):
-    units = _learner(units=units, glus=2, bias=bias, d=d, hidden=hidden, seed=seed, device="cuda")
+def _cuda_case(dtype, bias, rows_shape, frozen=False, seed=0, d=64, hidden=170, n_units=8):
+    units = _learner(units=n_units, glus=2, bias=bias, d=d, hidden=hidden, seed=seed, device="cuda")
     for p in units.parameters():
         p.requires_grad_(not frozen)
     A = torch.randn(*rows_shape, d, device="cuda", requires_grad=True)
@@ -442,7 +442,7 @@ def _cuda_case(dtype, bias, rows_shape, frozen=False, seed=0, d=64, hidden=170, 
     exact = _modules(units64, A64)
     exact_grads = _grads(exact, [A64] + [p for p in units64.parameters() if p.requires_grad], gout.double())
     assert dtype == torch.float32 or ML._use_kernels(A.reshape(-1, d), torch.zeros(1, device="cuda"),
-                                                     ML._Layout(units, 2, hidden, d, bias), dtype)
+                                                     ML._Layout(n_units, 2, hidden, d, bias), dtype)
     return run(True), run(False), (exact, exact_grads)
 
 
@@ -466,7 +466,7 @@ def test_cuda_kernels_match_the_reference(dtype, bias):
 def test_cuda_kernels_match_the_reference_at_small_sizes(d, hidden, units, rows):
     # the sizes of the tiny test models (rows = batch x heads x d), a block not filled included
     (out, grads), (ref, ref_grads), (exact, exact_grads) = _cuda_case(torch.bfloat16, True, (rows,), d=d,
-                                                                        hidden=hidden, units=units)
+                                                                        hidden=hidden, n_units=units)
     for k, r, e in zip((out, *grads), (ref, *ref_grads), (exact, *exact_grads)):
         assert _rel(k, e) <= max(2e-2, 2 * _rel(r, e))
 
