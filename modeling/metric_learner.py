@@ -11,12 +11,14 @@ and ``pldr::metric_learner_bwd`` (``torch.library.custom_op`` with fake implemen
 that eager mode, ``torch.compile`` (no graph break; inductor does not trace into them), FSDP/DDP, gradient
 checkpointing and autocast all see one opaque op per layer:
 
-* the parameters enter stacked per kind by ordinary (differentiable) ``torch.stack`` calls in the wrapper, whose
-  backward hands each parameter its slice of the gradient in one ``unbind``: W1|W2 [2G, h, d] (gluw1 and gluw2 of
-  each GLU in turn), W3 [G, d, h], with biases b1|b2 [2G, h] and b3 [G, d], and the LayerNorm weights and biases
-  [U, d] (U units of J GLUs, G = U * J). Stacking per kind costs a handful of autograd nodes; a flat ``torch.cat`` of
-  reshaped parameters costs two per parameter (224 at the 110M sizes), which measured as the largest host-side cost
-  of an eager step, whose GPU work is only about 1 ms a layer;
+* the parameters enter stacked per kind: W1|W2 [2G, h, d] (gluw1 and gluw2 of each GLU in turn), W3 [G, d, h], with
+  biases b1|b2 [2G, h] and b3 [G, d], and the LayerNorm weights and biases [U, d] (U units of J GLUs, G = U * J). The
+  model stores them so (``PldrMetricLearner`` in modeling_pldr.py, :func:`stacked_metric_learner`): a few tensors per
+  layer rather than 112 parameters, whose per-tensor autograd, optimizer and clipping work was the largest host cost
+  of a small eager step (whose GPU work is about 1 ms a layer). Learners kept as modules (:func:`fused_metric_learner`)
+  are stacked by differentiable ``torch.stack`` calls per call;
+* in eager mode the math runs through a plain ``torch.autograd.Function`` (a custom operator's Python dispatch costs
+  about 0.5 ms of host time a call); under ``torch.compile`` the custom operators run;
 * the GEMM dtype is decided by the wrapper (the autocast dtype under autocast, else the parameters' dtype) and
   passed as an argument: custom operators do not see autocast. The residual stream and the LayerNorms are float32;
 * the forward keeps, for the backward, each GLU's input in the GEMM dtype and each unit's pre-LayerNorm sum with its
