@@ -639,6 +639,14 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(xins, zs, mean, rstd)
 
 
+def _split_param_grads(flat, needs, w3, b12, ln_w) -> list:
+    """The parameters' gradients by kind from the backward's flat tensor (None where not needed)."""
+    if not any(needs):
+        return [None] * 6
+    layout = _Layout(ln_w.shape[0], w3.shape[0] // ln_w.shape[0], w3.shape[2], w3.shape[1], b12 is not None)
+    return [g if need else None for g, need in zip(layout.unpack(flat), needs)]
+
+
 def _backward(ctx, grad_out, *_):
     w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd = ctx.saved_tensors
     eps, compute_dtype, x_dtype, save = ctx.options
@@ -649,11 +657,7 @@ def _backward(ctx, grad_out, *_):
     param_grads = any(needs)
     gx, flat = torch.ops.pldr.metric_learner_bwd(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps,
                                                  compute_dtype, x_dtype, param_grads)
-    grads = [None] * 6
-    if param_grads:
-        layout = _Layout(ln_w.shape[0], w3.shape[0] // ln_w.shape[0], w3.shape[2], w3.shape[1], b12 is not None)
-        grads = [g if need else None for g, need in zip(layout.unpack(flat), needs)]
-    return gx, *grads, None, None, None, None
+    return gx, *_split_param_grads(flat, needs, w3, b12, ln_w), None, None, None, None
 
 
 def _define_ops():
@@ -774,11 +778,7 @@ class _LearnerFunction(torch.autograd.Function):
         param_grads = any(needs)
         gx, flat = _bwd_impl(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
                              param_grads)
-        grads = [None] * 6
-        if param_grads:
-            layout = _Layout(ln_w.shape[0], w3.shape[0] // ln_w.shape[0], w3.shape[2], w3.shape[1], b12 is not None)
-            grads = [g if need else None for g, need in zip(layout.unpack(flat), needs)]
-        return gx, *grads, None, None, None
+        return gx, *_split_param_grads(flat, needs, w3, b12, ln_w), None, None, None
 
 
 def _dtypes(A: torch.Tensor, param_dtype: torch.dtype):
