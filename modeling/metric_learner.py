@@ -60,6 +60,13 @@ except Exception:  # noqa: BLE001  (any failure to import means: no kernels)
     triton = None
     tl = None
 
+# The operators are ``torch.library.triton_op``s (PyTorch >= 2.6) whose kernels are launched through ``wrap_triton``:
+# torch.compile then traces into them and inductor launches the kernels from its own generated code (an opaque custom
+# operator costs some 0.5 ms of host dispatch a call, which made small compiled steps host-bound). Older PyTorch
+# defines them as opaque custom operators.
+_TRACEABLE_KERNELS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+wrap_triton = getattr(torch.library, "wrap_triton", None)
+
 __all__ = ["fused_metric_learner", "learner_tensors", "stacked_metric_learner"]
 
 # Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
@@ -245,7 +252,8 @@ if triton is not None:
 
     @triton.jit
     def _learner_fwd_kernel(
-        X, OUT, W12, W3, B12, B3, LNW, LNB, XIN, Z, MEAN, RSTD, N, H, U, J, eps,
+        X, OUT, W12, W3, B12, B3, LNW, LNB, XIN, Z, MEAN, RSTD, N, H, U, J,
+        EPS: tl.constexpr,  # (a constant: inductor would pass a Python float argument as float64)
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
         CD: tl.constexpr, PREC: tl.constexpr,
     ):
@@ -285,7 +293,7 @@ if triton is not None:
             z = a + y
             mean = tl.sum(z, axis=1) / D
             zc = z - mean[:, None]
-            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
+            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
             if SAVE:
                 tl.store(Z + u * N * D + offs, z, mask=m2)
                 tl.store(MEAN + u * N + rows, mean, mask=rmask)
@@ -510,7 +518,7 @@ class _on_device:
             self.ctx.__exit__(*exc)
 
 
-def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out_dtype, save):
+def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out_dtype, save, wrap):
     U, J, H, D, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = x.shape[0]
     out = torch.empty((N, D), dtype=out_dtype, device=x.device)
@@ -525,15 +533,16 @@ def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out
         saved = (xins, zs, mean, rstd) if save else (x,) * 4  # (not written without save)
         biases = (B12, B3) if layout.bias else (W12, W12)  # (not read without biases)
         with _on_device(x):
-            _learner_fwd_kernel[(triton.cdiv(N, bm),)](
-                x, out, *_gemm_weights(W12, W3, cd), *biases, LNW, LNB, *saved, N, H, U, J, float(eps),
-                D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, SAVE=save, CD=_TL_DTYPES[cd],
+            kernel = wrap_triton(_learner_fwd_kernel) if wrap else _learner_fwd_kernel
+            kernel[(triton.cdiv(N, bm),)](
+                x, out, *_gemm_weights(W12, W3, cd), *biases, LNW, LNB, *saved, N, H, U, J,
+                EPS=float(eps), D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, SAVE=save, CD=_TL_DTYPES[cd],
                 PREC=_dot_precision(cd), num_warps=warps, num_stages=stages,
             )
     return out, xins, zs, mean, rstd
 
 
-def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, layout: _Layout, cd, x_dtype, param_grads):
+def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, layout: _Layout, cd, x_dtype, param_grads, wrap):
     U, J, H, D, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = gout.shape[0]
     gx = torch.empty((N, D), dtype=x_dtype, device=gout.device)
@@ -548,7 +557,8 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, layout: _Lay
     w12, w3 = _gemm_weights(W12, W3, cd)
     b12 = B12 if layout.bias else W12  # (not read without biases)
     with _on_device(gout):
-        _learner_bwd_rows_kernel[(row_programs,)](
+        kernel = wrap_triton(_learner_bwd_rows_kernel) if wrap else _learner_bwd_rows_kernel
+        kernel[(row_programs,)](
             gout, gx, w12, w3, b12, LNW, xins, zs, mean, rstd, gys, lnpart, N, H, U, J,
             D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, PARAM_GRADS=param_grads, CD=_TL_DTYPES[cd],
             PREC=prec, num_warps=warps, num_stages=stages,
@@ -563,7 +573,8 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, layout: _Lay
         rows_per_split = triton.cdiv(row_blocks, splits) * bm
         splits = triton.cdiv(N, rows_per_split)
         part = torch.empty((splits, layout.total), dtype=torch.float32, device=gout.device)
-        _learner_bwd_params_kernel[(tiles, splits)](
+        kernel = wrap_triton(_learner_bwd_params_kernel) if wrap else _learner_bwd_params_kernel
+        kernel[(tiles, splits)](
             xins, gys, w12, w3, b12, lnpart, part, N, H, U, J, row_programs, rows_per_split,
             triton.cdiv(row_programs, splits), layout.total,
             D=D, BLOCK_M=bm, BLOCK_H=bh, BLOCK_P=16, HAS_BIAS=layout.bias, CD=_TL_DTYPES[cd], PREC=prec,
@@ -576,20 +587,26 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, layout: _Lay
 # ----------------------------------------------------------------------------------------------------------------------
 # The operators
 # ----------------------------------------------------------------------------------------------------------------------
+def _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save, wrap):
+    """The learner on rows x [N, d]. Returns the output [N, d] (``out_dtype``) and, with ``save``, what the backward
+    needs: each GLU's input [G, N, d] (``compute_dtype``) and each unit's pre-LayerNorm sum [U, N, d] with its mean
+    and reciprocal standard deviation [U, N] (float32); without ``save`` these are empty. ``wrap``: launch the kernels
+    through ``wrap_triton`` (inside the operator, so that torch.compile traces them)."""
+    layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
+    args = [t if t is None else t.contiguous() for t in (x, w12, w3, b12, b3, ln_w, ln_b)]
+    if _use_kernels(args[0], args[1], layout, compute_dtype):
+        return _kernel_forward(*args, layout, eps, compute_dtype, out_dtype, save, wrap)
+    with torch.autocast(x.device.type, enabled=False):
+        return _reference_forward(*args, layout, eps, compute_dtype, out_dtype, save)
+
+
 def _fwd_impl(
     x: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
     ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The learner on rows x [N, d]. Returns the output [N, d] (``out_dtype``) and, with ``save``, what the backward
-    needs: each GLU's input [G, N, d] (``compute_dtype``) and each unit's pre-LayerNorm sum [U, N, d] with its mean
-    and reciprocal standard deviation [U, N] (float32); without ``save`` these are empty."""
-    layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
-    args = [t if t is None else t.contiguous() for t in (x, w12, w3, b12, b3, ln_w, ln_b)]
-    if _use_kernels(args[0], args[1], layout, compute_dtype):
-        return _kernel_forward(*args, layout, eps, compute_dtype, out_dtype, save)
-    with torch.autocast(x.device.type, enabled=False):
-        return _reference_forward(*args, layout, eps, compute_dtype, out_dtype, save)
+    """``pldr::metric_learner_fwd``: :func:`_forward` with its kernels visible to torch.compile."""
+    return _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save, _TRACEABLE_KERNELS)
 
 
 def _fwd_fake(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save):
@@ -605,11 +622,8 @@ def _fwd_fake(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, sa
             x.new_empty((U, N), dtype=f32), x.new_empty((U, N), dtype=f32))
 
 
-def _bwd_impl(
-    grad_out: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
-    ln_w: torch.Tensor, ln_b: torch.Tensor, xins: torch.Tensor, zs: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor, eps: float, compute_dtype: torch.dtype, x_dtype: torch.dtype, param_grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
+                   param_grads, wrap):
     """Gradient of the rows (``x_dtype``) and, with ``param_grads``, of the parameters as one flat tensor in their
     dtype, laid out as :class:`_Layout` says (else empty)."""
     layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
@@ -619,10 +633,21 @@ def _bwd_impl(
     grad_out = grad_out.contiguous()
     if _use_kernels(grad_out, w12, layout, compute_dtype):
         return _kernel_backward(grad_out, w12.contiguous(), w3.contiguous(), None if b12 is None else b12.contiguous(),
-                                ln_w.contiguous(), xins, zs, mean, rstd, layout, compute_dtype, x_dtype, param_grads)
+                                ln_w.contiguous(), xins, zs, mean, rstd, layout, compute_dtype, x_dtype, param_grads,
+                                wrap)
     with torch.autocast(grad_out.device.type, enabled=False):
         return _reference_backward(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, layout, eps,
                                    compute_dtype, x_dtype, param_grads)
+
+
+def _bwd_impl(
+    grad_out: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
+    ln_w: torch.Tensor, ln_b: torch.Tensor, xins: torch.Tensor, zs: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor, eps: float, compute_dtype: torch.dtype, x_dtype: torch.dtype, param_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pldr::metric_learner_bwd``: :func:`_backward_math` with its kernels visible to torch.compile."""
+    return _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
+                          param_grads, _TRACEABLE_KERNELS)
 
 
 def _bwd_fake(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
@@ -667,10 +692,14 @@ def _define_ops():
         return torch.ops.pldr.metric_learner_fwd.default, torch.ops.pldr.metric_learner_bwd.default
     except (AttributeError, RuntimeError):
         pass
-    fwd = torch.library.custom_op("pldr::metric_learner_fwd", _fwd_impl, mutates_args=())
-    fwd.register_fake(_fwd_fake)
-    bwd = torch.library.custom_op("pldr::metric_learner_bwd", _bwd_impl, mutates_args=())
-    bwd.register_fake(_bwd_fake)
+    if _TRACEABLE_KERNELS:  # (their own implementation, traced with fake tensors, is their fake implementation)
+        fwd = torch.library.triton_op("pldr::metric_learner_fwd", _fwd_impl, mutates_args=())
+        bwd = torch.library.triton_op("pldr::metric_learner_bwd", _bwd_impl, mutates_args=())
+    else:
+        fwd = torch.library.custom_op("pldr::metric_learner_fwd", _fwd_impl, mutates_args=())
+        fwd.register_fake(_fwd_fake)
+        bwd = torch.library.custom_op("pldr::metric_learner_bwd", _bwd_impl, mutates_args=())
+        bwd.register_fake(_bwd_fake)
     fwd.register_autograd(_backward, setup_context=_setup_context)
     return torch.ops.pldr.metric_learner_fwd.default, torch.ops.pldr.metric_learner_bwd.default
 
@@ -765,7 +794,8 @@ class _LearnerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype):
-        out, xins, zs, mean, rstd = _fwd_impl(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, True)
+        out, xins, zs, mean, rstd = _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, True,
+                                             False)
         ctx.save_for_backward(w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd)
         ctx.options = (eps, compute_dtype, x.dtype)
         return out
@@ -776,8 +806,8 @@ class _LearnerFunction(torch.autograd.Function):
         eps, compute_dtype, x_dtype = ctx.options
         needs = ctx.needs_input_grad[1:7]
         param_grads = any(needs)
-        gx, flat = _bwd_impl(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
-                             param_grads)
+        gx, flat = _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype,
+                                  x_dtype, param_grads, False)
         return gx, *_split_param_grads(flat, needs, w3, b12, ln_w), None, None, None
 
 
@@ -808,7 +838,7 @@ def _run(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, eps: float, compute_dtyp
     elif needs_grad:
         out = _LearnerFunction.apply(x, w12, w3, b12, b3, ln_w, ln_b, float(eps), compute_dtype, out_dtype)
     else:
-        out = _fwd_impl(x, w12, w3, b12, b3, ln_w, ln_b, float(eps), compute_dtype, out_dtype, False)[0]
+        out = _forward(x, w12, w3, b12, b3, ln_w, ln_b, float(eps), compute_dtype, out_dtype, False, False)[0]
     return out.view(A.shape)
 
 
