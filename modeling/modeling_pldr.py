@@ -467,6 +467,86 @@ class _PortNameView(nn.Module):
         super().__setattr__(name, value)
 
 
+def _batch_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the leading (batch) dimensions of t [..., H, d, d]: the gradient of a [H, d, d] parameter broadcast
+    over them."""
+    return t.sum(dim=tuple(range(t.dim() - 3))) if t.dim() > 3 else t
+
+
+class _PowerLawFunction(torch.autograd.Function):
+    """The power law step of :class:`PldrPowerLaw` (float32 in, float32 out) as one autograd node with a hand-derived
+    backward. The same forward ops as the module's formula; the backward computes what autograd would, in a third of
+    the operations, which matters because the step runs on tiny [batch, H, d, d] tensors (host-bound in eager mode):
+
+    ``z = W A + b``, ``A_LM = z silu(z) + eps``, ``P = A_LM ** p``, ``G = a P + ba``;
+    ``dP = a^T dG``, ``dA_LM += p A_LM^(p-1) dP``, ``dp = sum dP P log(A_LM)``,
+    ``dz = dA_LM (silu(z) + z silu'(z))``, ``dA = W^T dz``, ``dW = sum dz A^T``, ``da = sum dG P^T``."""
+
+    @staticmethod
+    def forward(ctx, A, W, b, p, a, ba):
+        with torch.autocast(device_type=A.device.type, enabled=False):
+            z = torch.matmul(W, A) + b
+            A_LM = z * F.silu(z) + A_LM_EPSILON
+            P = torch.pow(A_LM, p)
+            G_LM = torch.matmul(a, P) + ba
+        ctx.save_for_backward(A, W, p, a, z, A_LM, P)
+        ctx.set_materialize_grads(False)
+        return A_LM, G_LM
+
+    @staticmethod
+    def backward(ctx, g_A_LM, g_G):
+        A, W, p, a, z, A_LM, P = ctx.saved_tensors
+        need_A, need_W, need_b, need_p, need_a, need_ba = ctx.needs_input_grad
+        gA = gW = gb = gp = ga = gba = None
+        with torch.autocast(device_type=A.device.type, enabled=False):
+            g_AL = g_A_LM
+            if g_G is not None:
+                if need_ba:
+                    gba = _batch_sum(g_G)
+                if need_a:
+                    ga = _batch_sum(torch.matmul(g_G, P.transpose(-1, -2)))
+                gP = torch.matmul(a.transpose(-1, -2), g_G)
+                if need_p:
+                    gp = _batch_sum(gP * P * torch.log(A_LM))
+                g_pow = gP * p * torch.pow(A_LM, p - 1)
+                g_AL = g_pow if g_AL is None else g_AL + g_pow
+            if g_AL is not None:
+                sig = torch.sigmoid(z)
+                gz = g_AL * (z * sig * (2.0 + z * (1.0 - sig)))  # d/dz z silu(z) = silu(z) + z silu'(z)
+                if need_b:
+                    gb = _batch_sum(gz)
+                if need_W:
+                    gW = _batch_sum(torch.matmul(gz, A.transpose(-1, -2)))
+                if need_A:
+                    gA = torch.matmul(W.transpose(-1, -2), gz)
+        return gA, gW, gb, gp, ga, gba
+
+
+class _GramFunction(torch.autograd.Function):
+    """``A = sum over positions s of mask_s q_s^T q_s`` in ``dtype`` (the model passes float32) for q [B, H, S, d] of
+    any float dtype and an optional mask [B, 1, S, 1]. Saves q itself (which attention keeps anyway) instead of two
+    float32 copies, and its backward is one GEMM: ``dq = mask * q (dA + dA^T)``."""
+
+    @staticmethod
+    def forward(ctx, q, mask, dtype):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            qf = q.to(dtype)
+            masked = qf if mask is None else qf * mask
+            A = torch.matmul(masked.transpose(-1, -2), qf)
+        ctx.save_for_backward(q, mask)
+        ctx.dtype = dtype
+        return A
+
+    @staticmethod
+    def backward(ctx, g_A):
+        q, mask = ctx.saved_tensors
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            g = torch.matmul(q.to(ctx.dtype), g_A + g_A.transpose(-1, -2))
+            if mask is not None:
+                g = g * mask
+        return g.to(q.dtype), None, None
+
+
 class PldrPowerLaw(nn.Module):
     """The power law step: ``A_LM = iSwiGLU(W @ A + b) + 1e-9``, ``G_LM = a @ (A_LM ** p) + ba`` per head.
 
@@ -484,11 +564,8 @@ class PldrPowerLaw(nn.Module):
         self.balst = nn.Parameter(torch.empty(shape))
 
     def forward(self, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(device_type=A.device.type, enabled=False):
-            z = torch.matmul(self.Wlst.float(), A.float()) + self.blst.float()
-            A_LM = z * F.silu(z) + A_LM_EPSILON
-            G_LM = torch.matmul(self.alst.float(), torch.pow(A_LM, self.pwlst.float())) + self.balst.float()
-        return A_LM, G_LM
+        return _PowerLawFunction.apply(A.float(), self.Wlst.float(), self.blst.float(), self.pwlst.float(),
+                                       self.alst.float(), self.balst.float())
 
 
 def rotary_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
@@ -597,13 +674,12 @@ class PldrAttention(nn.Module):
         The sum is taken in float32 (also under autocast): it runs over the whole sequence. With ``sequence_groups``
         (rows holding several sequences) it runs over each sequence and A has one entry per sequence, [groups, H, d, d].
         """
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            if sequence_groups is not None:
+        if sequence_groups is not None:
+            with torch.autocast(device_type=q.device.type, enabled=False):
                 A = sequence_groups.metric_sum(q)
-            else:
-                qf = q.float()
-                masked = qf if token_mask is None else qf * token_mask[:, None, :, None].to(torch.float32)
-                A = torch.matmul(masked.transpose(-1, -2), qf)
+        else:
+            mask = None if token_mask is None else token_mask[:, None, :, None].to(torch.float32)
+            A = _GramFunction.apply(q, mask, torch.float32)
         ln = self.layernorm1
         if ln.weight.dtype == torch.float32:
             A = ln(A)

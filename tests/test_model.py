@@ -507,3 +507,64 @@ def test_convert_missing_files_and_bad_hparams(tmp_path, capsys):
     (tmp_path / "h.json").write_text(json.dumps(hp))
     with pytest.raises(ValueError, match="missing hyperparameter 'd_model'"):
         convert_original(ckpt, tmp_path / "h.json", tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The power law and q^T q as autograd functions with hand-derived backwards
+# ---------------------------------------------------------------------------------------------------------------------
+def _power_law_by_autograd(A, W, b, p, a, ba):
+    z = torch.matmul(W, A) + b
+    A_LM = z * F.silu(z) + 1e-9
+    return A_LM, torch.matmul(a, torch.pow(A_LM, p)) + ba
+
+
+@pytest.mark.parametrize("batch", [(3,), (2, 2), ()])
+def test_power_law_function_gradients_equal_autograd(batch):
+    from pldr_hf.modeling.modeling_pldr import _PowerLawFunction
+
+    torch.manual_seed(0)
+    H, d = 2, 5
+    A = torch.randn(*batch, H, d, d, dtype=torch.float64)
+    params = [0.5 * torch.randn(H, d, d, dtype=torch.float64) for _ in range(5)]
+    params[2] = params[2].abs() + 0.3  # exponents
+    inputs = [t.requires_grad_() for t in [A, *params]]
+    torch.autograd.gradcheck(_PowerLawFunction.apply, inputs)
+    outs, ref = _PowerLawFunction.apply(*inputs), _power_law_by_autograd(*inputs)
+    for o, r in zip(outs, ref):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    # a loss on both outputs (as the DAG loss adds one on A_LM), on G_LM alone, and on A_LM alone
+    for weights in ((1.0, 1.0), (0.0, 1.0), (1.0, 0.0)):
+        gouts = [w * torch.randn_like(o) for w, o in zip(weights, outs)]
+        used = [(o, g) for o, g, w in zip(outs, gouts, weights) if w]
+        got = torch.autograd.grad([o for o, _ in used], inputs, [g for _, g in used], retain_graph=True,
+                                  allow_unused=True)
+        used_ref = [(o, g) for o, g, w in zip(ref, gouts, weights) if w]
+        want = torch.autograd.grad([o for o, _ in used_ref], inputs, [g for _, g in used_ref],
+                                   retain_graph=True, allow_unused=True)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)  # (the exponents and the coupling get none from a loss on A_LM alone)
+            if w is not None:
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_gram_function_gradients_equal_autograd():
+    from pldr_hf.modeling.modeling_pldr import _GramFunction
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(2, 1, 7, 1) > 0.3).double()
+    for m in (None, mask):
+        torch.autograd.gradcheck(lambda t: _GramFunction.apply(t, m, torch.float64), (q,))
+        masked = q if m is None else q * m
+        ref = torch.matmul(masked.transpose(-1, -2), q)
+        out = _GramFunction.apply(q, m, torch.float64)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-14)
+        g = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, q, g)[0], torch.autograd.grad(ref, q, g)[0],
+                                   rtol=1e-12, atol=1e-12)
+    # bfloat16 q: float32 sum and a bfloat16 gradient
+    qb = q.detach().bfloat16().requires_grad_()
+    out = _GramFunction.apply(qb, None, torch.float32)
+    assert out.dtype == torch.float32
+    (gq,) = torch.autograd.grad(out, qb, torch.ones_like(out))
+    assert gq.dtype == torch.bfloat16
