@@ -568,3 +568,23 @@ def test_gram_function_gradients_equal_autograd():
     assert out.dtype == torch.float32
     (gq,) = torch.autograd.grad(out, qb, torch.ones_like(out))
     assert gq.dtype == torch.bfloat16
+
+
+def test_compiled_training_with_dynamic_shapes_matches_eager():
+    # torch.compile(dynamic=True), as automatic dynamic shapes give after a batch-size change, with two batch sizes
+    torch.manual_seed(0)
+    cfg = PldrConfig(vocab_size=128, hidden_size=32, num_attention_heads=2, head_dim=16, num_hidden_layers=1,
+                     intermediate_size=37, A_dff=24, num_reslayerA=2, num_denseA=2)
+    model = PldrForCausalLM(cfg).train()
+    compiled = torch.compile(model, dynamic=True, backend="aot_eager", fullgraph=True)
+    for batch in (2, 3):
+        ids = torch.randint(4, 128, (batch, 16))
+        losses, grads = [], []
+        for fn in (model, compiled):
+            model.zero_grad()
+            loss = fn(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(model.decoder.dec_layers[0].mha1.plgatt_layer.pwlst.grad.clone())
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
