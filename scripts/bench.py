@@ -22,7 +22,8 @@ at each (as DataCollatorWithFlattening or document-masked pretraining give them;
 of 8), so each model keeps the documents apart: PLDR-LLM computes A per document, every model masks attention per
 document.
 
-Modes: ``eager`` and ``compile`` (``torch.compile(model)``, default mode, what Trainer's ``torch_compile=True`` does).
+Modes: ``eager`` and ``compile`` (``torch.compile(model)``, default mode, what Trainer's ``torch_compile=True`` does;
+each shape compiled with static shapes, as in a fresh process).
 For each shape and mode the JSON's ``summary`` gives PLDR-LLM's throughput and peak memory as a ratio to the best
 Llama of the same mode and shape. ``--seq_len`` / ``--shapes`` longer than the configs' 1024 positions raise
 ``max_position_embeddings`` of every model (nothing is silently cut).
@@ -143,6 +144,12 @@ def _write_profile(args, tag, step):
         f.write(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
 
 
+def _no_dynamic_profile():
+    config = torch._dynamo.config
+    if hasattr(config, "automatic_dynamic_local_pgo"):
+        config.automatic_dynamic_local_pgo = False
+
+
 def bench_train(name, cls, config, args, batch, seq, mode) -> dict:
     device = args.device
     torch.manual_seed(0)
@@ -154,6 +161,11 @@ def bench_train(name, cls, config, args, batch, seq, mode) -> dict:
     fused = device.startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=fused)
     step_model = torch.compile(model) if mode == "compile" else model
+    if mode == "compile":
+        # Each run compiles as a fresh process would. PyTorch's profile-guided dynamic shapes (a profile kept on disk,
+        # not cleared by torch._dynamo.reset) would otherwise see the previous run's batch or sequence length and
+        # compile this run with dynamic shapes.
+        _no_dynamic_profile()
     ids = torch.randint(4, config.vocab_size, (batch, seq), device=device)
     amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
     layouts = [packed_position_ids(batch, seq, args.packed_mean_doc_len, seed, device)
