@@ -6,10 +6,11 @@ The metric learner of a PLGA layer refines the metric tensor A row by row: ``num
 (d = 64, A_dff = 170, 8 units x 2 GLUs, batch * heads * d = 14336 rows) module-by-module execution is some 100 forward
 and 250 backward kernels per layer on tiny matrices, bound by kernel launches, and it keeps every SwiGLU's activations.
 
-:func:`fused_metric_learner` runs the whole learner of a layer as two custom operators, ``pldr::metric_learner_fwd``
-and ``pldr::metric_learner_bwd`` (``torch.library.custom_op`` with fake implementations and an autograd formula), so
-that eager mode, ``torch.compile`` (no graph break; inductor does not trace into them), FSDP/DDP, gradient
-checkpointing and autocast all see one opaque op per layer:
+:func:`fused_metric_learner` runs the whole learner of a layer as two operators, ``pldr::metric_learner_fwd``
+and ``pldr::metric_learner_bwd`` (``torch.library.triton_op`` with an autograd formula; opaque ``custom_op``s with
+fake implementations on PyTorch < 2.6), so that eager mode, ``torch.compile`` (no graph break; inductor traces into
+them and launches their Triton kernels from its own code), FSDP/DDP, gradient checkpointing and autocast all see one
+op per layer:
 
 * the parameters enter stacked per kind: W1|W2 [2G, h, d] (gluw1 and gluw2 of each GLU in turn), W3 [G, d, h], with
   biases b1|b2 [2G, h] and b3 [G, d], and the LayerNorm weights and biases [U, d] (U units of J GLUs, G = U * J). The
@@ -18,7 +19,7 @@ checkpointing and autocast all see one opaque op per layer:
   of a small eager step (whose GPU work is about 1 ms a layer). Learners kept as modules (:func:`fused_metric_learner`)
   are stacked by differentiable ``torch.stack`` calls per call;
 * in eager mode the math runs through a plain ``torch.autograd.Function`` (a custom operator's Python dispatch costs
-  about 0.5 ms of host time a call); under ``torch.compile`` the custom operators run;
+  about 0.5 ms of host time a call); under ``torch.compile`` the operators run;
 * the GEMM dtype is decided by the wrapper (the autocast dtype under autocast, else the parameters' dtype) and
   passed as an argument: custom operators do not see autocast. The residual stream and the LayerNorms are float32;
 * the forward keeps, for the backward, each GLU's input in the GEMM dtype and each unit's pre-LayerNorm sum with its
