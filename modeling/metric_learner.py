@@ -8,7 +8,7 @@ and 250 backward kernels per layer on tiny matrices, bound by kernel launches, a
 
 :func:`fused_metric_learner` runs the whole learner of a layer as two operators, ``pldr::metric_learner_fwd``
 and ``pldr::metric_learner_bwd`` (``torch.library.triton_op`` with an autograd formula; opaque ``custom_op``s with
-fake implementations on PyTorch < 2.6), so that eager mode, ``torch.compile`` (no graph break; inductor traces into
+fake implementations without Triton or on PyTorch < 2.6), so that eager mode, ``torch.compile`` (no graph break; inductor traces into
 them and launches their Triton kernels from its own code), FSDP/DDP, gradient checkpointing and autocast all see one
 op per layer:
 
@@ -63,9 +63,10 @@ except Exception:  # noqa: BLE001  (any failure to import means: no kernels)
 
 # The operators are ``torch.library.triton_op``s (PyTorch >= 2.6) whose kernels are launched through ``wrap_triton``:
 # torch.compile then traces into them and inductor launches the kernels from its own generated code (an opaque custom
-# operator costs some 0.5 ms of host dispatch a call, which made small compiled steps host-bound). Older PyTorch
-# defines them as opaque custom operators.
-_TRACEABLE_KERNELS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+# operator costs some 0.5 ms of host dispatch a call, which made small compiled steps host-bound). Without Triton
+# (no kernels to trace; triton_op would also log a warning at import) or on older PyTorch they are opaque custom
+# operators.
+_TRACEABLE_KERNELS = triton is not None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 wrap_triton = getattr(torch.library, "wrap_triton", None)
 
 __all__ = ["fused_metric_learner", "learner_tensors", "stacked_metric_learner"]

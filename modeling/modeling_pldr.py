@@ -575,7 +575,8 @@ class PldrPowerLaw(nn.Module):
         if torch.compiler.is_compiling():
             # torch.compile derives the same backward from the ops; (PyTorch 2.11's dynamo also fails to trace this
             # autograd function with dynamic shapes)
-            return _power_law(*args)[1::2]
+            _, A_LM, _, G_LM = _power_law(*args)
+            return A_LM, G_LM
         return _PowerLawFunction.apply(*args)
 
 

@@ -144,12 +144,6 @@ def _write_profile(args, tag, step):
         f.write(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
 
 
-def _no_dynamic_profile():
-    config = torch._dynamo.config
-    if hasattr(config, "automatic_dynamic_local_pgo"):
-        config.automatic_dynamic_local_pgo = False
-
-
 def bench_train(name, cls, config, args, batch, seq, mode) -> dict:
     device = args.device
     torch.manual_seed(0)
@@ -161,11 +155,6 @@ def bench_train(name, cls, config, args, batch, seq, mode) -> dict:
     fused = device.startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=fused)
     step_model = torch.compile(model) if mode == "compile" else model
-    if mode == "compile":
-        # Each run compiles as a fresh process would. PyTorch's profile-guided dynamic shapes (a profile kept on disk,
-        # not cleared by torch._dynamo.reset) would otherwise see the previous run's batch or sequence length and
-        # compile this run with dynamic shapes.
-        _no_dynamic_profile()
     ids = torch.randint(4, config.vocab_size, (batch, seq), device=device)
     amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
     layouts = [packed_position_ids(batch, seq, args.packed_mean_doc_len, seed, device)
@@ -259,6 +248,11 @@ def main(argv=None):
                "dtype": "bf16-autocast", "optimizer": "AdamW (fused on GPU), clip by value 1.0",
                "gradient_checkpointing": args.gradient_checkpointing, "attn_implementation": args.attn_implementation,
                "steps": args.steps, "packed_mean_doc_len": args.packed_mean_doc_len, "runs": []}
+    if "compile" in modes and hasattr(torch._dynamo.config, "automatic_dynamic_local_pgo"):
+        # Each run compiles as a fresh process would. PyTorch's profile-guided dynamic shapes (a profile kept on disk,
+        # not cleared by torch._dynamo.reset) would otherwise see the previous run's batch or sequence length and
+        # compile the next run with dynamic shapes.
+        torch._dynamo.config.automatic_dynamic_local_pgo = False
     for batch, seq in shapes:
         configs = model_configs(args.tiny, seq)
         for mode in modes:

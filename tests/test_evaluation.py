@@ -68,6 +68,16 @@ def test_simple_evaluate_offline_tasks_through_registered_name(saved, tmp_path):
     assert res["config"]["model"] == "pldr"
 
 
+def _continuation_logprob(tok, ctx: str, cont: str, logits_of) -> float:
+    """Sum of the continuation's token log-probabilities after the context, from ``logits_of(ids)`` on context +
+    continuation minus its last token."""
+    c = tok(ctx, add_special_tokens=False)["input_ids"]
+    k = tok(cont, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(logits_of(torch.tensor([c + k])[:, :-1]), -1)[0]
+    return sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(k))
+
+
 def test_loglikelihood_is_sum_of_token_logprobs_and_batch_invariant(saved):
     from lm_eval.api.instance import Instance
 
@@ -83,13 +93,8 @@ def test_loglikelihood_is_sum_of_token_logprobs_and_batch_invariant(saved):
     got1 = [ll for ll, _ in lm1.loglikelihood(reqs)]
     got3 = [ll for ll, _ in lm3.loglikelihood(reqs)]
     for (ctx, cont), ll1, ll3 in zip(pairs, got1, got3):
-        c = tok(ctx, add_special_tokens=False)["input_ids"]
-        k = tok(cont, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([c + k])
         # lm-eval's causal scoring: one uncached pass over context + continuation minus its last token.
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids[:, :-1], use_cache=False).logits, -1)[0]
-        want = sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(k))
+        want = _continuation_logprob(tok, ctx, cont, lambda ids: model(input_ids=ids, use_cache=False).logits)
         assert ll1 == pytest.approx(want, abs=1e-4)
         assert ll3 == pytest.approx(want, abs=1e-4)  # padding in a batch must not leak into A
 
@@ -240,13 +245,9 @@ def test_g_cache_on_scores_every_request_with_the_prompts_g(saved):
     got_on = [ll for ll, _ in on.loglikelihood(reqs)]
     got_off = [ll for ll, _ in off.loglikelihood(reqs)]
     for (ctx, cont), ll_on, ll_off in zip(pairs, got_on, got_off):
-        c = tok(ctx, add_special_tokens=False)["input_ids"]
-        k = tok(cont, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([c + k])
-        with torch.no_grad():
-            logits = model(input_ids=ids[:, :-1], past_key_values=cache_with_g(model, g), use_cache=True).logits
-        logp = torch.log_softmax(logits, -1)[0]
-        want = sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(k))
+        want = _continuation_logprob(
+            tok, ctx, cont,
+            lambda ids: model(input_ids=ids, past_key_values=cache_with_g(model, g), use_cache=True).logits)
         assert ll_on == pytest.approx(want, abs=1e-4)
         assert abs(ll_on - ll_off) > 1e-4
     request = Instance("generate_until", {}, ("four score and", {"until": ["zzz"], "do_sample": False,
