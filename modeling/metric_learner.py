@@ -69,7 +69,7 @@ except Exception:  # noqa: BLE001  (any failure to import means: no kernels)
 _TRACEABLE_KERNELS = triton is not None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 wrap_triton = getattr(torch.library, "wrap_triton", None)
 
-__all__ = ["fused_metric_learner", "learner_tensors", "stacked_metric_learner"]
+__all__ = ["fused_metric_learner", "learner_tensors", "plain_linears", "stacked_metric_learner"]
 
 # Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
 # triton is imported); the tests use it to check the kernels without a GPU.
@@ -723,6 +723,20 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def _global_hooks() -> bool:
+    """Whether hooks are registered on every module (``nn.modules.module.register_module_forward_hook`` etc.)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
+def plain_linears(*linears: nn.Module) -> bool:
+    """Whether these are plain ``nn.Linear`` modules without hooks, so that computing with their weights directly
+    gives what calling them gives: not PEFT adapters, quantised or parametrised layers, nor modules with (module or
+    global) hooks such as offloading or ZeRO-3."""
+    return not _global_hooks() and all(type(lin) is nn.Linear and not _has_hooks(lin) for lin in linears)
+
+
 def learner_tensors(units: nn.ModuleList):
     """The learner's parameters by kind, as lists in the order the operator stacks them, and the LayerNorms' eps:
     ``(w12, w3, b12, b3, ln_w, ln_b, eps)`` with w12 = [gluw1.weight, gluw2.weight] of each GLU in turn, b12 and b3
@@ -730,8 +744,7 @@ def learner_tensors(units: nn.ModuleList):
     with ``nn.Linear`` / ``nn.LayerNorm`` / SiLU (PEFT adapters, quantised layers, parametrisations), module or global
     hooks (offloading, ZeRO-3, user hooks), GLUs of different sizes, some GLUs with biases and others without, a
     LayerNorm without weight or bias, or mixed parameter dtypes."""
-    if (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-            or nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks):
+    if _global_hooks():
         return None
     unit_type, glu_type = _module_types()
     w12, w3, b12, b3, lnw, lnb, eps, norm_shapes = [], [], [], [], [], [], set(), set()
@@ -749,9 +762,8 @@ def learner_tensors(units: nn.ModuleList):
             if type(glu.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
                 return None
             lin1, lin2, lin3 = glu.gluw1, glu.gluw2, glu.gluw3
-            for lin in (lin1, lin2, lin3):
-                if type(lin) is not nn.Linear or _has_hooks(lin):
-                    return None
+            if not plain_linears(lin1, lin2, lin3):
+                return None
             w12 += [lin1.weight, lin2.weight]
             w3.append(lin3.weight)
             b12 += [lin1.bias, lin2.bias]

@@ -41,7 +41,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_pldr import PldrConfig
-from .metric_learner import fused_metric_learner, stacked_metric_learner
+from .metric_learner import fused_metric_learner, plain_linears, stacked_metric_learner
 from .packing import (
     SequenceGroups,
     groups_from_cu_seq_lens,
@@ -130,9 +130,27 @@ class PldrCacheMixin:
 
     def set_deductive(self, layer_idx: int, A: torch.Tensor, A_LM: torch.Tensor | None, G_LM: torch.Tensor | None):
         self._ensure_deductive(layer_idx)
-        self.deductive_A[layer_idx] = A
-        self.deductive_A_LM[layer_idx] = A_LM
-        self.deductive_G_LM[layer_idx] = G_LM
+        self.deductive_A[layer_idx] = self._keep(0, layer_idx, A)
+        self.deductive_A_LM[layer_idx] = self._keep(1, layer_idx, A_LM)
+        self.deductive_G_LM[layer_idx] = self._keep(2, layer_idx, G_LM)
+
+    def _keep(self, kind: int, layer_idx: int, t: torch.Tensor | None) -> torch.Tensor | None:
+        """What the cache stores for a deductive tensor. A compileable (static) cache copies it into a buffer at a fixed
+        address, kept across ``reset()`` as its keys and values are: compiled decoding steps with CUDA graphs then read
+        it in place instead of copying it into the graph's inputs every step. Tensors that require grad are kept as
+        they are (so is everything while torch.compile traces)."""
+        if t is None or not self.is_compileable or t.requires_grad or torch.compiler.is_compiling():
+            return t
+        buffers = self.__dict__.setdefault("_deductive_buffers", {})
+        buf = buffers.get((kind, layer_idx))
+        if (buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device
+                or (buf.is_inference() and not torch.is_inference_mode_enabled())):
+            buf = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+            torch._dynamo.mark_static_address(buf)
+            buffers[(kind, layer_idx)] = buf
+        if buf.data_ptr() != t.data_ptr():
+            buf.copy_(t)
+        return buf
 
     def clear_deductive(self):
         self._init_deductive(len(getattr(self, "deductive_A", [])))
@@ -147,11 +165,11 @@ class PldrCacheMixin:
 
     def _map_deductive(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         # Tensors of batch size 1 (cache_first_G, or an imported G) are shared by every row and stay as they are.
-        for store in (getattr(self, "deductive_A", []), getattr(self, "deductive_A_LM", []),
-                      getattr(self, "deductive_G_LM", [])):
+        for kind, store in enumerate((getattr(self, "deductive_A", []), getattr(self, "deductive_A_LM", []),
+                                      getattr(self, "deductive_G_LM", []))):
             for i, t in enumerate(store):
                 if t is not None and t.shape[0] > 1:
-                    store[i] = fn(t)
+                    store[i] = self._keep(kind, i, fn(t))
 
     def reset(self):
         super().reset()
@@ -214,14 +232,23 @@ class PldrGLU(nn.Module):
     """SwiGLU with biases: ``gluw3(act(gluw1 z) * gluw2 z)``.
 
     The papers' hidden widths (2389 for the FFN, 170 for the metric learner) are not multiples of 8, which pushes GPU
-    GEMMs off the tensor-core kernels (16-byte aligned rows). On accelerators the hidden width is therefore padded
-    on the fly with zero rows/columns (zero pre-activations give ``act(0) * 0 = 0`` and zero gradients, so outputs and
-    gradients of the real parameters are unchanged); the stored parameters keep the checkpoint's shapes. Only the FFN
-    does this (``align_hidden=True``): the metric learner's GEMMs are tiny, launch-bound, and the extra ops cost more.
+    GEMMs off the tensor-core kernels (16-byte aligned rows). On accelerators the FFN (``align_hidden=True``) therefore
+    computes with its hidden width padded by zero rows/columns (zero pre-activations give ``act(0) * 0 = 0`` and zero
+    gradients, so outputs and gradients of the real parameters are unchanged); the stored parameters keep the
+    checkpoint's shapes. The metric learner's GEMMs are tiny and launch-bound: the extra ops would cost more.
+
+    * Large inputs (training, prefill: at least ``MIN_PADDED_ROWS`` rows) pad the weights on the fly.
+    * Decoding steps would pay that copy every step, so inside ``generate()`` (:meth:`PldrForCausalLM.generate`) the
+      FFN uses padded copies of its weights made once per call (:meth:`arm_decode_weights`), with gluw1 and gluw2 as
+      one GEMM. They stay allocated at fixed addresses between calls (refreshed from the parameters at the start of
+      each), which compiled decoding with CUDA graphs reads in place: extra memory of one FFN's weights per layer.
+    * Neither applies unless gluw1, gluw2 and gluw3 are plain ``nn.Linear`` modules without hooks (not PEFT adapters,
+      quantised layers, offloading): those are always called as modules.
     """
 
     ALIGN = 8
     MIN_PADDED_ROWS = 1024
+    PAD_ON_CPU = False  # pad on CPU too: nothing gained there; the tests use it to check the padded paths
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, bias: bool, act: str,
                  align_hidden: bool = False):
@@ -231,17 +258,62 @@ class PldrGLU(nn.Module):
         self.gluw3 = nn.Linear(hidden_features, out_features, bias=bias)
         self.act_fn = ACT2FN[act]
         self.hidden_pad = (-hidden_features) % self.ALIGN if align_hidden else 0
+        # (padded W1|W2, b1|b2 or None, padded W3) for decoding; used while armed (inside generate)
+        self._decode_weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
+        self._decode_armed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = self.hidden_pad
-        # Only worth it for large GEMMs (training, prefill): a decoding step is memory-bound and the padded weight
-        # copies would double its FFN weight traffic.
-        if pad == 0 or x.device.type == "cpu" or x.numel() < self.MIN_PADDED_ROWS * x.shape[-1]:
-            return self.gluw3(self.act_fn(self.gluw1(x)) * self.gluw2(x))
-        padded = lambda b: None if b is None else F.pad(b, (0, pad))
-        h1 = F.linear(x, F.pad(self.gluw1.weight, (0, 0, 0, pad)), padded(self.gluw1.bias))
-        h2 = F.linear(x, F.pad(self.gluw2.weight, (0, 0, 0, pad)), padded(self.gluw2.bias))
-        return F.linear(self.act_fn(h1) * h2, F.pad(self.gluw3.weight, (0, pad)), self.gluw3.bias)
+        if pad and (x.device.type != "cpu" or self.PAD_ON_CPU) and plain_linears(self.gluw1, self.gluw2, self.gluw3):
+            if self._decode_armed and not torch.is_grad_enabled():
+                w12, b12, w3 = self._decode_weights
+                h1, h2 = F.linear(x, w12, b12).chunk(2, dim=-1)
+                return F.linear(self.act_fn(h1) * h2, w3, self.gluw3.bias)
+            if x.numel() >= self.MIN_PADDED_ROWS * x.shape[-1]:
+                padded = lambda b: None if b is None else F.pad(b, (0, pad))
+                h1 = F.linear(x, F.pad(self.gluw1.weight, (0, 0, 0, pad)), padded(self.gluw1.bias))
+                h2 = F.linear(x, F.pad(self.gluw2.weight, (0, 0, 0, pad)), padded(self.gluw2.bias))
+                return F.linear(self.act_fn(h1) * h2, F.pad(self.gluw3.weight, (0, pad)), self.gluw3.bias)
+        return self.gluw3(self.act_fn(self.gluw1(x)) * self.gluw2(x))
+
+    @torch.no_grad()
+    def arm_decode_weights(self) -> bool:
+        """Copies the current weights into the padded decoding weights (allocated on first use or when the parameters'
+        shapes, dtype or device changed) and turns their use on for no-grad forwards; returns whether it did. Off for
+        CPU parameters, an FFN without padding, modules that are not plain ``nn.Linear`` and parameters that are not
+        plain tensors (FSDP2's sharded DTensors, quantised tensor subclasses)."""
+        lin1, lin2, lin3 = self.gluw1, self.gluw2, self.gluw3
+        self._decode_armed = False
+        params = [lin1.weight, lin2.weight, lin3.weight, lin1.bias, lin2.bias]
+        if (not self.hidden_pad or not plain_linears(lin1, lin2, lin3) or (lin1.bias is None) != (lin2.bias is None)
+                or any(p is not None and type(p) is not nn.Parameter for p in params)
+                or lin1.weight.device.type == "meta" or (lin1.weight.device.type == "cpu" and not self.PAD_ON_CPU)):
+            return False
+        h, pad = lin1.out_features, self.hidden_pad
+        H = h + pad
+        w1 = lin1.weight
+        old = self._decode_weights
+        if old is None or old[0].shape != (2 * H, lin1.in_features) or old[2].shape != (lin3.out_features, H) or \
+                old[0].dtype != w1.dtype or old[0].device != w1.device or (old[1] is None) != (lin1.bias is None):
+            w12 = w1.new_zeros(2 * H, lin1.in_features)
+            b12 = None if lin1.bias is None else w1.new_zeros(2 * H)
+            w3 = w1.new_zeros(lin3.out_features, H)
+            for t in (w12, b12, w3):
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
+            self._decode_weights = old = (w12, b12, w3)
+        w12, b12, w3 = old
+        w12[:h].copy_(lin1.weight)
+        w12[H:H + h].copy_(lin2.weight)
+        if b12 is not None:
+            b12[:h].copy_(lin1.bias)
+            b12[H:H + h].copy_(lin2.bias)
+        w3[:, :h].copy_(lin3.weight)
+        self._decode_armed = True
+        return True
+
+    def disarm_decode_weights(self):
+        self._decode_armed = False
 
 
 class PldrResidualMetricUnit(nn.Module):
@@ -528,6 +600,14 @@ class _PowerLawFunction(torch.autograd.Function):
         return gA, gW, gb, gp, ga, gba
 
 
+def _gram(q: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``sum over positions s of mask_s q_s^T q_s`` in ``dtype`` (no autocast); q [B, H, S, d], mask [B, 1, S, 1]."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qf = q.to(dtype)
+        masked = qf if mask is None else qf * mask
+        return torch.matmul(masked.transpose(-1, -2), qf)
+
+
 class _GramFunction(torch.autograd.Function):
     """``A = sum over positions s of mask_s q_s^T q_s`` in ``dtype`` (the model passes float32) for q [B, H, S, d] of
     any float dtype and an optional mask [B, 1, S, 1]. Saves q itself (which attention keeps anyway) instead of two
@@ -535,10 +615,7 @@ class _GramFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, mask, dtype):
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            qf = q.to(dtype)
-            masked = qf if mask is None else qf * mask
-            A = torch.matmul(masked.transpose(-1, -2), qf)
+        A = _gram(q, mask, dtype)
         ctx.save_for_backward(q, mask)
         ctx.dtype = dtype
         return A
@@ -572,9 +649,9 @@ class PldrPowerLaw(nn.Module):
     def forward(self, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         args = (A.float(), self.Wlst.float(), self.blst.float(), self.pwlst.float(), self.alst.float(),
                 self.balst.float())
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             # torch.compile derives the same backward from the ops; (PyTorch 2.11's dynamo also fails to trace this
-            # autograd function with dynamic shapes)
+            # autograd function with dynamic shapes). Without gradients the autograd function only costs host time.
             _, A_LM, _, G_LM = _power_law(*args)
             return A_LM, G_LM
         return _PowerLawFunction.apply(*args)
@@ -691,7 +768,8 @@ class PldrAttention(nn.Module):
                 A = sequence_groups.metric_sum(q)
         else:
             mask = None if token_mask is None else token_mask[:, None, :, None].to(torch.float32)
-            A = _GramFunction.apply(q, mask, torch.float32)
+            # (without gradients, e.g. a prefill, the autograd function's own host cost is saved)
+            A = _GramFunction.apply(q, mask, torch.float32) if torch.is_grad_enabled() else _gram(q, mask, torch.float32)
         ln = self.layernorm1
         if ln.weight.dtype == torch.float32:
             A = ln(A)
@@ -732,6 +810,11 @@ class PldrAttention(nn.Module):
         qk = torch.cat((self.wq(hidden_states).view(shape), self.wk(hidden_states).view(shape)), dim=2)
         q, k = apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(self.num_heads, dim=1)
         q = q.contiguous()  # [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs
+        if past_key_values is not None:
+            # k is a view into q and k's [B, S, 2H, d] buffer. A dynamic cache concatenates it to its keys every step,
+            # and torch.cat takes a slow, unvectorised path for a non-contiguous part (~15% of a batch-32 decoding
+            # step's GPU time on an H100); the copy costs little next to that.
+            k = k.contiguous()
         v = self.wv(hidden_states).view(shape).transpose(1, 2)
 
         # Deduction: A -> A_LM -> G_LM, or their cached / fixed values. Rows holding several sequences
@@ -1197,6 +1280,18 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         for i, d in enumerate(out.pldr_attentions):
             cache.set_deductive(i, d.A, d.A_LM if keep_g else None, d.G_LM if keep_g else None)
         return cache
+
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate``. On accelerators the FFNs' decoding steps use padded copies of their weights,
+        refreshed from the parameters at the start of each call (see :class:`PldrGLU`)."""
+        ffns = [m for m in self.modules() if isinstance(m, PldrGLU) and m.hidden_pad]
+        for ffn in ffns:
+            ffn.arm_decode_weights()
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            for ffn in ffns:
+                ffn.disarm_decode_weights()
 
     def _assisted_decoding(self, input_ids, *args, **kwargs):
         cache = kwargs.get("past_key_values")

@@ -5,10 +5,12 @@ Tiny random models on CPU; every test compares tokens or logits against an indep
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import CompileConfig, DynamicCache, StaticCache
 
 import pldr_hf  # noqa: F401  (registers the model)
 from pldr_hf import PldrConfig, PldrDynamicCache, PldrForCausalLM
+from pldr_hf.modeling.modeling_pldr import PldrGLU
 from pldr_hf.gfile import (
     GTensors,
     apply_g_to_model,
@@ -354,3 +356,151 @@ def test_generate_autocompiles_static_decode_step(model):
                              do_sample=False, cache_implementation="static", compile_config=cfg)
     assert torch.equal(out, gen(model, p))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def test_static_cache_keeps_deductive_tensors_at_fixed_addresses(model):
+    # Compiled decoding with CUDA graphs reads the G-cache in place only if its tensors keep their addresses, also when
+    # generate() reuses the cache (reset) for the next prompt.
+    L = model.config.num_hidden_layers
+    cache = StaticCache(config=model.config, max_cache_len=24)
+    with torch.no_grad():
+        model(prompt(30, 6), past_key_values=cache, use_cache=True)
+        first = [[t.data_ptr() for t in cache.get_deductive(i)] for i in range(L)]
+        cache.reset()
+        assert cache.get_deductive(0) == (None, None, None)
+        p = prompt(31, 6)
+        model(p, past_key_values=cache, use_cache=True)
+        dynamic = model(p, use_cache=True).past_key_values
+    for i in range(L):
+        kept = cache.get_deductive(i)
+        assert [t.data_ptr() for t in kept] == first[i]
+        assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in kept)
+        for t, expected in zip(kept, dynamic.get_deductive(i)):
+            assert torch.equal(t, expected)  # the new prompt's tensors, not the old ones
+    # Beam search reorders them in place (same tokens and scores as with a dynamic cache).
+    kw = dict(num_beams=3, num_return_sequences=3, return_dict_in_generate=True, output_scores=True)
+    static, dyn = gen(model, p, cache_implementation="static", **kw), gen(model, p, **kw)
+    assert torch.equal(static.sequences, dyn.sequences)
+    torch.testing.assert_close(static.sequences_scores, dyn.sequences_scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The FFN's padded hidden width (GPU paths, run on CPU with PAD_ON_CPU)
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def pad_on_cpu(monkeypatch):
+    monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", True)
+
+
+def _linear_calls(fn, *args):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn(*args)
+    return out, sum(1 for e in prof.events() if e.name == "aten::linear")
+
+
+def _ffn_reference(ffn, x):
+    return ffn.gluw3(F.silu(ffn.gluw1(x)) * ffn.gluw2(x))
+
+
+def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu):
+    torch.manual_seed(0)
+    ffn = PldrGLU(16, 42, 16, True, "silu", align_hidden=True)
+    assert ffn.hidden_pad == 6
+    x = torch.randn(2, PldrGLU.MIN_PADDED_ROWS // 2, 16, requires_grad=True)  # large: padded on the fly
+    out = ffn(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *ffn.parameters()])
+    ref = _ffn_reference(ffn, x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *ffn.parameters()])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+    small = torch.randn(3, 1, 16)
+    assert ffn.arm_decode_weights()
+    with torch.no_grad():
+        armed, calls = _linear_calls(ffn, small)
+    assert calls == 2  # W1|W2 as one padded GEMM, then W3
+    torch.testing.assert_close(armed, _ffn_reference(ffn, small), rtol=1e-5, atol=1e-6)
+    w12, b12, w3 = ffn._decode_weights
+    assert w12.shape == (96, 16) and w3.shape == (16, 48)
+    assert not w12[42:48].any() and not w12[90:].any() and not b12[42:48].any() and not w3[:, 42:].any()
+    # With gradients on, the armed copies are not used: the parameters get their gradients.
+    assert _linear_calls(ffn, small)[1] == 3
+    # Re-arming refreshes the copies in place from changed parameters.
+    with torch.no_grad():
+        ffn.gluw2.weight.mul_(-0.5)
+        ffn.gluw3.bias.add_(1.0)
+    ptr = w12.data_ptr()
+    assert ffn.arm_decode_weights() and ffn._decode_weights[0].data_ptr() == ptr
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(small), _ffn_reference(ffn, small), rtol=1e-5, atol=1e-6)
+    ffn.disarm_decode_weights()
+    with torch.no_grad():
+        assert _linear_calls(ffn, small)[1] == 3
+
+
+def test_padded_ffn_never_bypasses_adapters_or_hooks(pad_on_cpu):
+    # An adapter or hook on gluw1 (what PEFT's LoRA, quantisation or offloading look like to the FFN) must run: the
+    # padded paths compute with the weights directly and would skip it.
+    torch.manual_seed(1)
+    ffn = PldrGLU(16, 42, 16, True, "silu", align_hidden=True)
+    handle = ffn.gluw1.register_forward_hook(lambda mod, inp, out: out + 1.0)
+    big = torch.randn(1, PldrGLU.MIN_PADDED_ROWS, 16)
+    small = torch.randn(3, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(big), _ffn_reference(ffn, big))
+        assert not ffn.arm_decode_weights()
+        torch.testing.assert_close(ffn(small), _ffn_reference(ffn, small))
+        hooked = _ffn_reference(ffn, small)
+        handle.remove()
+        assert not torch.allclose(hooked, _ffn_reference(ffn, small))  # the hook did change the output
+
+
+def test_lora_on_the_ffn_runs_and_trains_with_padding_on(pad_on_cpu):
+    # LoRA on gluw1/2/3 (the fine-tuning script's default targets) with a batch of at least MIN_PADDED_ROWS rows: the
+    # on-the-fly padded path must not compute with the base weights alone.
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(2)
+    ffn = PldrGLU(16, 42, 16, True, "silu", align_hidden=True)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["gluw1", "gluw2", "gluw3"]), ffn)
+    for name, p in ffn.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    x = torch.randn(2, PldrGLU.MIN_PADDED_ROWS // 2, 16)
+    out = ffn(x)
+    torch.testing.assert_close(out, _ffn_reference(ffn, x))
+    with torch.no_grad():
+        base = F.linear(F.silu(F.linear(x, ffn.gluw1.weight, ffn.gluw1.bias)) * F.linear(x, ffn.gluw2.weight,
+                        ffn.gluw2.bias), ffn.gluw3.weight, ffn.gluw3.bias)
+    assert (out - base).abs().max() > 1e-2  # the adapters took part
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in ffn.named_parameters() if "lora_" in n)
+    assert not ffn.arm_decode_weights()
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generate_with_padded_ffn_weights_equals_unpadded(model, monkeypatch, cache_implementation):
+    p = prompt(40, 7)
+    kw = dict(cache_implementation=cache_implementation, return_dict_in_generate=True, output_scores=True)
+    plain = gen(model, p, **kw)
+    monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", True)
+    ffns = [layer.ffn for layer in model.decoder.dec_layers]
+    padded = gen(model, p, **kw)
+    assert torch.equal(padded.sequences, plain.sequences)
+    for a, b in zip(padded.scores, plain.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(f._decode_weights is not None and not f._decode_armed for f in ffns)  # made, and off after generate
+    ptrs = [f._decode_weights[0].data_ptr() for f in ffns]
+    with torch.no_grad():
+        model.decoder.dec_layers[0].ffn.gluw1.weight.mul_(3.0)  # generate must use the weights as they are now
+    try:
+        changed = gen(model, p, **kw)
+        monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", False)
+        expected = gen(model, p, **kw)
+    finally:
+        with torch.no_grad():
+            model.decoder.dec_layers[0].ffn.gluw1.weight.div_(3.0)
+    assert [f._decode_weights[0].data_ptr() for f in ffns] == ptrs
+    assert torch.equal(changed.sequences, expected.sequences)
+    for a, b in zip(changed.scores, expected.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
