@@ -384,6 +384,52 @@ def test_static_cache_keeps_deductive_tensors_at_fixed_addresses(model):
     torch.testing.assert_close(static.sequences_scores, dyn.sequences_scores)
 
 
+def test_cache_keeps_g_lm_in_the_query_dtype_for_decoding(monkeypatch):
+    # A bfloat16 model computes G_LM in float32; the cache also keeps it cast to the queries' dtype, so that decoding
+    # steps do not cast it again in every layer. It must be exactly the per-step cast, follow the cache's batch
+    # operations (beam search) and keep a fixed address in a static cache.
+    from pldr_hf.modeling.modeling_pldr import PldrCacheMixin
+
+    m = make_model(3).to(torch.bfloat16)
+    L = m.config.num_hidden_layers
+    p = torch.cat([prompt(40, 7), prompt(41, 7)])
+    with torch.no_grad():
+        cache = m(p, use_cache=True).past_key_values
+    for i in range(L):
+        G = cache.get_deductive(i)[2]
+        G_query = cache.get_query_metric(i, torch.bfloat16)
+        assert G.dtype == torch.float32 and G_query.dtype == torch.bfloat16
+        assert torch.equal(G_query, G.to(torch.bfloat16))
+    cache.reorder_cache(torch.tensor([1, 0]))  # batch operations apply to the copy too
+    assert torch.equal(cache.get_query_metric(0, torch.bfloat16), cache.get_deductive(0)[2].to(torch.bfloat16))
+    assert not torch.equal(cache.get_deductive(0)[2][0], cache.get_deductive(0)[2][1])  # (rows differ)
+    static = StaticCache(config=m.config, max_cache_len=32)
+    with torch.no_grad():
+        m(p, past_key_values=static, use_cache=True)
+    for i in range(L):
+        G_query = static.get_query_metric(i, torch.bfloat16)
+        assert G_query.data_ptr() == static._deductive_buffers[(3, i)].data_ptr()
+        assert getattr(G_query, "_dynamo_static_input_type", None) == "unguarded"
+
+    kw = dict(return_dict_in_generate=True, output_scores=True)
+    runs = {}
+    for label, extra in (("dynamic", {}), ("static", {"cache_implementation": "static"}),
+                         ("beams", {"num_beams": 3, "num_return_sequences": 2})):
+        with_copy = gen(m, p, **kw, **extra)
+        with monkeypatch.context() as mp:  # the cast in every step instead
+            mp.setattr(PldrCacheMixin, "get_query_metric", lambda self, layer_idx, dtype: None)
+            cast = gen(m, p, **kw, **extra)
+        assert torch.equal(with_copy.sequences, cast.sequences), label
+        for a, b in zip(with_copy.scores, cast.scores):
+            assert torch.equal(a, b), label
+        runs[label] = with_copy.sequences
+    assert torch.equal(runs["static"], runs["dynamic"])
+
+    # A forward with gradients (training) keeps no copy.
+    cache = m(p, use_cache=True).past_key_values
+    assert cache.get_deductive(0)[2].requires_grad and cache.get_query_metric(0, torch.bfloat16) is None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The FFN's padded hidden width (GPU paths, run on CPU with PAD_ON_CPU)
 # ----------------------------------------------------------------------------------------------------------------------

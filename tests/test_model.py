@@ -570,6 +570,26 @@ def test_gram_function_gradients_equal_autograd():
     assert gq.dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (16-bit GEMMs with a float32 result)")
+def test_gram_function_bf16_on_cuda_is_the_float32_gram_of_the_same_values():
+    from pldr_hf.modeling import modeling_pldr as M
+
+    torch.manual_seed(0)
+    q = (torch.randn(2, 3, 300, 64, device="cuda") * 3).bfloat16().requires_grad_()
+    mask = (torch.rand(2, 1, 300, 1, device="cuda") > 0.3).float()
+    assert M._widens(q, torch.float32) == M._BMM_OUT_DTYPE
+    out = M._GramFunction.apply(q, mask, torch.float32)
+    qf = q.detach().double()
+    ref = torch.matmul((qf * mask.double()).transpose(-1, -2), qf)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-4)  # float32 sums of the exact products
+    g = torch.randn_like(out)
+    (gq,) = torch.autograd.grad(out, q, g)
+    want = torch.matmul(qf, (g + g.transpose(-1, -2)).double()) * mask.double()
+    assert gq.dtype == torch.bfloat16
+    torch.testing.assert_close(gq.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 def test_compiled_training_with_dynamic_shapes_matches_eager():
     # torch.compile(dynamic=True), as automatic dynamic shapes give after a batch-size change, with two batch sizes
     torch.manual_seed(0)
