@@ -22,6 +22,12 @@ at each (as DataCollatorWithFlattening or document-masked pretraining give them;
 of 8), so each model keeps the documents apart: PLDR-LLM computes A per document, every model masks attention per
 document.
 
+Timing: per shape and mode the models are built and warmed up one after the other, then timed in ``--rounds`` rounds
+of ``--steps`` steps that alternate between them; each reports its best round (``tokens_per_s``, ``step_ms``), the
+median round and every round's step time. The host's speed drifts on shared GPU machines (one model's back-to-back
+runs differ by tens of percent), and alternating spreads that drift over all models alike. Peak memory is measured per
+model above what the models built before it hold, i.e. as if it ran alone.
+
 Modes: ``eager`` and ``compile`` (``torch.compile(model)``, default mode, what Trainer's ``torch_compile=True`` does;
 each shape compiled with static shapes, as in a fresh process).
 For each shape and mode the JSON's ``summary`` gives PLDR-LLM's throughput and peak memory as a ratio to the best
@@ -34,6 +40,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,7 +66,8 @@ class BenchArguments:
     shapes: str = field(default="", metadata={"help": "comma list of BATCHxSEQ, e.g. 16x1024,4x1024,8x2048"})
     modes: str = field(default="eager,compile", metadata={"help": f"comma list of {', '.join(MODES)}"})
     models: str = field(default=",".join(MODELS), metadata={"help": f"comma list of {', '.join(MODELS)}"})
-    steps: int = field(default=10, metadata={"help": "timed optimizer steps"})
+    steps: int = field(default=10, metadata={"help": "timed optimizer steps per round"})
+    rounds: int = field(default=3, metadata={"help": "timing rounds, alternating between the models; best round"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (allocator, autotuning, compilation)"})
     attn_implementation: str = field(default="sdpa")
     gradient_checkpointing: bool = field(default=False)
@@ -144,64 +152,119 @@ def _write_profile(args, tag, step):
         f.write(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
 
 
-def bench_train(name, cls, config, args, batch, seq, mode) -> dict:
-    device = args.device
-    torch.manual_seed(0)
-    config._attn_implementation = args.attn_implementation
-    model = cls(config).to(device)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    fused = device.startswith("cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=fused)
-    step_model = torch.compile(model) if mode == "compile" else model
-    ids = torch.randint(4, config.vocab_size, (batch, seq), device=device)
-    amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-    layouts = [packed_position_ids(batch, seq, args.packed_mean_doc_len, seed, device)
-               for seed in range(8 if args.packed_mean_doc_len else 0)]
-    calls = iter(range(10**9))
+class TrainRun:
+    """One model's training step at one shape and mode: built, warmed up and its memory measured by ``__init__``,
+    timed by :meth:`time_steps` (called in rounds that alternate between the models)."""
 
-    def step():
-        packed = {}
-        if args.packed_mean_doc_len:
-            packed = {"position_ids": layouts[next(calls) % len(layouts)], "use_cache": False}
-        with amp:
-            loss = step_model(input_ids=ids, labels=ids, **packed).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    def __init__(self, name, cls, config, args, batch, seq, mode):
+        device = self.device = args.device
+        cuda = device.startswith("cuda")
+        # Memory in use by the models built before this one (kept resident for the alternating rounds): this run's
+        # peak is measured above it, so it is the peak the run would have alone.
+        self.base_mem = torch.cuda.memory_allocated() if cuda else 0
+        torch.manual_seed(0)
+        config._attn_implementation = args.attn_implementation
+        model = self.model = cls(config).to(device)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=cuda)
+        step_model = torch.compile(model) if mode == "compile" else model
+        ids = torch.randint(4, config.vocab_size, (batch, seq), device=device)
+        amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+        layouts = [packed_position_ids(batch, seq, args.packed_mean_doc_len, seed, device)
+                   for seed in range(8 if args.packed_mean_doc_len else 0)]
+        calls = iter(range(10**9))
 
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    warmup_s = time.perf_counter() - t0
-    if args.profile:
-        _write_profile(args, f"{name}_{mode}_{batch}x{seq}", step)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    _sync(device)
-    dt = time.perf_counter() - t0
-    out = {
-        "model": name,
-        "mode": mode,
-        "batch_size": batch,
-        "seq_len": seq,
-        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "ffn_width": config.intermediate_size,
-        "tokens_per_s": round(batch * seq * args.steps / dt, 1),
-        "step_ms": round(1000 * dt / args.steps, 2),
-        "warmup_s": round(warmup_s, 1),
-        "final_loss": round(float(loss.detach()), 4),
-    }
-    if device.startswith("cuda"):
-        out["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return out
+        def step():
+            packed = {}
+            if args.packed_mean_doc_len:
+                packed = {"position_ids": layouts[next(calls) % len(layouts)], "use_cache": False}
+            with amp:
+                loss = step_model(input_ids=ids, labels=ids, **packed).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        self.step = step
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        _sync(device)
+        warmup_s = time.perf_counter() - t0
+        if args.profile:
+            _write_profile(args, f"{name}_{mode}_{batch}x{seq}", step)
+        self.loss = None
+        self.peak_mem = None
+        if cuda:  # the peak of one measured step (every step is alike)
+            torch.cuda.reset_peak_memory_stats()
+            self.loss = step()
+            _sync(device)
+            self.peak_mem = torch.cuda.max_memory_allocated() - self.base_mem
+        self.tokens = batch * seq
+        self.round_s: list[float] = []
+        self.out = {
+            "model": name,
+            "mode": mode,
+            "batch_size": batch,
+            "seq_len": seq,
+            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "ffn_width": config.intermediate_size,
+            "warmup_s": round(warmup_s, 1),
+        }
+
+    def time_steps(self, steps: int):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.loss = self.step()
+        _sync(self.device)
+        self.round_s.append((time.perf_counter() - t0) / steps)
+
+    def result(self) -> dict:
+        best = min(self.round_s)
+        out = dict(self.out, tokens_per_s=round(self.tokens / best, 1), step_ms=round(1000 * best, 2),
+                   tokens_per_s_median=round(self.tokens / statistics.median(self.round_s), 1),
+                   round_step_ms=[round(1000 * t, 2) for t in self.round_s], final_loss=round(float(self.loss.detach()), 4))
+        if self.peak_mem is not None:
+            out["peak_mem_GiB"] = round(self.peak_mem / 2**30, 2)
+        return out
+
+
+def bench_group(models: list[str], configs: dict, args, batch, seq, mode) -> list[dict]:
+    """Every model at one shape and mode: built and warmed up one after the other, then timed in ``args.rounds``
+    rounds of ``args.steps`` steps that alternate between them (the order rotating each round); each reports its
+    best round. Alternating spreads the host's drift (clock, other load; large on shared GPU machines, where
+    back-to-back runs of one model differ by tens of percent) over every model alike."""
+    runs, failed = {}, {}
+    for name in models:
+        cls, cfg = configs[name]
+        try:
+            runs[name] = TrainRun(name, cls, cfg, args, batch, seq, mode)
+        except Exception as err:  # one failing run (e.g. out of memory) must not hide the others
+            failed[name] = f"{type(err).__name__}: {err}"[:600]
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    order = list(runs)
+    for r in range(args.rounds):
+        shift = r % max(len(order), 1)
+        for name in order[shift:] + order[:shift]:
+            if name in failed:
+                continue
+            try:
+                runs[name].time_steps(args.steps)
+            except Exception as err:
+                failed[name] = f"{type(err).__name__}: {err}"[:600]
+    results = []
+    for name in models:
+        if name in failed:
+            results.append({"model": name, "mode": mode, "batch_size": batch, "seq_len": seq, "error": failed[name]})
+        else:
+            results.append(runs[name].result())
+    return results
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -247,7 +310,7 @@ def main(argv=None):
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "dtype": "bf16-autocast", "optimizer": "AdamW (fused on GPU), clip by value 1.0",
                "gradient_checkpointing": args.gradient_checkpointing, "attn_implementation": args.attn_implementation,
-               "steps": args.steps, "packed_mean_doc_len": args.packed_mean_doc_len, "runs": []}
+               "steps": args.steps, "rounds": args.rounds, "packed_mean_doc_len": args.packed_mean_doc_len, "runs": []}
     if "compile" in modes and hasattr(torch._dynamo.config, "automatic_dynamic_local_pgo"):
         # Each run compiles as a fresh process would. PyTorch's profile-guided dynamic shapes (a profile kept on disk,
         # not cleared by torch._dynamo.reset) would otherwise see the previous run's batch or sequence length and
@@ -256,19 +319,13 @@ def main(argv=None):
     for batch, seq in shapes:
         configs = model_configs(args.tiny, seq)
         for mode in modes:
-            for name in models:
-                cls, cfg = configs[name]
-                try:
-                    run = bench_train(name, cls, cfg, args, batch, seq, mode)
-                except Exception as err:  # one failing run (e.g. out of memory) must not hide the others
-                    run = {"model": name, "mode": mode, "batch_size": batch, "seq_len": seq,
-                           "error": f"{type(err).__name__}: {err}"[:600]}
+            for run in bench_group(models, configs, args, batch, seq, mode):
                 results["runs"].append(run)
                 print(json.dumps(run), file=sys.stderr, flush=True)
-                gc.collect()
-                if args.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-                torch._dynamo.reset()
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            torch._dynamo.reset()
     results["summary"] = summarise(results["runs"])
     print(json.dumps(results, indent=1))
     return results

@@ -8,7 +8,8 @@ Llama with a dynamic cache, and its static + compiled speed against the best sta
 
 Every run is greedy and generates exactly ``new_tokens`` tokens per row (min_new_tokens = max_new_tokens); timings
 follow warm-up runs (which also compile) and torch.cuda.synchronize; tokens/s = batch * new_tokens / seconds (best of
-``repeats``; the median is reported too).
+``repeats``; the median is reported too). The timed runs of a batch size alternate between the variants (``repeats``
+rounds, the order rotating each round), so that the host's drift between runs falls on every variant alike.
 
 GPU (the papers' 110M configuration, bf16):
     python scripts/bench_decode.py --output bench_decode.json
@@ -42,7 +43,7 @@ class BenchDecodeArguments:
     new_tokens: int = field(default=256, metadata={"help": "generated tokens per row (exactly)"})
     batch_sizes: str = field(default="1,32", metadata={"help": "comma-separated batch sizes"})
     variants: str = field(default=",".join(VARIANTS), metadata={"help": f"comma-separated subset of {VARIANTS}"})
-    repeats: int = field(default=3, metadata={"help": "timed runs per measurement"})
+    repeats: int = field(default=3, metadata={"help": "timed runs per variant (rounds alternating between variants)"})
     warmup: int = field(default=2, metadata={"help": "untimed runs first (they compile the static variants)"})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of the static variants"})
     fullgraph: bool = field(default=True, metadata={"help": "compile with fullgraph=True (fails on a graph break)"})
@@ -72,7 +73,8 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_variant(name, models, args, batch, device):
+def prepare_variant(name, models, args, batch, device):
+    """A closure that runs one generate() of the variant and returns its seconds (checking the output length)."""
     model = models[next(key for key in ("llama_aligned", "llama", "pldr") if name.startswith(key))]
     g = torch.Generator().manual_seed(args.seed + batch)
     ids = torch.randint(4, model.config.vocab_size, (batch, args.prompt_len), generator=g).to(device)
@@ -101,18 +103,49 @@ def run_variant(name, models, args, batch, device):
             raise RuntimeError(f"{name}: generated shape {tuple(out.shape)}, expected exactly {args.new_tokens} tokens")
         return dt
 
-    t_first = once()
-    for _ in range(max(args.warmup - 1, 0)):
-        once()
-    times = [once() for _ in range(args.repeats)]
+    return once
+
+
+def run_batch(variants, models, args, batch, device) -> dict:
+    """Every variant at one batch size: warmed up one after the other (the first run compiles the static ones), then
+    timed in ``repeats`` rounds that alternate between the variants, the order rotating each round. The host's speed
+    drifts on shared GPU machines (one variant's back-to-back runs differ by tens of percent at batch 1); alternating
+    spreads that drift over all variants alike."""
+    runs, firsts, times, errors = {}, {}, {}, {}
+    for name in variants:
+        try:
+            once = prepare_variant(name, models, args, batch, device)
+            firsts[name] = once()
+            for _ in range(max(args.warmup - 1, 0)):
+                once()
+            runs[name], times[name] = once, []
+        except Exception as e:  # one failing variant must not hide the others' numbers
+            errors[name] = f"{type(e).__name__}: {e}"[:800]
+    order = list(runs)
+    for r in range(args.repeats):
+        shift = r % max(len(order), 1)
+        for name in order[shift:] + order[:shift]:
+            if name in errors:
+                continue
+            try:
+                times[name].append(runs[name]())
+            except Exception as e:
+                errors[name] = f"{type(e).__name__}: {e}"[:800]
+    results = {}
     tokens = batch * args.new_tokens
-    return {
-        "tokens_per_s": round(tokens / min(times), 1),
-        "tokens_per_s_median": round(tokens / statistics.median(times), 1),
-        "ms_per_step": round(1000 * min(times) / args.new_tokens, 3),
-        "first_run_s": round(t_first, 2),
-        "times_s": [round(t, 4) for t in times],
-    }
+    for name in variants:
+        if name in errors:
+            results[name] = {"error": errors[name]}
+            continue
+        t = times[name]
+        results[name] = {
+            "tokens_per_s": round(tokens / min(t), 1),
+            "tokens_per_s_median": round(tokens / statistics.median(t), 1),
+            "ms_per_step": round(1000 * min(t) / args.new_tokens, 3),
+            "first_run_s": round(firsts[name], 2),
+            "times_s": [round(x, 4) for x in t],
+        }
+    return results
 
 
 def summarise(results: dict) -> list[dict]:
@@ -160,14 +193,10 @@ def main(argv=None):
 
     results = {}
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        for name in variants:
-            key = f"{name}@b{batch}"
-            try:
-                results[key] = run_variant(name, models, args, batch, device)
-            except Exception as e:  # one failing variant must not hide the others' numbers
-                results[key] = {"error": f"{type(e).__name__}: {e}"[:800]}
-            print(f"{key}: {results[key]}", file=sys.stderr, flush=True)
-            torch._dynamo.reset()
+        for name, res in run_batch(variants, models, args, batch, device).items():
+            results[f"{name}@b{batch}"] = res
+            print(f"{name}@b{batch}: {res}", file=sys.stderr, flush=True)
+        torch._dynamo.reset()
 
     report = {
         "benchmark": "decode",

@@ -61,3 +61,59 @@ def test_bench_train_packed_rows(bench, capsys):
     assert res["packed_mean_doc_len"] == 8 and [r["model"] for r in res["runs"]] == ["pldr", "llama_aligned"]
     assert all("error" not in r and r["final_loss"] > 0 for r in res["runs"])
     assert json.loads(capsys.readouterr().out)["packed_mean_doc_len"] == 8
+
+
+def test_bench_train_alternates_models_in_rotating_rounds(bench, monkeypatch):
+    order = []
+    timed = bench.TrainRun.time_steps
+
+    def recording(self, steps):
+        order.append(self.out["model"])
+        return timed(self, steps)
+
+    monkeypatch.setattr(bench.TrainRun, "time_steps", recording)
+    res = bench.main(["--tiny", "--device", "cpu", "--modes", "eager", "--steps", "1", "--warmup", "0",
+                      "--rounds", "3", "--batch_size", "2", "--seq_len", "16"])
+    p, s, a = "pldr", "llama_same_ffn", "llama_aligned"
+    assert order == [p, s, a, s, a, p, a, p, s]
+    for r in res["runs"]:
+        assert len(r["round_step_ms"]) == 3 and r["step_ms"] == min(r["round_step_ms"])
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["step_ms"] / 1000), rel=1e-2)
+
+
+@pytest.fixture
+def bench_decode(monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("pldr_bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pldr_bench_decode", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_decode_alternates_variants_and_reports_ratios(bench_decode, monkeypatch, tmp_path, capsys):
+    calls = []
+    prepare = bench_decode.prepare_variant
+
+    def recording(name, *args):
+        once = prepare(name, *args)
+
+        def run():
+            calls.append(name)
+            return once()
+        return run
+
+    monkeypatch.setattr(bench_decode, "prepare_variant", recording)
+    out = tmp_path / "d.json"
+    report = bench_decode.main(["--tiny", "--device", "cpu", "--variants", "pldr_kv_g,llama_dynamic",
+                                "--batch_sizes", "2", "--repeats", "2", "--warmup", "1", "--output", str(out)])
+    # one warm-up run each, then two rounds, the second in rotated order
+    assert calls == ["pldr_kv_g", "llama_dynamic", "pldr_kv_g", "llama_dynamic", "llama_dynamic", "pldr_kv_g"]
+    assert json.loads(out.read_text()) == report == json.loads(capsys.readouterr().out)
+    res = report["results"]
+    for key in ("pldr_kv_g@b2", "llama_dynamic@b2"):
+        assert len(res[key]["times_s"]) == 2 and res[key]["tokens_per_s"] > 0, res[key]
+    (row,) = report["summary"]
+    assert row["mode"] == "dynamic" and row["best_llama"] == "llama_dynamic"
+    assert row["pldr_vs_best_llama"] == pytest.approx(
+        res["pldr_kv_g@b2"]["tokens_per_s"] / res["llama_dynamic@b2"]["tokens_per_s"], abs=1e-3)
