@@ -233,6 +233,16 @@ class TrainRun:
         return out
 
 
+def rotating_rounds(names: list[str], rounds: int) -> list[str]:
+    """The timing order of ``rounds`` rounds over ``names``, each round starting one further along (a, b, c, b, c, a,
+    ...): no model always runs right after the same one (also used by bench_decode.py)."""
+    order = []
+    for r in range(rounds):
+        shift = r % max(len(names), 1)
+        order += names[shift:] + names[:shift]
+    return order
+
+
 def bench_group(models: list[str], configs: dict, args, batch, seq, mode) -> list[dict]:
     """Every model at one shape and mode: built and warmed up one after the other, then timed in ``args.rounds``
     rounds of ``args.steps`` steps that alternate between them (the order rotating each round); each reports its
@@ -248,16 +258,13 @@ def bench_group(models: list[str], configs: dict, args, batch, seq, mode) -> lis
             gc.collect()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    order = list(runs)
-    for r in range(args.rounds):
-        shift = r % max(len(order), 1)
-        for name in order[shift:] + order[:shift]:
-            if name in failed:
-                continue
-            try:
-                runs[name].time_steps(args.steps)
-            except Exception as err:
-                failed[name] = f"{type(err).__name__}: {err}"[:600]
+    for name in rotating_rounds(list(runs), args.rounds):
+        if name in failed:
+            continue
+        try:
+            runs[name].time_steps(args.steps)
+        except Exception as err:
+            failed[name] = f"{type(err).__name__}: {err}"[:600]
     results = []
     for name in models:
         if name in failed:

@@ -28,7 +28,9 @@ import torch
 from transformers import CompileConfig, HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pldr_hf  # noqa: E402,F401  (registers the model)
+from bench import rotating_rounds  # noqa: E402  (scripts/bench.py: the same alternating order)
 from pldr_hf import PldrConfig, PldrForCausalLM  # noqa: E402
 
 VARIANTS = ("pldr_kv_g", "pldr_kv", "pldr_nocache", "pldr_static_compiled", "llama_dynamic", "llama_static_compiled",
@@ -121,16 +123,13 @@ def run_batch(variants, models, args, batch, device) -> dict:
             runs[name], times[name] = once, []
         except Exception as e:  # one failing variant must not hide the others' numbers
             errors[name] = f"{type(e).__name__}: {e}"[:800]
-    order = list(runs)
-    for r in range(args.repeats):
-        shift = r % max(len(order), 1)
-        for name in order[shift:] + order[:shift]:
-            if name in errors:
-                continue
-            try:
-                times[name].append(runs[name]())
-            except Exception as e:
-                errors[name] = f"{type(e).__name__}: {e}"[:800]
+    for name in rotating_rounds(list(runs), args.repeats):
+        if name in errors:
+            continue
+        try:
+            times[name].append(runs[name]())
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {e}"[:800]
     results = {}
     tokens = batch * args.new_tokens
     for name in variants:
