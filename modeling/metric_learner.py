@@ -8,9 +8,9 @@ and 250 backward kernels per layer on tiny matrices, bound by kernel launches, a
 
 :func:`fused_metric_learner` runs the whole learner of a layer as two operators, ``pldr::metric_learner_fwd``
 and ``pldr::metric_learner_bwd`` (``torch.library.triton_op`` with an autograd formula; opaque ``custom_op``s with
-fake implementations without Triton or on PyTorch < 2.6), so that eager mode, ``torch.compile`` (no graph break; inductor traces into
-them and launches their Triton kernels from its own code), FSDP/DDP, gradient checkpointing and autocast all see one
-op per layer:
+fake implementations without Triton or on PyTorch < 2.6), so that eager mode, ``torch.compile`` (no graph break;
+inductor traces into them and launches their Triton kernels from its own code), FSDP/DDP, gradient checkpointing and
+autocast all see one op per layer:
 
 * the parameters enter stacked per kind: W1|W2 [2G, h, d] (gluw1 and gluw2 of each GLU in turn), W3 [G, d, h], with
   biases b1|b2 [2G, h] and b3 [G, d], and the LayerNorm weights and biases [U, d] (U units of J GLUs, G = U * J). The
@@ -66,7 +66,8 @@ except Exception:  # noqa: BLE001  (any failure to import means: no kernels)
 # operator costs some 0.5 ms of host dispatch a call, which made small compiled steps host-bound). Without Triton
 # (no kernels to trace; triton_op would also log a warning at import) or on older PyTorch they are opaque custom
 # operators.
-_TRACEABLE_KERNELS = triton is not None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+_TRACEABLE_KERNELS = (triton is not None and hasattr(torch.library, "triton_op")
+                      and hasattr(torch.library, "wrap_triton"))
 wrap_triton = getattr(torch.library, "wrap_triton", None)
 
 __all__ = ["fused_metric_learner", "learner_tensors", "plain_linears", "stacked_metric_learner"]

@@ -104,8 +104,8 @@ class PldrCacheMixin:
 
     Per layer it holds ``A`` (the metric tensor of the prompt, after the metric learner) and, when the G-cache is on,
     ``A_LM`` and ``G_LM`` (float32 in a 16-bit model, as computed; next to it, G_LM already cast to the queries' dtype,
-    so that a decoding step does not cast it again in every layer). They are filled by the first forward pass that sees an empty entry (the prompt) and stay
-    frozen afterwards, as in the original implementation. Batch operations of the cache (beam reordering, repeats,
+    so that a decoding step does not cast it again in every layer). They are filled by the first forward pass that sees
+    an empty entry (the prompt) and stay frozen afterwards, as in the original implementation. Batch operations of the cache (beam reordering, repeats,
     selection, reset) apply to them too; cropping keeps them (they summarise the prompt) unless the cache is emptied.
     """
 
@@ -132,12 +132,10 @@ class PldrCacheMixin:
         return self.deductive_A[layer_idx], self.deductive_A_LM[layer_idx], self.deductive_G_LM[layer_idx]
 
     def get_query_metric(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """G_LM of a layer in ``dtype`` (the queries' dtype) if the cache holds it so, else None."""
+        """The copy of a layer's G_LM in ``dtype`` (the queries' dtype) that :meth:`set_deductive` kept, else None."""
         if getattr(self, "deductive_G_query", None) is None or layer_idx >= len(self.deductive_G_query):
             return None
         G = self.deductive_G_query[layer_idx]
-        if G is None:
-            G = self.deductive_G_LM[layer_idx]
         return G if G is not None and G.dtype == dtype else None
 
     def set_deductive(self, layer_idx: int, A: torch.Tensor, A_LM: torch.Tensor | None, G_LM: torch.Tensor | None,
@@ -818,7 +816,8 @@ class PldrAttention(nn.Module):
         else:
             mask = None if token_mask is None else token_mask[:, None, :, None].to(torch.float32)
             # (without gradients, e.g. a prefill, the autograd function's own host cost is saved)
-            A = _GramFunction.apply(q, mask, torch.float32) if torch.is_grad_enabled() else _gram(q, mask, torch.float32)
+            gram = _GramFunction.apply if torch.is_grad_enabled() else _gram
+            A = gram(q, mask, torch.float32)
         ln = self.layernorm1
         if ln.weight.dtype == torch.float32:
             A = ln(A)

@@ -161,10 +161,10 @@ class TrainRun:
         cuda = device.startswith("cuda")
         # Memory in use by the models built before this one (kept resident for the alternating rounds): this run's
         # peak is measured above it, so it is the peak the run would have alone.
-        self.base_mem = torch.cuda.memory_allocated() if cuda else 0
+        base_mem = torch.cuda.memory_allocated() if cuda else 0
         torch.manual_seed(0)
         config._attn_implementation = args.attn_implementation
-        model = self.model = cls(config).to(device)
+        model = cls(config).to(device)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
@@ -202,7 +202,7 @@ class TrainRun:
             torch.cuda.reset_peak_memory_stats()
             self.loss = step()
             _sync(device)
-            self.peak_mem = torch.cuda.max_memory_allocated() - self.base_mem
+            self.peak_mem = torch.cuda.max_memory_allocated() - base_mem
         self.tokens = batch * seq
         self.round_s: list[float] = []
         self.out = {
@@ -227,7 +227,8 @@ class TrainRun:
         best = min(self.round_s)
         out = dict(self.out, tokens_per_s=round(self.tokens / best, 1), step_ms=round(1000 * best, 2),
                    tokens_per_s_median=round(self.tokens / statistics.median(self.round_s), 1),
-                   round_step_ms=[round(1000 * t, 2) for t in self.round_s], final_loss=round(float(self.loss.detach()), 4))
+                   round_step_ms=[round(1000 * t, 2) for t in self.round_s],
+                   final_loss=round(float(self.loss.detach()), 4))
         if self.peak_mem is not None:
             out["peak_mem_GiB"] = round(self.peak_mem / 2**30, 2)
         return out
@@ -312,6 +313,9 @@ def main(argv=None):
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"bench: unknown mode {mode!r} in --modes (expected {', '.join(MODES)})")
+    for option in ("steps", "rounds"):
+        if getattr(args, option) < 1:
+            raise SystemExit(f"bench: --{option} must be at least 1, got {getattr(args, option)}")
     shapes = parse_shapes(args)
     results = {"task": "train", "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,

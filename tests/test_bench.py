@@ -46,6 +46,8 @@ def test_bench_train_reports_every_model_and_ratio_to_the_best_llama(bench, caps
     (["--models", "gpt2"], "unknown model 'gpt2'"),
     (["--modes", "fast"], "unknown mode 'fast'"),
     (["--shapes", "16by1024"], "is not BATCHxSEQ"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
 ])
 def test_bench_rejects_bad_arguments_by_name(bench, argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -117,3 +119,8 @@ def test_bench_decode_alternates_variants_and_reports_ratios(bench_decode, monke
     assert row["mode"] == "dynamic" and row["best_llama"] == "llama_dynamic"
     assert row["pldr_vs_best_llama"] == pytest.approx(
         res["pldr_kv_g@b2"]["tokens_per_s"] / res["llama_dynamic@b2"]["tokens_per_s"], abs=1e-3)
+
+
+def test_bench_decode_rejects_zero_repeats(bench_decode):
+    with pytest.raises(SystemExit, match="--repeats must be at least 1"):
+        bench_decode.main(["--tiny", "--device", "cpu", "--repeats", "0"])
