@@ -248,6 +248,15 @@ def as_pldr_cache(cache: Cache) -> Cache:
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------------
+def _joint_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
+    """``F.linear`` of x with several linears' weights (and biases) stacked along the output features: one GEMM instead
+    of one per linear (fewer kernels in the forward and the backward, and larger GEMMs), the outputs concatenated on
+    the last dimension. None when some of the linears have a bias and others not."""
+    if any((b is None) != (biases[0] is None) for b in biases):
+        return None
+    return F.linear(x, torch.cat(weights), None if biases[0] is None else torch.cat(biases))
+
+
 class PldrGLU(nn.Module):
     """SwiGLU with biases: ``gluw3(act(gluw1 z) * gluw2 z)``.
 
@@ -257,7 +266,8 @@ class PldrGLU(nn.Module):
     gradients, so outputs and gradients of the real parameters are unchanged); the stored parameters keep the
     checkpoint's shapes. The metric learner's GEMMs are tiny and launch-bound: the extra ops would cost more.
 
-    * Large inputs (training, prefill: at least ``MIN_PADDED_ROWS`` rows) pad the weights on the fly.
+    * Large inputs (training, prefill: at least ``MIN_PADDED_ROWS`` rows) pad the weights on the fly, with gluw1 and
+      gluw2 as one GEMM.
     * Decoding steps would pay that copy every step, so inside ``generate()`` (:meth:`PldrForCausalLM.generate`) the
       FFN uses padded copies of its weights made once per call (:meth:`arm_decode_weights`), with gluw1 and gluw2 as
       one GEMM. They stay allocated at fixed addresses between calls (refreshed from the parameters at the start of
@@ -290,10 +300,12 @@ class PldrGLU(nn.Module):
                 h1, h2 = F.linear(x, w12, b12).chunk(2, dim=-1)
                 return F.linear(self.act_fn(h1) * h2, w3, self.gluw3.bias)
             if x.numel() >= self.MIN_PADDED_ROWS * x.shape[-1]:
-                padded = lambda b: None if b is None else F.pad(b, (0, pad))
-                h1 = F.linear(x, F.pad(self.gluw1.weight, (0, 0, 0, pad)), padded(self.gluw1.bias))
-                h2 = F.linear(x, F.pad(self.gluw2.weight, (0, 0, 0, pad)), padded(self.gluw2.bias))
-                return F.linear(self.act_fn(h1) * h2, F.pad(self.gluw3.weight, (0, pad)), self.gluw3.bias)
+                lin1, lin2 = self.gluw1, self.gluw2
+                h12 = _joint_linear(x, [F.pad(lin.weight, (0, 0, 0, pad)) for lin in (lin1, lin2)],
+                                    [None if lin.bias is None else F.pad(lin.bias, (0, pad)) for lin in (lin1, lin2)])
+                if h12 is not None:
+                    h1, h2 = h12.chunk(2, dim=-1)
+                    return F.linear(self.act_fn(h1) * h2, F.pad(self.gluw3.weight, (0, pad)), self.gluw3.bias)
         return self.gluw3(self.act_fn(self.gluw1(x)) * self.gluw2(x))
 
     @torch.no_grad()
@@ -802,6 +814,27 @@ class PldrAttention(nn.Module):
                 self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
             self.plgatt_layer = PldrPowerLaw(config)
 
+    # Large inputs (training, prefill: at least MIN_JOINT_ROWS rows) on accelerators project q, k and v as one GEMM
+    # with the three weights stacked (see _joint_linear), when wq, wk and wv are plain nn.Linear modules (PEFT adapters,
+    # hooks: the modules run). Off on CPU, where it gains nothing; the tests turn it on there.
+    MIN_JOINT_ROWS = 1024
+    JOINT_ON_CPU = False
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q and k side by side [B, S, 2H, d], v [B, S, H, d]) of hidden_states [B, S, D], before the rotation."""
+        B, S, _ = hidden_states.shape
+        H, d = self.num_heads, self.head_dim
+        lins = (self.wq, self.wk, self.wv)
+        if ((hidden_states.device.type != "cpu" or self.JOINT_ON_CPU)
+                and hidden_states.numel() >= self.MIN_JOINT_ROWS * hidden_states.shape[-1] and plain_linears(*lins)):
+            qkv = _joint_linear(hidden_states, [lin.weight for lin in lins], [lin.bias for lin in lins])
+            if qkv is not None:
+                return qkv[..., : 2 * H * d].view(B, S, 2 * H, d), qkv[..., 2 * H * d:].view(B, S, H, d)
+        shape = (B, S, H, d)
+        # (q and k in one tensor: rotated in one go, fewer kernel launches per decoding step)
+        qk = torch.cat((self.wq(hidden_states).view(shape), self.wk(hidden_states).view(shape)), dim=2)
+        return qk, self.wv(hidden_states).view(shape)
+
     def metric_tensor(
         self, q: torch.Tensor, token_mask: torch.Tensor | None, sequence_groups: SequenceGroups | None = None
     ) -> torch.Tensor:
@@ -851,11 +884,9 @@ class PldrAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
         B, S, _ = hidden_states.shape
-        shape = (B, S, self.num_heads, self.head_dim)
         cos, sin = cos_sin
         interleaved = self.config.reference_rope
-        # q and k rotated in one go (fewer kernel launches per decoding step; elementwise, so the same numbers).
-        qk = torch.cat((self.wq(hidden_states).view(shape), self.wk(hidden_states).view(shape)), dim=2)
+        qk, v = self.project(hidden_states)
         q, k = apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(self.num_heads, dim=1)
         q = q.contiguous()  # [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs
         if past_key_values is not None:
@@ -863,7 +894,9 @@ class PldrAttention(nn.Module):
             # and torch.cat takes a slow, unvectorised path for a non-contiguous part (~15% of a batch-32 decoding
             # step's GPU time on an H100); the copy costs little next to that.
             k = k.contiguous()
-        v = self.wv(hidden_states).view(shape).transpose(1, 2)
+            # (v is a view into q, k and v's joint projection on large inputs: the cache must not keep all of it)
+            v = v.contiguous()
+        v = v.transpose(1, 2)
 
         # Deduction: A -> A_LM -> G_LM, or their cached / fixed values. Rows holding several sequences
         # (sequence_groups) get one A, A_LM, G_LM per sequence.

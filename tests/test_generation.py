@@ -460,6 +460,7 @@ def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert _linear_calls(ffn, x)[1] == 2  # padded W1|W2 as one GEMM, then W3
 
     small = torch.randn(3, 1, 16)
     assert ffn.arm_decode_weights()
@@ -550,3 +551,59 @@ def test_generate_with_padded_ffn_weights_equals_unpadded(model, monkeypatch, ca
     assert torch.equal(changed.sequences, expected.sequences)
     for a, b in zip(changed.scores, expected.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# q, k and v as one GEMM for large inputs (GPU path, run on CPU with JOINT_ON_CPU)
+# ----------------------------------------------------------------------------------------------------------------------
+def _train_step(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_joint_qkv_projection_equals_the_modules(monkeypatch):
+    model = make_model(seed=3, max_position_embeddings=1024)
+    attn = model.decoder.dec_layers[0].mha1
+    ids = torch.randint(0, model.config.vocab_size, (2, attn.MIN_JOINT_ROWS // 2))
+    logits, grads = _train_step(model, ids)
+    monkeypatch.setattr(type(attn), "JOINT_ON_CPU", True)
+    joint_logits, joint_grads = _train_step(model, ids)
+    torch.testing.assert_close(joint_logits, logits, rtol=1e-5, atol=1e-5)
+    assert joint_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(joint_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    x = torch.randn(1, attn.MIN_JOINT_ROWS, model.config.hidden_size)
+    with torch.no_grad():
+        (qk, v), calls = _linear_calls(attn.project, x)
+        assert calls == 1  # q, k and v as one GEMM
+        (qk_small, _), calls = _linear_calls(attn.project, x[:, :8])
+        assert calls == 3  # small inputs (decoding steps): the modules
+    H, d = attn.num_heads, attn.head_dim
+    torch.testing.assert_close(qk[..., :H, :].flatten(-2), attn.wq(x))
+    torch.testing.assert_close(qk[..., H:, :].flatten(-2), attn.wk(x))
+    torch.testing.assert_close(v.flatten(-2), attn.wv(x))
+    torch.testing.assert_close(qk_small, qk[:, :8])
+
+
+def test_joint_qkv_projection_steps_aside_for_lora(monkeypatch):
+    # LoRA on wq and wv (the usual attention targets) must take part: the joint GEMM would use the base weights only.
+    peft = pytest.importorskip("peft")
+    model = make_model(seed=4, max_position_embeddings=1024)
+    monkeypatch.setattr(type(model.decoder.dec_layers[0].mha1), "JOINT_ON_CPU", True)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["wq", "wv"]), model)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    attn = model.decoder.dec_layers[0].mha1
+    x = torch.randn(1, attn.MIN_JOINT_ROWS, model.config.hidden_size)
+    qk, v = attn.project(x)
+    H = attn.num_heads
+    torch.testing.assert_close(qk[..., :H, :].flatten(-2), attn.wq(x))
+    torch.testing.assert_close(v.flatten(-2), attn.wv(x))
+    base = F.linear(x, attn.wq.weight, attn.wq.bias)
+    assert (qk[..., :H, :].flatten(-2) - base).abs().max() > 1e-2  # the adapter took part
+    v.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in attn.named_parameters()
+               if "lora_" in n and "wv" in n)
