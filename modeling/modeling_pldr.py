@@ -41,7 +41,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_pldr import PldrConfig
-from .metric_learner import fused_metric_learner, plain_linears, stacked_metric_learner
+from .metric_learner import (  # noqa: F401  (A_LM_EPSILON: re-exported)
+    A_LM_EPSILON,
+    fused_metric_learner,
+    plain_linears,
+    power_law,
+    stacked_metric_learner,
+)
 from .packing import (
     SequenceGroups,
     groups_from_cu_seq_lens,
@@ -51,8 +57,6 @@ from .packing import (
 )
 
 logger = logging.get_logger(__name__)
-
-A_LM_EPSILON = 1e-9
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -571,67 +575,6 @@ class _PortNameView(nn.Module):
         super().__setattr__(name, value)
 
 
-def _batch_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the leading (batch) dimensions of t [..., H, d, d]: the gradient of a [H, d, d] parameter broadcast
-    over them."""
-    return t.sum(dim=tuple(range(t.dim() - 3))) if t.dim() > 3 else t
-
-
-def _power_law(A, W, b, p, a, ba):
-    """The power law step's forward: ``z``, ``A_LM``, ``P = A_LM ** p`` and ``G_LM`` (no autocast)."""
-    with torch.autocast(device_type=A.device.type, enabled=False):
-        z = torch.matmul(W, A) + b
-        A_LM = z * F.silu(z) + A_LM_EPSILON
-        P = torch.pow(A_LM, p)
-        G_LM = torch.matmul(a, P) + ba
-    return z, A_LM, P, G_LM
-
-
-class _PowerLawFunction(torch.autograd.Function):
-    """The power law step of :class:`PldrPowerLaw` (float32 in, float32 out) as one autograd node with a hand-derived
-    backward. The same forward ops as the module's formula; the backward computes what autograd would, in a third of
-    the operations, which matters because the step runs on tiny [batch, H, d, d] tensors (host-bound in eager mode):
-
-    ``z = W A + b``, ``A_LM = z silu(z) + eps``, ``P = A_LM ** p``, ``G = a P + ba``;
-    ``dP = a^T dG``, ``dA_LM += p A_LM^(p-1) dP``, ``dp = sum dP P log(A_LM)``,
-    ``dz = dA_LM (silu(z) + z silu'(z))``, ``dA = W^T dz``, ``dW = sum dz A^T``, ``da = sum dG P^T``."""
-
-    @staticmethod
-    def forward(ctx, A, W, b, p, a, ba):
-        z, A_LM, P, G_LM = _power_law(A, W, b, p, a, ba)
-        ctx.save_for_backward(A, W, p, a, z, A_LM, P)
-        ctx.set_materialize_grads(False)
-        return A_LM, G_LM
-
-    @staticmethod
-    def backward(ctx, g_A_LM, g_G):
-        A, W, p, a, z, A_LM, P = ctx.saved_tensors
-        need_A, need_W, need_b, need_p, need_a, need_ba = ctx.needs_input_grad
-        gA = gW = gb = gp = ga = gba = None
-        with torch.autocast(device_type=A.device.type, enabled=False):
-            g_AL = g_A_LM
-            if g_G is not None:
-                if need_ba:
-                    gba = _batch_sum(g_G)
-                if need_a:
-                    ga = _batch_sum(torch.matmul(g_G, P.transpose(-1, -2)))
-                gP = torch.matmul(a.transpose(-1, -2), g_G)
-                if need_p:
-                    gp = _batch_sum(gP * P * torch.log(A_LM))
-                g_pow = gP * p * torch.pow(A_LM, p - 1)
-                g_AL = g_pow if g_AL is None else g_AL + g_pow
-            if g_AL is not None:
-                sig = torch.sigmoid(z)
-                gz = g_AL * (z * sig * (2.0 + z * (1.0 - sig)))  # d/dz z silu(z) = silu(z) + z silu'(z)
-                if need_b:
-                    gb = _batch_sum(gz)
-                if need_W:
-                    gW = _batch_sum(torch.matmul(gz, A.transpose(-1, -2)))
-                if need_A:
-                    gA = torch.matmul(W.transpose(-1, -2), gz)
-        return gA, gW, gb, gp, ga, gba
-
-
 # torch.bmm(..., out_dtype=) (PyTorch >= 2.8): 16-bit operands, float32 accumulation and result.
 _BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
@@ -706,14 +649,9 @@ class PldrPowerLaw(nn.Module):
         self.balst = nn.Parameter(torch.empty(shape))
 
     def forward(self, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        args = (A.float(), self.Wlst.float(), self.blst.float(), self.pwlst.float(), self.alst.float(),
-                self.balst.float())
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            # torch.compile derives the same backward from the ops; (PyTorch 2.11's dynamo also fails to trace this
-            # autograd function with dynamic shapes). Without gradients the autograd function only costs host time.
-            _, A_LM, _, G_LM = _power_law(*args)
-            return A_LM, G_LM
-        return _PowerLawFunction.apply(*args)
+        # One operator (metric_learner.power_law): one Triton kernel forward and one backward on CUDA.
+        return power_law(A.float(), self.Wlst.float(), self.blst.float(), self.pwlst.float(), self.alst.float(),
+                         self.balst.float())
 
 
 def rotary_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:

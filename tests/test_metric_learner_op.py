@@ -506,3 +506,135 @@ def test_cuda_compiled_with_inductor():
     for kernel in ("_learner_fwd_kernel", "_learner_bwd_rows_kernel", "_learner_bwd_params_kernel"):
         assert kernel in code
     assert "pldr.metric_learner_fwd" not in code and "pldr.metric_learner_bwd" not in code
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The power law step as one operator (pldr::power_law_fwd / pldr::power_law_bwd)
+# ---------------------------------------------------------------------------------------------------------------------
+def _power_law_inputs(batch, H=2, d=16, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    A = torch.randn(*batch, H, d, d, device=device)
+    params = [0.5 * torch.randn(H, d, d, device=device) for _ in range(5)]
+    params[2] = params[2].abs() + 0.3  # exponents
+    return [A, *params]
+
+
+def _reference_outputs(*inputs):
+    """(A_LM, G_LM) of the plain PyTorch power law."""
+    return ML.power_law_reference(*inputs)[1::2]
+
+
+def _power_law_grads(fn, inputs, g_A_LM, g_G):
+    """Outputs and input gradients of fn for output gradients g_A_LM and g_G (either None: that output unused)."""
+    x = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*x)
+    used = [(o, g) for o, g in zip(outs, (g_A_LM, g_G)) if g is not None]
+    grads = torch.autograd.grad([o for o, _ in used], x, [g.to(o.dtype) for o, g in used], allow_unused=True)
+    return outs, grads
+
+
+def test_power_law_opcheck():
+    inputs = _power_law_inputs((3,))
+    torch.library.opcheck(torch.ops.pldr.power_law_fwd.default, [t.requires_grad_() for t in inputs])
+    A, W, b, p, a, _ = _power_law_inputs((3,))
+    g = torch.randn_like(A)
+    for g_A_LM, g_G, param_grads in ((g, g, True), (None, g, True), (g, None, False)):
+        torch.library.opcheck(torch.ops.pldr.power_law_bwd.default, (g_A_LM, g_G, A, W, b, p, a, param_grads))
+
+
+def test_power_law_operator_under_compile_equals_eager():
+    inputs = _power_law_inputs((2,))
+    g_A_LM, g_G = torch.randn_like(inputs[0]), torch.randn_like(inputs[0])
+
+    def via_op(*x):
+        return torch.ops.pldr.power_law_fwd(*x)
+
+    outs, grads = _power_law_grads(torch.compile(via_op, fullgraph=True), inputs, g_A_LM, g_G)
+    ref, ref_grads = _power_law_grads(_reference_outputs, inputs, g_A_LM, g_G)
+    for o, r in zip(outs, ref):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-7)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_power_law_rejects_mismatched_shapes():
+    A, W, b, p, a, ba = _power_law_inputs((2,))
+    with pytest.raises(ValueError, match=r"power law: expected A \[\.\.\., H, d, d\]"):
+        ML.power_law_forward(A[..., :8], W, b, p, a, ba)
+
+
+_POWER_LAW_INTERPRETER_SCRIPT = r'''
+import json, os
+assert os.environ.get("TRITON_INTERPRET") == "1"
+import torch
+from test_metric_learner_op import _power_law_inputs, _power_law_grads, _reference_outputs, _rel
+from pldr_hf.modeling import metric_learner as ML
+
+launched = []
+for name in ("_power_law_fwd_kernel", "_power_law_bwd_kernel"):
+    kernel = getattr(ML, name)
+    class Spy:
+        def __getitem__(self, grid, kernel=kernel, name=name):
+            launched.append(name)
+            return kernel[grid]
+    setattr(ML, name, Spy())
+results = {}
+for batch in ((3,), (2, 2), ()):
+    inputs = _power_law_inputs(batch)
+    g = torch.randn_like(inputs[0])
+    exact_inputs = [t.double() for t in inputs]
+    for case, (g_A_LM, g_G) in {"both": (g, 2 * g), "G only": (None, g), "A_LM only": (g, None)}.items():
+        exact = _power_law_grads(_reference_outputs, exact_inputs, g_A_LM, g_G)
+        row = {}
+        for kernels in (True, False):
+            ML._KERNELS_ON_CPU = kernels
+            launched.clear()
+            outs, grads = _power_law_grads(ML.power_law, inputs, g_A_LM, g_G)
+            assert launched == (["_power_law_fwd_kernel", "_power_law_bwd_kernel"] if kernels else []), launched
+            errs = [_rel(o, e) for o, e in zip(outs, exact[0])]
+            for k, (got, want) in enumerate(zip(grads, exact[1])):
+                assert (got is None) == (want is None), (case, k)
+                errs.append(None if want is None else _rel(got, want))
+            row["kernel" if kernels else "reference"] = errs
+        results[f"{batch} {case}"] = row
+print(json.dumps(results))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable, so its kernels cannot be interpreted on CPU")
+def test_power_law_kernels_in_the_interpreter():
+    # float32 kernels (one forward, one backward launch) against the float64 power law, as close as the float32
+    # reference path, for losses on both outputs, on G_LM alone and on A_LM alone (p, a, ba then get no gradient)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    proc = subprocess.run([sys.executable, "-c", _POWER_LAW_INTERPRETER_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=REPO / "tests")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 9
+    for case, row in results.items():
+        assert len(row["kernel"]) == 2 + 6
+        for k, r in zip(row["kernel"], row["reference"]):
+            assert (k is None) == (r is None), case
+            if k is not None:
+                assert k <= max(2e-6, 2 * r), (case, row)
+
+
+@needs_cuda_triton
+def test_cuda_power_law_kernels_match_the_reference():
+    from torch._inductor.utils import run_and_get_code
+
+    for batch in ((4,), (16,), ()):
+        inputs = _power_law_inputs(batch, H=14, d=64, device="cuda")
+        g_A_LM, g_G = torch.randn_like(inputs[0]), torch.randn_like(inputs[0])
+        exact = _power_law_grads(_reference_outputs, [t.double() for t in inputs], g_A_LM, g_G)
+        outs, grads = _power_law_grads(ML.power_law, inputs, g_A_LM, g_G)
+        ref, ref_grads = _power_law_grads(_reference_outputs, inputs, g_A_LM, g_G)
+        for k, r, e in zip((*outs, *grads), (*ref, *ref_grads), (*exact[0], *exact[1])):
+            assert _rel(k, e) <= max(1e-5, 2 * _rel(r, e))
+    # under torch.compile inductor launches the two kernels from its own code
+    compiled = torch.compile(ML.power_law, fullgraph=True)
+    (outs, codes) = run_and_get_code(lambda *x: _power_law_grads(compiled, x, g_A_LM, g_G), *inputs)
+    code = "\n".join(codes)
+    assert "_power_law_fwd_kernel" in code and "_power_law_bwd_kernel" in code
+    for k, e in zip((*outs[0], *outs[1]), (*exact[0], *exact[1])):
+        assert _rel(k, e) <= 1e-5

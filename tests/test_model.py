@@ -520,7 +520,7 @@ def _power_law_by_autograd(A, W, b, p, a, ba):
 
 @pytest.mark.parametrize("batch", [(3,), (2, 2), ()])
 def test_power_law_function_gradients_equal_autograd(batch):
-    from pldr_hf.modeling.modeling_pldr import _PowerLawFunction
+    from pldr_hf.modeling.metric_learner import PowerLawFunction as _PowerLawFunction
 
     torch.manual_seed(0)
     H, d = 2, 5
