@@ -694,26 +694,29 @@ def _backward(ctx, grad_out, *_):
     return gx, *_split_param_grads(flat, needs, w3, b12, ln_w), None, None, None, None
 
 
-def _define_ops():
-    """Defines the two operators once per process (the file may be imported twice, e.g. installed and as remote
-    code: the first definition serves both)."""
+def _define_ops(name: str, fwd_impl, bwd_impl, fwd_fake, bwd_fake, backward, setup_context):
+    """Defines the operators ``pldr::{name}_fwd`` (differentiable through ``backward``) and ``pldr::{name}_bwd`` once
+    per process (the file may be imported twice, e.g. installed and as remote code: the first definition serves both).
+    With Triton they are ``triton_op``s, whose own implementation, traced with fake tensors, is their fake
+    implementation; else opaque custom operators with the given fake implementations."""
     try:
-        return torch.ops.pldr.metric_learner_fwd.default, torch.ops.pldr.metric_learner_bwd.default
+        return getattr(torch.ops.pldr, f"{name}_fwd").default, getattr(torch.ops.pldr, f"{name}_bwd").default
     except (AttributeError, RuntimeError):
         pass
-    if _TRACEABLE_KERNELS:  # (their own implementation, traced with fake tensors, is their fake implementation)
-        fwd = torch.library.triton_op("pldr::metric_learner_fwd", _fwd_impl, mutates_args=())
-        bwd = torch.library.triton_op("pldr::metric_learner_bwd", _bwd_impl, mutates_args=())
+    if _TRACEABLE_KERNELS:
+        fwd = torch.library.triton_op(f"pldr::{name}_fwd", fwd_impl, mutates_args=())
+        bwd = torch.library.triton_op(f"pldr::{name}_bwd", bwd_impl, mutates_args=())
     else:
-        fwd = torch.library.custom_op("pldr::metric_learner_fwd", _fwd_impl, mutates_args=())
-        fwd.register_fake(_fwd_fake)
-        bwd = torch.library.custom_op("pldr::metric_learner_bwd", _bwd_impl, mutates_args=())
-        bwd.register_fake(_bwd_fake)
-    fwd.register_autograd(_backward, setup_context=_setup_context)
-    return torch.ops.pldr.metric_learner_fwd.default, torch.ops.pldr.metric_learner_bwd.default
+        fwd = torch.library.custom_op(f"pldr::{name}_fwd", fwd_impl, mutates_args=())
+        fwd.register_fake(fwd_fake)
+        bwd = torch.library.custom_op(f"pldr::{name}_bwd", bwd_impl, mutates_args=())
+        bwd.register_fake(bwd_fake)
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return getattr(torch.ops.pldr, f"{name}_fwd").default, getattr(torch.ops.pldr, f"{name}_bwd").default
 
 
-metric_learner_fwd, metric_learner_bwd = _define_ops()
+metric_learner_fwd, metric_learner_bwd = _define_ops("metric_learner", _fwd_impl, _bwd_impl, _fwd_fake, _bwd_fake,
+                                                      _backward, _setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -947,24 +950,8 @@ def _pl_backward(ctx, g_A_LM, g_G):
     return _power_law_grads(needs, gA, flat, g_G)
 
 
-def _define_power_law_ops():
-    try:
-        return torch.ops.pldr.power_law_fwd.default, torch.ops.pldr.power_law_bwd.default
-    except (AttributeError, RuntimeError):
-        pass
-    if _TRACEABLE_KERNELS:
-        fwd = torch.library.triton_op("pldr::power_law_fwd", _pl_fwd_impl, mutates_args=())
-        bwd = torch.library.triton_op("pldr::power_law_bwd", _pl_bwd_impl, mutates_args=())
-    else:
-        fwd = torch.library.custom_op("pldr::power_law_fwd", _pl_fwd_impl, mutates_args=())
-        fwd.register_fake(_pl_fwd_fake)
-        bwd = torch.library.custom_op("pldr::power_law_bwd", _pl_bwd_impl, mutates_args=())
-        bwd.register_fake(_pl_bwd_fake)
-    fwd.register_autograd(_pl_backward, setup_context=_pl_setup_context)
-    return torch.ops.pldr.power_law_fwd.default, torch.ops.pldr.power_law_bwd.default
-
-
-power_law_fwd, power_law_bwd = _define_power_law_ops()
+power_law_fwd, power_law_bwd = _define_ops("power_law", _pl_fwd_impl, _pl_bwd_impl, _pl_fwd_fake, _pl_bwd_fake,
+                                           _pl_backward, _pl_setup_context)
 
 
 class PowerLawFunction(torch.autograd.Function):

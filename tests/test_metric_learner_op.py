@@ -398,13 +398,18 @@ print(json.dumps(results))
 '''
 
 
+def _interpreted(script: str):
+    """Runs ``script`` in a fresh Python with TRITON_INTERPRET=1 and returns the JSON of its last line."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=REPO / "tests")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable, so its kernels cannot be interpreted on CPU")
 def test_triton_kernels_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=REPO / "tests")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = _interpreted(_INTERPRETER_SCRIPT)
     for case in ("fp32", "fp32_no_bias_frozen"):
         # float32 (input_precision="ieee"): as exact as the modules themselves
         assert max(results[case]["kernel"]) <= 1e-5, results[case]
@@ -605,11 +610,7 @@ print(json.dumps(results))
 def test_power_law_kernels_in_the_interpreter():
     # float32 kernels (one forward, one backward launch) against the float64 power law, as close as the float32
     # reference path, for losses on both outputs, on G_LM alone and on A_LM alone (p, a, ba then get no gradient)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    proc = subprocess.run([sys.executable, "-c", _POWER_LAW_INTERPRETER_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=REPO / "tests")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = _interpreted(_POWER_LAW_INTERPRETER_SCRIPT)
     assert len(results) == 9
     for case, row in results.items():
         assert len(row["kernel"]) == 2 + 6
