@@ -2,6 +2,7 @@
 
 from .configuration_pldr import PldrConfig
 from .modeling_pldr import (
+    CACHE_FIELD,
     PldrCausalLMOutputWithPast,
     PldrDeductiveOutputs,
     PldrDynamicCache,
@@ -17,6 +18,7 @@ from .modeling_pldr import (
 )
 
 __all__ = [
+    "CACHE_FIELD",
     "PldrConfig",
     "PldrPreTrainedModel",
     "PldrModel",

@@ -46,7 +46,7 @@ class PldrConfig(PreTrainedConfig):
     """
 
     model_type = "pldrllm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 896

@@ -17,6 +17,7 @@ kept frozen while decoding, as in the original implementation.
 This file depends only on torch and transformers, so that it can travel with a saved model as remote code.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,24 @@ from .packing import (
 )
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache argument of forward(), create_causal_mask() and prepare_inputs_for_generation(),
+# and the outputs' cache field, from ``past_key_values`` to ``cache`` (the old name deprecated until 5.40). The models
+# take either name and answer in the installed version's; CACHE_FIELD is that name.
+CACHE_FIELD = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The cache a forward got, under either name."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("Got two different caches, as past_key_values= and as cache=: pass one (transformers >= 5.24 "
+                         "calls it cache).")
+    return cache if cache is not None else past_key_values
+
+
+def _cache_kwarg(kwargs: dict) -> Cache | None:
+    """The cache in keyword arguments (generate's model kwargs), under either name."""
+    return _one_cache(kwargs.get("past_key_values"), kwargs.get("cache"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -932,7 +951,7 @@ class PldrPreTrainedModel(PreTrainedModel):
     base_model_prefix = "decoder"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PldrDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False
@@ -1069,6 +1088,7 @@ class PldrModel(PldrPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_pldr_attentions: bool | None = None,
         use_g_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> PldrModelOutputWithPast:
         r"""
@@ -1099,6 +1119,7 @@ class PldrModel(PldrPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != B:
             raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {B}.")
 
+        past_key_values = _one_cache(past_key_values, cache)
         fresh_input = past_key_values is None
         if use_cache:
             past_key_values = PldrDynamicCache(config=c) if past_key_values is None else as_pldr_cache(past_key_values)
@@ -1139,7 +1160,7 @@ class PldrModel(PldrPreTrainedModel):
             config=c,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            **{CACHE_FIELD: past_key_values},
             **mask_kwargs,
         )
         # What the attention kernels themselves read (flash attention's variable-length path).
@@ -1182,7 +1203,7 @@ class PldrModel(PldrPreTrainedModel):
 
         return PldrModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=all_hidden,
             attentions=all_attn,
             pldr_attentions=all_deductive,
@@ -1255,16 +1276,14 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         get = getattr(cache, "get_deductive", None)
         return get is None or all(t is None for t in get(0))
 
-    def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs
-    ):
-        inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
+        # (generate passes the cache by keyword, under the installed transformers' name: CACHE_FIELD. inputs_embeds is
+        # named: generate() looks for it in this signature.)
+        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask,
+                                                       inputs_embeds=inputs_embeds, **kwargs)
         mask = inputs.get("attention_mask")
         if (mask is not None and mask.dim() == 4 and (attention_mask is None or attention_mask.dim() == 2)
-                and self._computes_metric_tensor(past_key_values)):
+                and self._computes_metric_tensor(_cache_kwarg(kwargs))):
             # generate() turns the mask into a 4D one for compileable (static) caches, for the compiled decoding steps.
             # The forward that computes A (the prefill, never compiled by generate) needs to know the padding of the
             # prompt, which A excludes: it gets the caller's 2D mask (or none) and builds the 4D one itself.
@@ -1316,7 +1335,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
                 ffn.disarm_decode_weights()
 
     def _assisted_decoding(self, input_ids, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = _cache_kwarg(kwargs)
         if cache is None or kwargs.get("use_cache") is False:
             raise ValueError(
                 "Assisted decoding with PLDR-LLM needs use_cache=True: without a cache the metric tensor A sums over "
@@ -1328,7 +1347,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         return super()._assisted_decoding(input_ids, *args, **kwargs)
 
     def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
-        cache = model_kwargs.get("past_key_values")
+        cache = _cache_kwarg(model_kwargs)
         chunked = getattr(generation_config, "prefill_chunk_size", None) is not None and cache is not None and \
             cache.get_seq_length() == 0 and self._computes_metric_tensor(cache)
         if chunked:
@@ -1357,13 +1376,14 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         output_pldr_attentions: bool | None = None,
         use_g_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> PldrCausalLMOutputWithPast:
         outputs = self.decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_one_cache(past_key_values, cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -1384,7 +1404,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         return PldrCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             pldr_attentions=outputs.pldr_attentions,
@@ -1410,9 +1430,10 @@ class PldrForSequenceClassification(PldrPreTrainedModel):
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                output_pldr_attentions=None, **kwargs) -> SequenceClassifierOutputWithPast:
+                output_pldr_attentions=None, cache=None, **kwargs) -> SequenceClassifierOutputWithPast:
         outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               past_key_values=_one_cache(past_key_values, cache), inputs_embeds=inputs_embeds,
+                               use_cache=use_cache,
                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                                output_pldr_attentions=output_pldr_attentions, return_dict=True, **kwargs)
         logits = self.score(outputs.last_hidden_state)
@@ -1432,7 +1453,7 @@ class PldrForSequenceClassification(PldrPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
-        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=outputs.past_key_values,
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
                                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 

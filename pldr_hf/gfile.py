@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .modeling import PldrDynamicCache
+from .modeling import CACHE_FIELD, PldrDynamicCache
 
 G_FORMAT = "pldr-g"
 
@@ -228,8 +228,8 @@ def generate_with_g(model, g: GTensors | str | os.PathLike, input_ids: torch.Ten
     max_new_tokens=50)``."""
     if not isinstance(g, GTensors):
         g = load_g_file(g, model.config)
-    if generate_kwargs.get("past_key_values") is not None:
-        raise ValueError("generate_with_g makes its own past_key_values (holding g); do not pass one.")
+    if generate_kwargs.get("past_key_values") is not None or generate_kwargs.get("cache") is not None:
+        raise ValueError("generate_with_g makes its own cache (holding g); do not pass one (past_key_values/cache).")
     if generate_kwargs.get("use_cache") is False:
         raise ValueError("generate_with_g needs use_cache=True: the fixed G lives in the cache.")
     if generate_kwargs.get("use_g_cache") is False:
@@ -239,4 +239,4 @@ def generate_with_g(model, g: GTensors | str | os.PathLike, input_ids: torch.Ten
             f"this model has custom_G_type={model.config.custom_G_type!r} (a fixed G); load g into it with "
             "apply_g_to_model(model, g) and call generate directly."
         )
-    return model.generate(input_ids, past_key_values=cache_with_g(model, g), **generate_kwargs)
+    return model.generate(input_ids, **{CACHE_FIELD: cache_with_g(model, g)}, **generate_kwargs)

@@ -250,7 +250,12 @@ def test_fixture_greedy_generation(converted, tag, use_cache):
                        do_sample=False, use_cache=use_cache, use_g_cache=(tag != "kv"), output_logits=True,
                        return_dict_in_generate=True)
     assert torch.equal(g.sequences[:, prompt.shape[1]:], exp[f"gen.{tag}_tokens"])
-    assert (torch.stack(g.logits, 1) - exp[f"gen.{tag}_logits"]).abs().max() < 1e-4
+    # Without a cache A is recomputed over prompt + generated tokens each step, and one step of this fixture is
+    # ill-conditioned in float32: perturbing the weights by one float32 rounding (relative 2^-23) moves its logits by
+    # up to 2.5e-4, and the fixture's own float32 values there are 2.3e-4 from the float64 result. Its tolerance is
+    # therefore that of float32 rounding on different CPUs, not 1e-4.
+    tol = 5e-4 if tag == "nocache" else 1e-4
+    assert (torch.stack(g.logits, 1) - exp[f"gen.{tag}_logits"]).abs().max() < tol
 
 
 def test_fixture_padding_is_excluded_from_A(converted):

@@ -63,6 +63,48 @@ def left_pad(seqs):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The cache's name: past_key_values, or cache from transformers 5.24 on
+# ----------------------------------------------------------------------------------------------------------------------
+def test_cache_is_taken_under_either_name_and_returned_under_the_installed_ones():
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    installed = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    assert modeling_pldr.CACHE_FIELD == installed
+    assert installed in CausalLMOutputWithPast.__dataclass_fields__
+    model = make(2)
+    x = tokens(2, 12, batch=2)
+    with torch.no_grad():
+        for cls in (PldrForCausalLM, PldrModel, PldrForSequenceClassification):
+            out = (model if cls is PldrForCausalLM else make(2, cls=cls))(x[:, :8], use_cache=True)
+            assert isinstance(getattr(out, installed), modeling_pldr.PldrDynamicCache), cls.__name__
+            assert installed in out.keys(), cls.__name__  # where generate() looks for it
+        steps = []
+        for name in ("past_key_values", "cache"):
+            cache = getattr(model(x[:, :8], use_cache=True), installed)
+            step = model(x[:, 8:], use_cache=True, **{name: cache})
+            assert getattr(step, installed) is cache and cache.get_seq_length() == 12
+            steps.append(step.logits)
+        torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=0)
+        alone = model(x[:, 8:], position_ids=torch.arange(8, 12)[None]).logits  # what an ignored cache would give
+        assert (steps[0] - alone).abs().max() > 1e-2
+        with pytest.raises(ValueError, match="two different caches"):
+            model(x, past_key_values=DynamicCache(), cache=DynamicCache())
+    # generate() hands the cache from step to step under the installed name: its tokens are a greedy loop's.
+    with torch.no_grad():
+        got = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False)
+        out = model(x, use_cache=True)
+        seq = x
+        for _ in range(6):
+            seq = torch.cat([seq, out.logits[:, -1].argmax(-1, keepdim=True)], 1)
+            out = model(seq[:, -1:], use_cache=True, **{installed: getattr(out, installed)})
+    assert torch.equal(got, seq)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # return_dict=False
 # ----------------------------------------------------------------------------------------------------------------------
 def test_loss_and_logits_unpack_from_a_tuple():
