@@ -78,6 +78,7 @@ def _cache_kwarg(kwargs: dict) -> Cache | None:
     return _one_cache(kwargs.get("past_key_values"), kwargs.get("cache"))
 
 
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------------
@@ -280,6 +281,28 @@ def _joint_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
     return F.linear(x, torch.cat(weights), None if biases[0] is None else torch.cat(biases))
 
 
+def _decode_copyable(linears: tuple[nn.Linear, ...], on_cpu: bool) -> bool:
+    """Whether copies of these linears' weights may stand in for them while decoding: plain ``nn.Linear`` modules
+    without hooks (not PEFT adapters, quantised layers, offloading), all with or all without biases, whose parameters
+    are plain tensors (not FSDP2's sharded DTensors or quantised tensor subclasses) on an accelerator (on CPU only when
+    ``on_cpu``; the copies gain nothing there, the tests use it)."""
+    params = [t for lin in linears for t in (lin.weight, lin.bias) if t is not None]
+    device = linears[0].weight.device
+    return (plain_linears(*linears) and len({lin.bias is None for lin in linears}) == 1
+            and all(type(t) is nn.Parameter for t in params)
+            and device.type != "meta" and (device.type != "cpu" or on_cpu))
+
+
+def _static_buffer(old: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``old`` if it has this shape and ``like``'s dtype and device, else a new zero tensor at a fixed address that
+    torch.compile treats as static (compiled decoding with CUDA graphs reads it in place, no copy per step)."""
+    if old is not None and tuple(old.shape) == tuple(shape) and old.dtype == like.dtype and old.device == like.device:
+        return old
+    buf = like.new_zeros(shape)
+    torch._dynamo.mark_static_address(buf)
+    return buf
+
+
 class PldrGLU(nn.Module):
     """SwiGLU with biases: ``gluw3(act(gluw1 z) * gluw2 z)``.
 
@@ -335,29 +358,17 @@ class PldrGLU(nn.Module):
     def arm_decode_weights(self) -> bool:
         """Copies the current weights into the padded decoding weights (allocated on first use or when the parameters'
         shapes, dtype or device changed) and turns their use on for no-grad forwards; returns whether it did. Off for
-        CPU parameters, an FFN without padding, modules that are not plain ``nn.Linear`` and parameters that are not
-        plain tensors (FSDP2's sharded DTensors, quantised tensor subclasses)."""
+        an FFN without padding and where :func:`_decode_copyable` says no."""
         lin1, lin2, lin3 = self.gluw1, self.gluw2, self.gluw3
         self._decode_armed = False
-        params = [lin1.weight, lin2.weight, lin3.weight, lin1.bias, lin2.bias]
-        if (not self.hidden_pad or not plain_linears(lin1, lin2, lin3) or (lin1.bias is None) != (lin2.bias is None)
-                or any(p is not None and type(p) is not nn.Parameter for p in params)
-                or lin1.weight.device.type == "meta" or (lin1.weight.device.type == "cpu" and not self.PAD_ON_CPU)):
+        if not self.hidden_pad or not _decode_copyable((lin1, lin2, lin3), self.PAD_ON_CPU):
             return False
-        h, pad = lin1.out_features, self.hidden_pad
-        H = h + pad
-        w1 = lin1.weight
-        old = self._decode_weights
-        if old is None or old[0].shape != (2 * H, lin1.in_features) or old[2].shape != (lin3.out_features, H) or \
-                old[0].dtype != w1.dtype or old[0].device != w1.device or (old[1] is None) != (lin1.bias is None):
-            w12 = w1.new_zeros(2 * H, lin1.in_features)
-            b12 = None if lin1.bias is None else w1.new_zeros(2 * H)
-            w3 = w1.new_zeros(lin3.out_features, H)
-            for t in (w12, b12, w3):
-                if t is not None:
-                    torch._dynamo.mark_static_address(t)
-            self._decode_weights = old = (w12, b12, w3)
-        w12, b12, w3 = old
+        h, H = lin1.out_features, lin1.out_features + self.hidden_pad
+        old = self._decode_weights or (None, None, None)
+        w12 = _static_buffer(old[0], (2 * H, lin1.in_features), lin1.weight)
+        b12 = None if lin1.bias is None else _static_buffer(old[1], (2 * H,), lin1.bias)
+        w3 = _static_buffer(old[2], (lin3.out_features, H), lin3.weight)
+        self._decode_weights = (w12, b12, w3)
         w12[:h].copy_(lin1.weight)
         w12[H:H + h].copy_(lin2.weight)
         if b12 is not None:
@@ -770,10 +781,18 @@ class PldrAttention(nn.Module):
             else:  # the operator computes SwiGLUs only: other activations keep the modules
                 self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
             self.plgatt_layer = PldrPowerLaw(config)
+        # (stacked W_q|W_k|W_v and its bias for decoding; used while armed, inside generate)
+        self._decode_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._decode_armed = False
 
-    # Large inputs (training, prefill: at least MIN_JOINT_ROWS rows) on accelerators project q, k and v as one GEMM
-    # with the three weights stacked (see _joint_linear), when wq, wk and wv are plain nn.Linear modules (PEFT adapters,
-    # hooks: the modules run). Off on CPU, where it gains nothing; the tests turn it on there.
+    # On accelerators q, k and v are projected as one GEMM with the three weights stacked, when wq, wk and wv are plain
+    # nn.Linear modules (PEFT adapters, hooks: the modules run). Off on CPU, where it gains nothing; the tests turn it
+    # on there.
+    # * Large inputs (training, prefill: at least MIN_JOINT_ROWS rows) stack the weights on the fly (_joint_linear).
+    # * Decoding steps would pay that copy every step, so inside generate() (PldrForCausalLM.generate) no-grad forwards
+    #   use a stacked copy made once per call (arm_decode_weights). It stays allocated at a fixed address between calls
+    #   (refreshed at the start of each), which compiled decoding with CUDA graphs reads in place: extra memory of the
+    #   three projections' weights per layer.
     MIN_JOINT_ROWS = 1024
     JOINT_ON_CPU = False
 
@@ -782,15 +801,41 @@ class PldrAttention(nn.Module):
         B, S, _ = hidden_states.shape
         H, d = self.num_heads, self.head_dim
         lins = (self.wq, self.wk, self.wv)
-        if ((hidden_states.device.type != "cpu" or self.JOINT_ON_CPU)
-                and hidden_states.numel() >= self.MIN_JOINT_ROWS * hidden_states.shape[-1] and plain_linears(*lins)):
-            qkv = _joint_linear(hidden_states, [lin.weight for lin in lins], [lin.bias for lin in lins])
-            if qkv is not None:
-                return qkv[..., : 2 * H * d].view(B, S, 2 * H, d), qkv[..., 2 * H * d:].view(B, S, H, d)
+        qkv = None
+        if (hidden_states.device.type != "cpu" or self.JOINT_ON_CPU) and plain_linears(*lins):
+            if self._decode_armed and not torch.is_grad_enabled():
+                qkv = F.linear(hidden_states, *self._decode_weights)
+            elif hidden_states.numel() >= self.MIN_JOINT_ROWS * hidden_states.shape[-1]:
+                qkv = _joint_linear(hidden_states, [lin.weight for lin in lins], [lin.bias for lin in lins])
+        if qkv is not None:
+            return qkv[..., : 2 * H * d].view(B, S, 2 * H, d), qkv[..., 2 * H * d:].view(B, S, H, d)
         shape = (B, S, H, d)
         # (q and k in one tensor: rotated in one go, fewer kernel launches per decoding step)
         qk = torch.cat((self.wq(hidden_states).view(shape), self.wk(hidden_states).view(shape)), dim=2)
         return qk, self.wv(hidden_states).view(shape)
+
+    @torch.no_grad()
+    def arm_decode_weights(self) -> bool:
+        """Copies the current wq|wk|wv weights (and biases) into the stacked decoding weights (allocated on first use or
+        when the parameters' shapes, dtype or device changed) and turns their use on for no-grad forwards; returns
+        whether it did. Off where :func:`_decode_copyable` says no."""
+        lins = (self.wq, self.wk, self.wv)
+        self._decode_armed = False
+        if not _decode_copyable(lins, self.JOINT_ON_CPU):
+            return False
+        rows = sum(lin.out_features for lin in lins)
+        old = self._decode_weights or (None, None)
+        w = _static_buffer(old[0], (rows, lins[0].in_features), lins[0].weight)
+        b = None if lins[0].bias is None else _static_buffer(old[1], (rows,), lins[0].bias)
+        torch.cat([lin.weight for lin in lins], out=w)
+        if b is not None:
+            torch.cat([lin.bias for lin in lins], out=b)
+        self._decode_weights = (w, b)
+        self._decode_armed = True
+        return True
+
+    def disarm_decode_weights(self):
+        self._decode_armed = False
 
     def metric_tensor(
         self, q: torch.Tensor, token_mask: torch.Tensor | None, sequence_groups: SequenceGroups | None = None
@@ -1323,16 +1368,17 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         return cache
 
     def generate(self, *args, **kwargs):
-        """``GenerationMixin.generate``. On accelerators the FFNs' decoding steps use padded copies of their weights,
-        refreshed from the parameters at the start of each call (see :class:`PldrGLU`)."""
-        ffns = [m for m in self.modules() if isinstance(m, PldrGLU) and m.hidden_pad]
-        for ffn in ffns:
-            ffn.arm_decode_weights()
+        """``GenerationMixin.generate``. On accelerators the decoding steps use copies of some weights made at the start
+        of each call: the FFNs' padded W1|W2 and W3 (see :class:`PldrGLU`) and the attentions' stacked W_q|W_k|W_v
+        (see :meth:`PldrAttention.project`)."""
+        armed = [m for m in self.modules() if isinstance(m, (PldrGLU, PldrAttention))]
+        for module in armed:
+            module.arm_decode_weights()
         try:
             return super().generate(*args, **kwargs)
         finally:
-            for ffn in ffns:
-                ffn.disarm_decode_weights()
+            for module in armed:
+                module.disarm_decode_weights()
 
     def _assisted_decoding(self, input_ids, *args, **kwargs):
         cache = _cache_kwarg(kwargs)

@@ -526,28 +526,35 @@ def test_lora_on_the_ffn_runs_and_trains_with_padding_on(pad_on_cpu):
 
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
-def test_generate_with_padded_ffn_weights_equals_unpadded(model, monkeypatch, cache_implementation):
+def test_generate_with_decoding_weight_copies_equals_the_modules(model, monkeypatch, cache_implementation):
+    # generate() decodes with the FFNs' padded W1|W2, W3 and the attentions' stacked Wq|Wk|Wv, copied at its start.
     p = prompt(40, 7)
     kw = dict(cache_implementation=cache_implementation, return_dict_in_generate=True, output_scores=True)
     plain = gen(model, p, **kw)
+    attention = type(model.decoder.dec_layers[0].mha1)
     monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", True)
-    ffns = [layer.ffn for layer in model.decoder.dec_layers]
-    padded = gen(model, p, **kw)
-    assert torch.equal(padded.sequences, plain.sequences)
-    for a, b in zip(padded.scores, plain.scores):
+    monkeypatch.setattr(attention, "JOINT_ON_CPU", True)
+    copiers = [m for layer in model.decoder.dec_layers for m in (layer.ffn, layer.mha1)]
+    copied = gen(model, p, **kw)
+    assert torch.equal(copied.sequences, plain.sequences)
+    for a, b in zip(copied.scores, plain.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert all(f._decode_weights is not None and not f._decode_armed for f in ffns)  # made, and off after generate
-    ptrs = [f._decode_weights[0].data_ptr() for f in ffns]
-    with torch.no_grad():
-        model.decoder.dec_layers[0].ffn.gluw1.weight.mul_(3.0)  # generate must use the weights as they are now
+    assert all(m._decode_weights is not None and not m._decode_armed for m in copiers)  # made, off after generate
+    ptrs = [m._decode_weights[0].data_ptr() for m in copiers]
+    layer0 = model.decoder.dec_layers[0]
+    with torch.no_grad():  # generate must use the weights as they are now
+        layer0.ffn.gluw1.weight.mul_(3.0)
+        layer0.mha1.wk.weight.mul_(3.0)
     try:
         changed = gen(model, p, **kw)
         monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", False)
+        monkeypatch.setattr(attention, "JOINT_ON_CPU", False)
         expected = gen(model, p, **kw)
     finally:
         with torch.no_grad():
-            model.decoder.dec_layers[0].ffn.gluw1.weight.div_(3.0)
-    assert [f._decode_weights[0].data_ptr() for f in ffns] == ptrs
+            layer0.ffn.gluw1.weight.div_(3.0)
+            layer0.mha1.wk.weight.div_(3.0)
+    assert [m._decode_weights[0].data_ptr() for m in copiers] == ptrs
     assert torch.equal(changed.sequences, expected.sequences)
     for a, b in zip(changed.scores, expected.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -585,6 +592,45 @@ def test_joint_qkv_projection_equals_the_modules(monkeypatch):
     torch.testing.assert_close(qk[..., H:, :].flatten(-2), attn.wk(x))
     torch.testing.assert_close(v.flatten(-2), attn.wv(x))
     torch.testing.assert_close(qk_small, qk[:, :8])
+
+
+def test_stacked_qkv_copy_for_decoding(monkeypatch):
+    model = make_model(seed=5)
+    attn = model.decoder.dec_layers[0].mha1
+    monkeypatch.setattr(type(attn), "JOINT_ON_CPU", True)
+    x = torch.randn(3, 1, model.config.hidden_size)
+    H = attn.num_heads
+
+    def check(qk, v):
+        torch.testing.assert_close(qk[..., :H, :].flatten(-2), attn.wq(x))
+        torch.testing.assert_close(qk[..., H:, :].flatten(-2), attn.wk(x))
+        torch.testing.assert_close(v.flatten(-2), attn.wv(x))
+
+    assert attn.arm_decode_weights()
+    with torch.no_grad():
+        (qk, v), calls = _linear_calls(attn.project, x)
+    assert calls == 1  # the stacked copy: one GEMM for a decoding step
+    check(qk, v)
+    w, b = attn._decode_weights
+    assert w.shape == (3 * attn.wq.out_features, attn.wq.in_features) and b.shape == (3 * attn.wq.out_features,)
+    assert _linear_calls(attn.project, x)[1] == 3  # with gradients on: the modules (the parameters get gradients)
+    with torch.no_grad():  # re-arming refreshes the copy in place from changed parameters
+        attn.wv.weight.mul_(-0.5)
+        attn.wq.bias.add_(1.0)
+    ptr = w.data_ptr()
+    assert attn.arm_decode_weights() and attn._decode_weights[0].data_ptr() == ptr
+    with torch.no_grad():
+        check(*attn.project(x))
+    attn.disarm_decode_weights()
+    with torch.no_grad():
+        assert _linear_calls(attn.project, x)[1] == 3
+    # A hook (or adapter) on one projection: no copy, the modules run.
+    handle = attn.wk.register_forward_hook(lambda mod, inp, out: out + 1.0)
+    assert not attn.arm_decode_weights()
+    with torch.no_grad():
+        qk, v = attn.project(x)
+    assert torch.allclose(qk[..., H:, :].flatten(-2), attn.wk(x))
+    handle.remove()
 
 
 def test_joint_qkv_projection_steps_aside_for_lora(monkeypatch):
