@@ -486,6 +486,30 @@ def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu):
         assert _linear_calls(ffn, small)[1] == 3
 
 
+def test_padded_ffn_compiled_equals_the_modules(pad_on_cpu):
+    # Under torch.compile the padded W1|W2 GEMM adds its bias after the GEMM (cuBLAS's path for inductor's addmm copies
+    # the broadcast bias first): values and gradients must stay the modules'.
+    torch.manual_seed(3)
+    ffn = PldrGLU(16, 42, 16, True, "silu", align_hidden=True)
+    with torch.no_grad():
+        for lin in (ffn.gluw1, ffn.gluw2):
+            lin.bias.normal_()  # (large biases: leaving them out would show)
+    compiled = torch.compile(ffn, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, PldrGLU.MIN_PADDED_ROWS // 2, 16, requires_grad=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *ffn.parameters()])
+    ref = _ffn_reference(ffn, x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *ffn.parameters()])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    small = torch.randn(3, 1, 16)
+    assert ffn.arm_decode_weights()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(small), _ffn_reference(ffn, small), rtol=1e-5, atol=1e-5)
+    ffn.disarm_decode_weights()
+
+
 def test_padded_ffn_never_bypasses_adapters_or_hooks(pad_on_cpu):
     # An adapter or hook on gluw1 (what PEFT's LoRA, quantisation or offloading look like to the FFN) must run: the
     # padded paths compute with the weights directly and would skip it.
