@@ -185,15 +185,19 @@ def load_g_only_model(model_dir: str | os.PathLike, g: GTensors | str | os.PathL
 
 
 def g_from_cache(cache, row: int = 0) -> GTensors:
-    """The G-cache of one batch row of a cache that a forward or ``generate`` filled (e.g. ``out.past_key_values``
-    of ``generate(..., return_dict_in_generate=True)``): per layer A, A_LM and G_LM of that row's prompt.
+    """The G-cache of one batch row of a cache that a forward or ``generate`` filled: per layer A, A_LM and G_LM of
+    that row's prompt. ``cache`` is the cache, or the output holding it (a forward's, or that of
+    ``generate(..., return_dict_in_generate=True)``: ``out.cache`` from transformers 5.24 on, ``out.past_key_values``
+    before).
 
     The cache must hold the G-cache (``use_g_cache=True``, the default)."""
+    if not hasattr(cache, "get_deductive") and hasattr(cache, "keys") and CACHE_FIELD in cache.keys():
+        cache = cache[CACHE_FIELD]  # (an output: ModelOutput is a dict of the fields that are set)
     get = getattr(cache, "get_deductive", None)
     if get is None:
         raise ValueError(
-            f"{type(cache).__name__} holds no PLDR-LLM deductive cache: pass the past_key_values that a PLDR-LLM "
-            "forward or generate() returned."
+            f"{type(cache).__name__} holds no PLDR-LLM deductive cache: pass the cache (or the output) that a "
+            "PLDR-LLM forward or generate() returned."
         )
     A, A_LM, G_LM = [], [], []
     i = 0

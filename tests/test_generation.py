@@ -225,6 +225,7 @@ def test_g_exported_from_generate_cache_round_trips_to_identical_logits(model, t
     with torch.no_grad():
         out = model.generate(p, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     g = g_from_cache(out.past_key_values)
+    assert torch.equal(g_from_cache(out).G_LM, g.G_LM)  # the output itself, whatever its cache field is called
     ref = extract_g(model, p)
     torch.testing.assert_close(g.G_LM, ref.G_LM, rtol=0, atol=0)
     torch.testing.assert_close(g.A_LM, ref.A_LM, rtol=0, atol=0)
@@ -448,18 +449,24 @@ def _ffn_reference(ffn, x):
     return ffn.gluw3(F.silu(ffn.gluw1(x)) * ffn.gluw2(x))
 
 
+def _assert_ffn_matches_the_modules(ffn, run, x, atol):
+    """run(x) (the FFN, compiled or not) equals the modules' math in values and in the gradients of x and all
+    parameters."""
+    out = run(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *ffn.parameters()])
+    ref = _ffn_reference(ffn, x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *ffn.parameters()])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=atol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=atol)
+
+
 def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu):
     torch.manual_seed(0)
     ffn = PldrGLU(16, 42, 16, True, "silu", align_hidden=True)
     assert ffn.hidden_pad == 6
     x = torch.randn(2, PldrGLU.MIN_PADDED_ROWS // 2, 16, requires_grad=True)  # large: padded on the fly
-    out = ffn(x)
-    grads = torch.autograd.grad(out.square().sum(), [x, *ffn.parameters()])
-    ref = _ffn_reference(ffn, x)
-    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *ffn.parameters()])
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    _assert_ffn_matches_the_modules(ffn, ffn, x, atol=1e-6)
     assert _linear_calls(ffn, x)[1] == 2  # padded W1|W2 as one GEMM, then W3
 
     small = torch.randn(3, 1, 16)
@@ -496,13 +503,7 @@ def test_padded_ffn_compiled_equals_the_modules(pad_on_cpu):
             lin.bias.normal_()  # (large biases: leaving them out would show)
     compiled = torch.compile(ffn, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, PldrGLU.MIN_PADDED_ROWS // 2, 16, requires_grad=True)
-    out = compiled(x)
-    grads = torch.autograd.grad(out.square().sum(), [x, *ffn.parameters()])
-    ref = _ffn_reference(ffn, x)
-    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *ffn.parameters()])
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    _assert_ffn_matches_the_modules(ffn, compiled, x, atol=1e-5)
     small = torch.randn(3, 1, 16)
     assert ffn.arm_decode_weights()
     with torch.no_grad():
