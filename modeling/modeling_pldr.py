@@ -1382,17 +1382,24 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
             cache.set_deductive(i, d.A, d.A_LM if keep_g else None, d.G_LM if keep_g else None)
         return cache
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, decode_weight_copies: bool = True, **kwargs):
         """``GenerationMixin.generate``. On accelerators the decoding steps use copies of some weights made at the start
         of each call: the FFNs' padded W1|W2 and W3 (see :class:`PldrGLU`) and the attentions' stacked W_q|W_k|W_v
-        (see :meth:`PldrAttention.project`)."""
-        armed = [m for m in self.modules() if isinstance(m, (PldrGLU, PldrAttention))]
-        for module in armed:
+        (see :meth:`PldrAttention.project`). They cost memory: about the FFNs' and q, k, v projections' weights once
+        more (88 MB in bf16 for the papers' 110M model). ``decode_weight_copies=False`` decodes with the modules
+        themselves and frees copies that earlier calls made."""
+        modules = [m for m in self.modules() if isinstance(m, (PldrGLU, PldrAttention))]
+        if not decode_weight_copies:
+            for module in modules:
+                module.disarm_decode_weights()
+                module._decode_weights = None
+            return super().generate(*args, **kwargs)
+        for module in modules:
             module.arm_decode_weights()
         try:
             return super().generate(*args, **kwargs)
         finally:
-            for module in armed:
+            for module in modules:
                 module.disarm_decode_weights()
 
     def _assisted_decoding(self, input_ids, *args, **kwargs):

@@ -580,6 +580,12 @@ def test_generate_with_decoding_weight_copies_equals_the_modules(model, monkeypa
             layer0.ffn.gluw1.weight.div_(3.0)
             layer0.mha1.wk.weight.div_(3.0)
     assert [m._decode_weights[0].data_ptr() for m in copiers] == ptrs
+    # decode_weight_copies=False: the modules themselves, and the copies' memory is given back.
+    monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", True)
+    monkeypatch.setattr(attention, "JOINT_ON_CPU", True)
+    without = gen(model, p, decode_weight_copies=False, **kw)
+    assert all(m._decode_weights is None for m in copiers)
+    assert torch.equal(without.sequences, plain.sequences)
     assert torch.equal(changed.sequences, expected.sequences)
     for a, b in zip(changed.scores, expected.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
