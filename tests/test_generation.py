@@ -10,7 +10,7 @@ from transformers import CompileConfig, DynamicCache, StaticCache
 
 import pldr_hf  # noqa: F401  (registers the model)
 from pldr_hf import PldrConfig, PldrDynamicCache, PldrForCausalLM
-from pldr_hf.modeling.modeling_pldr import PldrGLU
+from pldr_hf.modeling.modeling_pldr import CACHE_FIELD, PldrGLU
 from pldr_hf.gfile import (
     GTensors,
     apply_g_to_model,
@@ -172,7 +172,7 @@ def test_continue_from_returned_cache(model):
     with torch.no_grad():
         first = model.generate(p, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                return_dict_in_generate=True)
-        rest = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=N - 4,
+        rest = model.generate(first.sequences, **{CACHE_FIELD: getattr(first, CACHE_FIELD)}, max_new_tokens=N - 4,
                               min_new_tokens=N - 4, do_sample=False)
     assert torch.equal(rest, full)
 
@@ -241,7 +241,7 @@ def test_g_exported_from_generate_cache_round_trips_to_identical_logits(model, t
     assert torch.equal(taken, again)
     # generate_with_g accepts the path and decodes the other prompt with p's G.
     a = generate_with_g(model, path, other, max_new_tokens=N, do_sample=False)
-    b = model.generate(other, past_key_values=cache_with_g(model, g), max_new_tokens=N, do_sample=False)
+    b = model.generate(other, **{CACHE_FIELD: cache_with_g(model, g)}, max_new_tokens=N, do_sample=False)
     assert torch.equal(a, b)
 
 

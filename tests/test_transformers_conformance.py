@@ -15,6 +15,7 @@ from transformers.modeling_utils import AttentionInterface
 import pldr_hf  # noqa: F401  (registers the model)
 import pldr_hf.modeling.modeling_pldr as modeling_pldr
 import pldr_hf.modeling.packing as packing
+from pldr_hf.modeling.modeling_pldr import CACHE_FIELD
 from pldr_hf import (
     PldrConfig,
     PldrForCausalLM,
@@ -185,7 +186,7 @@ def test_generate_continues_from_inputs_embeds_and_its_cache(cache_implementatio
         first = model.generate(inputs_embeds=embed(p), max_new_tokens=3, min_new_tokens=3,
                                return_dict_in_generate=True, **kw)
         more = torch.cat([embed(p), embed(first.sequences)], dim=1)
-        rest = model.generate(inputs_embeds=more, past_key_values=first.past_key_values, max_new_tokens=5,
+        rest = model.generate(inputs_embeds=more, **{CACHE_FIELD: getattr(first, CACHE_FIELD)}, max_new_tokens=5,
                               min_new_tokens=5, do_sample=False)
     assert torch.equal(first.sequences, full[:, 7:10])
     assert torch.equal(rest, full[:, 10:])
@@ -256,7 +257,7 @@ def test_compiled_static_cache_steps_never_recompile():
     torch._dynamo.utils.counters.clear()
     with torch.no_grad():
         # Prefill, uncompiled, as generate() does; then every step through prepare_inputs_for_generation.
-        inputs = model.prepare_inputs_for_generation(ids, past_key_values=cache, attention_mask=mask,
+        inputs = model.prepare_inputs_for_generation(ids, **{CACHE_FIELD: cache}, attention_mask=mask,
                                                      position_ids=position_ids, use_cache=True,
                                                      is_first_iteration=True)
         assert inputs["attention_mask"].dim() == 2  # the forward computing A gets the 2D mask (padding)
@@ -269,7 +270,7 @@ def test_compiled_static_cache_steps_never_recompile():
                 ids = torch.cat([ids, nxt], 1)
                 mask = torch.cat([mask, torch.ones_like(nxt)], 1)
                 position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], 1)
-                inputs = model.prepare_inputs_for_generation(ids, past_key_values=cache, attention_mask=mask,
+                inputs = model.prepare_inputs_for_generation(ids, **{CACHE_FIELD: cache}, attention_mask=mask,
                                                              position_ids=position_ids, use_cache=True,
                                                              next_sequence_length=1)
                 assert inputs["attention_mask"].dim() == 4
@@ -310,14 +311,14 @@ def test_multi_token_steps_equal_single_token_steps(cache_factory):
         cache = StaticCache(config=model.config, max_cache_len=20) if cache_factory == "static" else DynamicCache()
         ids, m = prompt, mask
         with torch.no_grad():
-            out = model(**model.prepare_inputs_for_generation(ids, past_key_values=cache, attention_mask=m,
+            out = model(**model.prepare_inputs_for_generation(ids, **{CACHE_FIELD: cache}, attention_mask=m,
                                                               position_ids=positions(m), use_cache=True))
             logits = [out.logits[:, -1:]]
             for i in range(0, new.shape[1], step):
                 chunk = new[:, i: i + step]
                 ids = torch.cat([ids, chunk], 1)
                 m = torch.cat([m, torch.ones_like(chunk)], 1)
-                inputs = model.prepare_inputs_for_generation(ids, past_key_values=cache, attention_mask=m,
+                inputs = model.prepare_inputs_for_generation(ids, **{CACHE_FIELD: cache}, attention_mask=m,
                                                              position_ids=positions(m), use_cache=True,
                                                              next_sequence_length=chunk.shape[1])
                 logits.append(model(**inputs).logits)
@@ -342,11 +343,11 @@ def test_generate_continues_a_left_padded_batch_with_several_new_tokens_per_cach
     results = []
     for cache in (StaticCache(config=model.config, max_cache_len=40), DynamicCache()):
         with torch.no_grad():
-            first = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4,
+            first = model.generate(ids, attention_mask=mask, **{CACHE_FIELD: cache}, max_new_tokens=4,
                                    min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
             seq = torch.cat([first.sequences, extra], 1)
             m = torch.cat([mask, torch.ones(2, 7, dtype=torch.long)], 1)
-            out = model.generate(seq, attention_mask=m, past_key_values=cache, max_new_tokens=5, min_new_tokens=5,
+            out = model.generate(seq, attention_mask=m, **{CACHE_FIELD: cache}, max_new_tokens=5, min_new_tokens=5,
                                  do_sample=False, output_logits=True, return_dict_in_generate=True)
         results.append(out)
     assert torch.equal(results[0].sequences, results[1].sequences)
