@@ -316,7 +316,20 @@ def _static_buffer(old: torch.Tensor | None, shape: tuple[int, ...], like: torch
     return buf
 
 
-class PldrGLU(nn.Module):
+class _DecodeWeightCopies:
+    """Switching of the weight copies that :meth:`PldrForCausalLM.generate` makes for decoding (``arm_decode_weights``
+    of each class fills ``_decode_weights`` and sets ``_decode_armed``)."""
+
+    def disarm_decode_weights(self):
+        self._decode_armed = False
+
+    def release_decode_weights(self):
+        """Turns the copies off and frees their memory."""
+        self._decode_armed = False
+        self._decode_weights = None
+
+
+class PldrGLU(_DecodeWeightCopies, nn.Module):
     """SwiGLU with biases: ``gluw3(act(gluw1 z) * gluw2 z)``.
 
     The papers' hidden widths (2389 for the FFN, 170 for the metric learner) are not multiples of 8, which pushes GPU
@@ -391,9 +404,6 @@ class PldrGLU(nn.Module):
         w3[:, :h].copy_(lin3.weight)
         self._decode_armed = True
         return True
-
-    def disarm_decode_weights(self):
-        self._decode_armed = False
 
 
 class PldrResidualMetricUnit(nn.Module):
@@ -766,7 +776,7 @@ def eager_attention_forward(
 # ----------------------------------------------------------------------------------------------------------------------
 # Power Law Graph Attention
 # ----------------------------------------------------------------------------------------------------------------------
-class PldrAttention(nn.Module):
+class PldrAttention(_DecodeWeightCopies, nn.Module):
     """Power Law Graph Attention (PLGA) of one decoder layer.
 
     Attribute names follow the original implementation: ``wq, wk, wv, dense`` (projections), ``layernorm1`` (the
@@ -847,9 +857,6 @@ class PldrAttention(nn.Module):
         self._decode_weights = (w, b)
         self._decode_armed = True
         return True
-
-    def disarm_decode_weights(self):
-        self._decode_armed = False
 
     def metric_tensor(
         self, q: torch.Tensor, token_mask: torch.Tensor | None, sequence_groups: SequenceGroups | None = None
@@ -1387,14 +1394,12 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         (see :meth:`PldrAttention.project`). They cost memory: about the FFNs' and q, k, v projections' weights once
         more (88 MB in bf16 for the papers' 110M model). ``decode_weight_copies=False`` decodes with the modules
         themselves and frees copies that earlier calls made."""
-        modules = [m for m in self.modules() if isinstance(m, (PldrGLU, PldrAttention))]
-        if not decode_weight_copies:
-            for module in modules:
-                module.disarm_decode_weights()
-                module._decode_weights = None
-            return super().generate(*args, **kwargs)
+        modules = [m for m in self.modules() if isinstance(m, _DecodeWeightCopies)]
         for module in modules:
-            module.arm_decode_weights()
+            if decode_weight_copies:
+                module.arm_decode_weights()
+            else:
+                module.release_decode_weights()
         try:
             return super().generate(*args, **kwargs)
         finally:
