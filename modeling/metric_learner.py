@@ -28,13 +28,17 @@ autocast all see one op per layer:
 On CUDA with Triton the operators run Triton kernels (below); elsewhere, and for shapes the kernels do not take, the
 same math in plain PyTorch (:func:`_reference_forward`, :func:`_reference_backward`).
 
-Kernels, per layer and step: forward ONE kernel; backward TWO kernels (plus one small reduction of the parameter
-gradients' row splits). Under autocast the GEMM weights are also cast once per call (two small copies), so that each
-program streams half the bytes and skips the conversion:
+Kernels, per layer and step: forward ONE kernel, after one small kernel that stages the GEMM weights; backward TWO
+kernels (plus one small reduction of the parameter gradients' row splits):
 
+* staging (:func:`_stage_weights`): each GLU's W1, W2 and W3^T as one [3, A_dff', d] block in the GEMM dtype, with
+  its biases in float32, the hidden units zero-padded to A_dff' (a multiple of the kernels' BLOCK_H: 170 -> 192).
+  The kernels then load whole, aligned weight tiles without masks, and stream half the bytes of float32 weights
+  under autocast. The forward keeps the staged weights for the backward (1.2 MB a layer at the 110M sizes);
 * forward: each program takes BLOCK_M rows [BLOCK_M, d] into float32 registers and walks them through all units and
-  GLUs, streaming each GLU's weights in hidden chunks of BLOCK_H (A_dff = 170 is masked in its last chunk, no padded
-  copies), dot operands in the GEMM dtype with float32 accumulation (float32 learners: see ``FLOAT32_KERNELS``);
+  GLUs, streaming each GLU's weights in hidden chunks of BLOCK_H, each chunk's tiles loaded while the previous chunk
+  is multiplied (across GLUs and units too), dot operands in the GEMM dtype with float32 accumulation (float32
+  learners: see ``FLOAT32_KERNELS``);
 * backward, rows: each program walks its rows backwards through the units and GLUs (LayerNorm backward, then each
   GLU's backward with the hidden activations recomputed in registers), writes dA, each GLU's output gradient in the
   GEMM dtype, and per-program partial sums of the LayerNorm parameter gradients;
@@ -81,21 +85,19 @@ __all__ = ["fused_metric_learner", "learner_tensors", "plain_linears", "power_la
 # Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
 # triton is imported); the tests use it to check the kernels without a GPU.
 _KERNELS_ON_CPU = False
-# Kernel block sizes per kernel: (BLOCK_M rows, BLOCK_H hidden units, num_warps, num_stages): the fastest of each
-# kernel in the block sweep of scripts/bench_metric_learner.py on an H100 at the 110M sizes (bf16, 14336 rows, GEMM
-# weights cast once per call). With fewer rows the row kernels halve BLOCK_M (see _row_block).
+# Kernel block sizes. The row kernels (forward; backward over rows) map a row block BLOCK_M to (BLOCK_H hidden units,
+# num_warps, num_stages) and take the largest BLOCK_M that still gives every SM a program (see _row_config); the
+# parameter-gradient kernel has one (BLOCK_M, BLOCK_H, num_warps, num_stages). The fastest of a sweep on an H200 at the
+# 110M sizes (bf16; 3584, 7168 and 14336 rows; GPU time through CUDA graphs: scripts/bench_metric_learner.py --sweep).
 KERNEL_CONFIGS = {
-    "fwd": (64, 64, 4, 2),
-    "bwd_rows": (64, 32, 4, 2),
-    "bwd_params": (32, 64, 4, 2),
+    "fwd": {64: (64, 4, 2), 32: (64, 4, 2)},
+    "bwd_rows": {64: (64, 4, 1), 32: (64, 4, 2)},
+    "bwd_params": (32, 64, 4, 3),
 }
 # Row splits of the parameter-gradient kernel (None: enough programs for PARAM_GRAD_WAVES waves over the GPU's SMs;
 # the sweep measured 6 waves 15% faster than 2, with deterministic partial sums all the same).
 PARAM_GRAD_SPLITS: int | None = None
 PARAM_GRAD_WAVES = 6
-# Give the kernels the GEMM weights already in the GEMM dtype (one small cast per call: each program then streams
-# half the bytes and skips the conversion) rather than casting them in every program.
-PRECONVERT_WEIGHTS = True
 # float32 learners (no autocast) run the reference path, on cuBLAS (which follows torch.backends.cuda.matmul.allow_tf32
 # like any float32 matmul), unless this names the kernels' dot precision. Measured on an H100 at the 110M sizes:
 # "ieee" (exact, on the CUDA cores) is ~4x slower than cuBLAS; "tf32" is ~4x faster than cuBLAS with TF32 but its
@@ -206,9 +208,10 @@ def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, 
         a, mean, rstd = torch.native_layer_norm(z, (d,), lnw[u], lnb[u], eps)
         means.append(mean)
         rstds.append(rstd)
+    staged = (x.new_empty(0, dtype=cd), x.new_empty(0, dtype=torch.float32))  # (the kernels' staged weights)
     if not save:
-        return a.to(out_dtype), xins, zs, x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
-    return a.to(out_dtype), xins, zs, torch.stack(means).view(U, N), torch.stack(rstds).view(U, N)
+        return a.to(out_dtype), xins, zs, x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc), *staged
+    return a.to(out_dtype), xins, zs, torch.stack(means).view(U, N), torch.stack(rstds).view(U, N), *staged
 
 
 def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds, layout: _Layout, eps, cd, x_dtype,
@@ -260,18 +263,52 @@ def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds
 if triton is not None:
 
     @triton.jit
+    def _learner_stage_kernel(W12, W3, B12, WS, BS, H, HP, D: tl.constexpr, BLOCK: tl.constexpr,
+                              HAS_BIAS: tl.constexpr):
+        # The GEMM weights of GLU g as the kernels read them: WS[g] = [W1; W2; W3^T] [3, HP, D] in the GEMM dtype,
+        # and the biases BS[g] = [b1; b2] [2, HP] in float32, the hidden units zero-padded from H to HP.
+        g = tl.program_id(0)
+        h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D)
+        hm = h < H
+        src = h[:, None] * D + cols[None, :]
+        dst = WS + g * 3 * HP * D + src
+        cd = WS.dtype.element_ty
+        tl.store(dst, tl.load(W12 + 2 * g * H * D + src, mask=hm[:, None], other=0.0).to(cd))
+        tl.store(dst + HP * D, tl.load(W12 + (2 * g + 1) * H * D + src, mask=hm[:, None], other=0.0).to(cd))
+        tl.store(dst + 2 * HP * D, tl.load(W3 + g * D * H + cols[None, :] * H + h[:, None], mask=hm[:, None],
+                                           other=0.0).to(cd))
+        if HAS_BIAS:
+            tl.store(BS + g * 2 * HP + h, tl.load(B12 + 2 * g * H + h, mask=hm, other=0.0).to(tl.float32))
+            tl.store(BS + g * 2 * HP + HP + h, tl.load(B12 + (2 * g + 1) * H + h, mask=hm, other=0.0).to(tl.float32))
+
+    @triton.jit
     def _learner_fwd_kernel(
-        X, OUT, W12, W3, B12, B3, LNW, LNB, XIN, Z, MEAN, RSTD, N, H, U, J,
+        X, OUT, WS, BS, B3, LNW, LNB, XIN, Z, MEAN, RSTD, N, U, J,
         EPS: tl.constexpr,  # (a constant: inductor would pass a Python float argument as float64)
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
-        CD: tl.constexpr, PREC: tl.constexpr,
+        D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SAVE: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
     ):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
         cols = tl.arange(0, D)
         hh = tl.arange(0, BLOCK_H)
         offs = rows[:, None] * D + cols[None, :]
         m2 = rmask[:, None]
+        wofs = hh[:, None] * D + cols[None, :]
+        SLAB: tl.constexpr = HP * D
+        CHUNKS: tl.constexpr = HP // BLOCK_H
+        last = U * J * CHUNKS - 1
+        # Each weight tile is loaded one chunk ahead (across GLU and unit boundaries too), so that its load overlaps
+        # the previous chunk's products.
+        t = pid * 0
+        w1 = tl.load(WS + wofs)
+        w2 = tl.load(WS + SLAB + wofs)
+        w3 = tl.load(WS + 2 * SLAB + wofs)
+        if HAS_BIAS:
+            b1 = tl.load(BS + hh)
+            b2 = tl.load(BS + HP + hh)
         a = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
         for u in range(U):
             y = a
@@ -281,21 +318,29 @@ if triton is not None:
                 if SAVE:
                     tl.store(XIN + g * N * D + offs, xin, mask=m2)
                 acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-                for c in range(0, H, BLOCK_H):
-                    hidx = c + hh
-                    hm = hidx < H
-                    w_offs = hidx[:, None] * D + cols[None, :]
-                    w1 = tl.load(W12 + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w2 = tl.load(W12 + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w3t = tl.load(W3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
-                                  other=0.0).to(CD)
+                for _c in tl.static_range(CHUNKS):
+                    t = t + 1
+                    nt = tl.minimum(t, last)
+                    ng = nt // CHUNKS
+                    nh = (nt % CHUNKS) * BLOCK_H
+                    base = WS + ng * 3 * SLAB + nh * D
+                    n1 = tl.load(base + wofs)
+                    n2 = tl.load(base + SLAB + wofs)
+                    n3 = tl.load(base + 2 * SLAB + wofs)
                     h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
                     h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
                     if HAS_BIAS:
-                        h1 += tl.load(B12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
-                        h2 += tl.load(B12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
-                    act = h1 * tl.sigmoid(h1) * h2  # zero in the masked hidden units
-                    acc += tl.dot(act.to(CD), w3t, input_precision=PREC)
+                        nb1 = tl.load(BS + ng * 2 * HP + nh + hh)
+                        nb2 = tl.load(BS + ng * 2 * HP + HP + nh + hh)
+                        h1 += b1[None, :]
+                        h2 += b2[None, :]
+                        b1 = nb1
+                        b2 = nb2
+                    act = h1 * tl.sigmoid(h1) * h2  # zero in the padded hidden units
+                    acc += tl.dot(act.to(CD), w3, input_precision=PREC)
+                    w1 = n1
+                    w2 = n2
+                    w3 = n3
                 if HAS_BIAS:
                     acc += tl.load(B3 + g * D + cols).to(tl.float32)[None, :]
                 y = acc
@@ -314,8 +359,8 @@ if triton is not None:
 
     @triton.jit
     def _learner_bwd_rows_kernel(
-        GOUT, GX, W12, W3, B12, LNW, XIN, Z, MEAN, RSTD, GY, LNPART, N, H, U, J,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+        GOUT, GX, WS, BS, LNW, XIN, Z, MEAN, RSTD, GY, LNPART, N, U, J,
+        D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
         PARAM_GRADS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -325,6 +370,8 @@ if triton is not None:
         hh = tl.arange(0, BLOCK_H)
         offs = rows[:, None] * D + cols[None, :]
         m2 = rmask[:, None]
+        wofs = hh[:, None] * D + cols[None, :]
+        SLAB: tl.constexpr = HP * D
         gx = tl.load(GOUT + offs, mask=m2, other=0.0).to(tl.float32)  # zero in the masked rows, all the way down
         for uu in range(U):
             u = U - 1 - uu
@@ -348,20 +395,17 @@ if triton is not None:
                 if PARAM_GRADS:
                     tl.store(GY + g * N * D + offs, gyc, mask=m2)
                 gin = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-                for c in range(0, H, BLOCK_H):
-                    hidx = c + hh
-                    hm = hidx < H
-                    w_offs = hidx[:, None] * D + cols[None, :]
-                    w1 = tl.load(W12 + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w2 = tl.load(W12 + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-                    w3t = tl.load(W3 + g * D * H + cols[None, :] * H + hidx[:, None], mask=hm[:, None],
-                                  other=0.0).to(CD)
+                for c in tl.static_range(HP // BLOCK_H):
+                    base = WS + g * 3 * SLAB + c * BLOCK_H * D
+                    w1 = tl.load(base + wofs)
+                    w2 = tl.load(base + SLAB + wofs)
+                    w3 = tl.load(base + 2 * SLAB + wofs)
                     h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
                     h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
                     if HAS_BIAS:
-                        h1 += tl.load(B12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
-                        h2 += tl.load(B12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)[None, :]
-                    gp = tl.dot(gyc, tl.trans(w3t), input_precision=PREC)
+                        h1 += tl.load(BS + g * 2 * HP + c * BLOCK_H + hh)[None, :]
+                        h2 += tl.load(BS + g * 2 * HP + HP + c * BLOCK_H + hh)[None, :]
+                    gp = tl.dot(gyc, tl.trans(w3), input_precision=PREC)
                     sig = tl.sigmoid(h1)
                     gh1 = gp * h2 * sig * (1.0 + h1 * (1.0 - sig))
                     gh2 = gp * h1 * sig
@@ -373,8 +417,8 @@ if triton is not None:
 
     @triton.jit
     def _learner_bwd_params_kernel(
-        XIN, GY, W12, W3, B12, LNPART, PART, N, H, U, J, ROW_PROGRAMS, ROWS_PER_SPLIT, ROW_PROGRAMS_PER_SPLIT, TOTAL,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+        XIN, GY, WS, BS, LNPART, PART, N, H, U, J, ROW_PROGRAMS, ROWS_PER_SPLIT, ROW_PROGRAMS_PER_SPLIT, TOTAL,
+        D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
         HAS_BIAS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
     ):
         G = U * J
@@ -385,12 +429,13 @@ if triton is not None:
             off_ln = off_b3 + G * D
         else:
             off_ln = off_b12
+        SLAB: tl.constexpr = HP * D
+        CHUNKS: tl.constexpr = HP // BLOCK_H
         tile = tl.program_id(0)
         split = tl.program_id(1)
-        chunks = tl.cdiv(H, BLOCK_H)
         out = PART + split * TOTAL
         cols = tl.arange(0, D)
-        if tile == G * chunks:
+        if tile == G * CHUNKS:
             # LayerNorm weight and bias gradients: the sum of this split's share of the row kernel's partials.
             pp = tl.arange(0, BLOCK_P)
             p_lo = split * ROW_PROGRAMS_PER_SPLIT
@@ -409,17 +454,18 @@ if triton is not None:
         else:
             # dW1, dW2 (rows of the chunk), dW3 (columns of the chunk) and bias gradients of one GLU over this split's
             # rows, from the saved GLU inputs and output gradients.
-            g = tile // chunks
-            hidx = (tile % chunks) * BLOCK_H + tl.arange(0, BLOCK_H)
+            g = tile // CHUNKS
+            c = tile % CHUNKS
+            hidx = c * BLOCK_H + tl.arange(0, BLOCK_H)
             hm = hidx < H
-            w_offs = hidx[:, None] * D + cols[None, :]
-            w3_offs = g * D * H + cols[None, :] * H + hidx[:, None]
-            w1 = tl.load(W12 + g * 2 * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-            w2 = tl.load(W12 + (g * 2 + 1) * H * D + w_offs, mask=hm[:, None], other=0.0).to(CD)
-            w3t = tl.load(W3 + w3_offs, mask=hm[:, None], other=0.0).to(CD)
+            base = WS + g * 3 * SLAB + c * BLOCK_H * D
+            wofs = tl.arange(0, BLOCK_H)[:, None] * D + cols[None, :]
+            w1 = tl.load(base + wofs)
+            w2 = tl.load(base + SLAB + wofs)
+            w3t = tl.load(base + 2 * SLAB + wofs)
             if HAS_BIAS:
-                b1 = tl.load(B12 + g * 2 * H + hidx, mask=hm, other=0.0).to(tl.float32)
-                b2 = tl.load(B12 + (g * 2 + 1) * H + hidx, mask=hm, other=0.0).to(tl.float32)
+                b1 = tl.load(BS + g * 2 * HP + hidx)
+                b2 = tl.load(BS + g * 2 * HP + HP + hidx)
             dw1 = tl.zeros([BLOCK_H, D], dtype=tl.float32)
             dw2 = tl.zeros([BLOCK_H, D], dtype=tl.float32)
             dw3t = tl.zeros([BLOCK_H, D], dtype=tl.float32)
@@ -451,13 +497,14 @@ if triton is not None:
                     db1 += tl.sum(gh1, axis=0)
                     db2 += tl.sum(gh2, axis=0)
                     db3 += tl.sum(gyc.to(tl.float32), axis=0)
+            w_offs = hidx[:, None] * D + cols[None, :]
             tl.store(out + g * 2 * H * D + w_offs, dw1, mask=hm[:, None])
             tl.store(out + (g * 2 + 1) * H * D + w_offs, dw2, mask=hm[:, None])
-            tl.store(out + off_w3 + w3_offs, dw3t, mask=hm[:, None])
+            tl.store(out + off_w3 + g * D * H + cols[None, :] * H + hidx[:, None], dw3t, mask=hm[:, None])
             if HAS_BIAS:
                 tl.store(out + off_b12 + g * 2 * H + hidx, db1, mask=hm)
                 tl.store(out + off_b12 + (g * 2 + 1) * H + hidx, db2, mask=hm)
-                if tile % chunks == 0:
+                if c == 0:
                     tl.store(out + off_b3 + g * D + cols, db3)
 
     _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -496,20 +543,37 @@ def _dot_precision(cd: torch.dtype) -> str:
     return "tf32"  # (unused for 16-bit operands)
 
 
-def _gemm_weights(w12: torch.Tensor, w3: torch.Tensor, cd: torch.dtype):
-    """W1|W2 and W3 in the GEMM dtype, for the kernels' weight stream."""
-    if w12.dtype == cd or not PRECONVERT_WEIGHTS:
-        return w12, w3
-    return w12.to(cd), w3.to(cd)
+def _padded_hidden(hidden: int) -> int:
+    """The hidden size of the staged weights: a multiple of every kernel's BLOCK_H."""
+    block = max([cfg[0] for kind in ("fwd", "bwd_rows") for cfg in KERNEL_CONFIGS[kind].values()]
+                + [KERNEL_CONFIGS["bwd_params"][1]])
+    return triton.cdiv(hidden, block) * block
 
 
-def _row_block(preferred: int, rows: int, device: torch.device) -> int:
-    """The kernel's preferred row block, halved (down to 16) while the rows would leave more than half of the GPU's
-    SMs without a program (e.g. 3584 rows on an H100: 56 blocks of 64, so 112 of 32)."""
-    block, sms = preferred, _sm_count(device)
-    while block > 16 and triton.cdiv(rows, block) < sms // 2:
-        block //= 2
-    return block
+def _stage_weights(W12, W3, B12, layout: _Layout, cd, wrap):
+    """The GEMM weights as the kernels read them, made once per forward (and kept for the backward): per GLU
+    [W1; W2; W3^T] [G, 3, HP, d] in the GEMM dtype and [b1; b2] [G, 2, HP] in float32 (empty without biases), the
+    hidden units zero-padded to HP (:func:`_padded_hidden`): the kernels load whole, aligned tiles without masks, and
+    a padded unit adds silu(0) * 0 = 0."""
+    G, H, D = layout.G, layout.hidden, layout.d
+    hp = _padded_hidden(H)
+    ws = torch.empty((G, 3, hp, D), dtype=cd, device=W12.device)
+    bs = torch.empty((G, 2, hp) if layout.bias else (0,), dtype=torch.float32, device=W12.device)
+    block = 16
+    kernel = wrap_triton(_learner_stage_kernel) if wrap else _learner_stage_kernel
+    kernel[(G, hp // block)](W12, W3, B12 if layout.bias else W12, ws, bs if layout.bias else ws, H, hp, D=D,
+                             BLOCK=block, HAS_BIAS=layout.bias, num_warps=1)
+    return ws, bs
+
+
+def _row_config(kind: str, rows: int, device: torch.device):
+    """(BLOCK_M, BLOCK_H, num_warps, num_stages) of a row kernel: the largest row block of its configurations that
+    still gives every SM a program, else the smallest (e.g. on 132 SMs: 64 rows at 14336 rows, 32 at 7168 and 3584)."""
+    configs = KERNEL_CONFIGS[kind]
+    sms = _sm_count(device)
+    fits = [bm for bm in configs if triton.cdiv(rows, bm) >= sms]
+    bm = max(fits) if fits else min(configs)
+    return (bm, *configs[bm])
 
 
 class _on_device:
@@ -528,7 +592,7 @@ class _on_device:
 
 
 def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out_dtype, save, wrap):
-    U, J, H, D, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
+    U, J, D, G = layout.units, layout.glus, layout.d, layout.G
     N = x.shape[0]
     out = torch.empty((N, D), dtype=out_dtype, device=x.device)
     f32 = torch.float32
@@ -536,46 +600,50 @@ def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out
     zs = x.new_empty((U, N, D) if save else (0,), dtype=f32)
     mean = x.new_empty((U, N) if save else (0,), dtype=f32)
     rstd = x.new_empty((U, N) if save else (0,), dtype=f32)
-    if N:
-        bm, bh, warps, stages = KERNEL_CONFIGS["fwd"]
-        bm = _row_block(bm, N, x.device)
-        saved = (xins, zs, mean, rstd) if save else (x,) * 4  # (not written without save)
-        biases = (B12, B3) if layout.bias else (W12, W12)  # (not read without biases)
-        with _on_device(x):
+    with _on_device(x):
+        ws, bs = _stage_weights(W12, W3, B12, layout, cd, wrap)
+        if N:
+            bm, bh, warps, stages = _row_config("fwd", N, x.device)
+            saved = (xins, zs, mean, rstd) if save else (x,) * 4  # (not written without save)
+            biases = (bs, B3) if layout.bias else (ws, ws)  # (not read without biases)
             kernel = wrap_triton(_learner_fwd_kernel) if wrap else _learner_fwd_kernel
             kernel[(triton.cdiv(N, bm),)](
-                x, out, *_gemm_weights(W12, W3, cd), *biases, LNW, LNB, *saved, N, H, U, J,
-                EPS=float(eps), D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, SAVE=save, CD=_TL_DTYPES[cd],
-                PREC=_dot_precision(cd), num_warps=warps, num_stages=stages,
+                x, out, ws, biases[0], biases[1], LNW, LNB, *saved, N, U, J,
+                EPS=float(eps), D=D, HP=ws.shape[2], BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, SAVE=save,
+                CD=_TL_DTYPES[cd], PREC=_dot_precision(cd), num_warps=warps, num_stages=stages,
             )
-    return out, xins, zs, mean, rstd
+    if not save:
+        ws, bs = ws.new_empty(0), bs.new_empty(0)
+    return out, xins, zs, mean, rstd, ws, bs
 
 
-def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, layout: _Layout, cd, x_dtype, param_grads, wrap):
+def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, ws, bs, layout: _Layout, cd, x_dtype,
+                     param_grads, wrap):
     U, J, H, D, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = gout.shape[0]
     gx = torch.empty((N, D), dtype=x_dtype, device=gout.device)
     if N == 0:
         return gx, W12.new_zeros(layout.total if param_grads else 0)
     prec = _dot_precision(cd)
-    bm, bh, warps, stages = KERNEL_CONFIGS["bwd_rows"]
-    bm = _row_block(bm, N, gout.device)
-    row_programs = triton.cdiv(N, bm)
-    gys = gout.new_empty((G, N, D), dtype=cd) if param_grads else gx
-    lnpart = gout.new_empty((row_programs, U, 2, D), dtype=torch.float32) if param_grads else gx
-    w12, w3 = _gemm_weights(W12, W3, cd)
-    b12 = B12 if layout.bias else W12  # (not read without biases)
     with _on_device(gout):
+        if ws.numel() == 0 or ws.dtype != cd:  # (a forward that did not run the kernels)
+            ws, bs = _stage_weights(W12, W3, B12, layout, cd, wrap)
+        hp = ws.shape[2]
+        bm, bh, warps, stages = _row_config("bwd_rows", N, gout.device)
+        row_programs = triton.cdiv(N, bm)
+        gys = gout.new_empty((G, N, D), dtype=cd) if param_grads else gx
+        lnpart = gout.new_empty((row_programs, U, 2, D), dtype=torch.float32) if param_grads else gx
+        biases = bs if layout.bias else ws  # (not read without biases)
         kernel = wrap_triton(_learner_bwd_rows_kernel) if wrap else _learner_bwd_rows_kernel
         kernel[(row_programs,)](
-            gout, gx, w12, w3, b12, LNW, xins, zs, mean, rstd, gys, lnpart, N, H, U, J,
-            D=D, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, PARAM_GRADS=param_grads, CD=_TL_DTYPES[cd],
+            gout, gx, ws, biases, LNW, xins, zs, mean, rstd, gys, lnpart, N, U, J,
+            D=D, HP=hp, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, PARAM_GRADS=param_grads, CD=_TL_DTYPES[cd],
             PREC=prec, num_warps=warps, num_stages=stages,
         )
         if not param_grads:
             return gx, W12.new_empty(0)
         bm, bh, warps, stages = KERNEL_CONFIGS["bwd_params"]
-        tiles = G * triton.cdiv(H, bh) + 1  # + the LayerNorm program
+        tiles = G * (hp // bh) + 1  # + the LayerNorm program
         row_blocks = triton.cdiv(N, bm)
         splits = PARAM_GRAD_SPLITS or triton.cdiv(PARAM_GRAD_WAVES * _sm_count(gout.device), tiles)
         splits = max(1, min(splits, row_blocks))
@@ -584,9 +652,9 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, layout: _Lay
         part = torch.empty((splits, layout.total), dtype=torch.float32, device=gout.device)
         kernel = wrap_triton(_learner_bwd_params_kernel) if wrap else _learner_bwd_params_kernel
         kernel[(tiles, splits)](
-            xins, gys, w12, w3, b12, lnpart, part, N, H, U, J, row_programs, rows_per_split,
+            xins, gys, ws, biases, lnpart, part, N, H, U, J, row_programs, rows_per_split,
             triton.cdiv(row_programs, splits), layout.total,
-            D=D, BLOCK_M=bm, BLOCK_H=bh, BLOCK_P=16, HAS_BIAS=layout.bias, CD=_TL_DTYPES[cd], PREC=prec,
+            D=D, HP=hp, BLOCK_M=bm, BLOCK_H=bh, BLOCK_P=16, HAS_BIAS=layout.bias, CD=_TL_DTYPES[cd], PREC=prec,
             num_warps=warps, num_stages=stages,
         )
     flat = part.view(-1) if splits == 1 else part.sum(0)
@@ -598,9 +666,10 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, layout: _Lay
 # ----------------------------------------------------------------------------------------------------------------------
 def _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save, wrap):
     """The learner on rows x [N, d]. Returns the output [N, d] (``out_dtype``) and, with ``save``, what the backward
-    needs: each GLU's input [G, N, d] (``compute_dtype``) and each unit's pre-LayerNorm sum [U, N, d] with its mean
-    and reciprocal standard deviation [U, N] (float32); without ``save`` these are empty. ``wrap``: launch the kernels
-    through ``wrap_triton`` (inside the operator, so that torch.compile traces them)."""
+    needs: each GLU's input [G, N, d] (``compute_dtype``), each unit's pre-LayerNorm sum [U, N, d] with its mean
+    and reciprocal standard deviation [U, N] (float32), and the kernels' staged weights and biases
+    (:func:`_stage_weights`; empty on the reference path); without ``save`` these are empty. ``wrap``: launch the
+    kernels through ``wrap_triton`` (inside the operator, so that torch.compile traces them)."""
     layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
     args = [t if t is None else t.contiguous() for t in (x, w12, w3, b12, b3, ln_w, ln_b)]
     if _use_kernels(args[0], args[1], layout, compute_dtype):
@@ -613,7 +682,7 @@ def _fwd_impl(
     x: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
     ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype,
     save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``pldr::metric_learner_fwd``: :func:`_forward` with its kernels visible to torch.compile."""
     return _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save, _TRACEABLE_KERNELS)
 
@@ -624,15 +693,17 @@ def _fwd_fake(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, sa
     U = layout.units
     out = x.new_empty((N, d), dtype=out_dtype)
     f32 = _stream_dtype(compute_dtype)
+    # (opaque operators run without Triton, so on the reference path: no staged weights)
+    staged = (x.new_empty(0, dtype=compute_dtype), x.new_empty(0, dtype=torch.float32))
     if not save:
         return (out, x.new_empty(0, dtype=compute_dtype), x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32),
-                x.new_empty(0, dtype=f32))
+                x.new_empty(0, dtype=f32), *staged)
     return (out, x.new_empty((layout.G, N, d), dtype=compute_dtype), x.new_empty((U, N, d), dtype=f32),
-            x.new_empty((U, N), dtype=f32), x.new_empty((U, N), dtype=f32))
+            x.new_empty((U, N), dtype=f32), x.new_empty((U, N), dtype=f32), *staged)
 
 
-def _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
-                   param_grads, wrap):
+def _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps, compute_dtype,
+                   x_dtype, param_grads, wrap):
     """Gradient of the rows (``x_dtype``) and, with ``param_grads``, of the parameters as one flat tensor in their
     dtype, laid out as :class:`_Layout` says (else empty)."""
     layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
@@ -642,8 +713,8 @@ def _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd,
     grad_out = grad_out.contiguous()
     if _use_kernels(grad_out, w12, layout, compute_dtype):
         return _kernel_backward(grad_out, w12.contiguous(), w3.contiguous(), None if b12 is None else b12.contiguous(),
-                                ln_w.contiguous(), xins, zs, mean, rstd, layout, compute_dtype, x_dtype, param_grads,
-                                wrap)
+                                ln_w.contiguous(), xins, zs, mean, rstd, ws, bs, layout, compute_dtype, x_dtype,
+                                param_grads, wrap)
     with torch.autocast(grad_out.device.type, enabled=False):
         return _reference_backward(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, layout, eps,
                                    compute_dtype, x_dtype, param_grads)
@@ -652,14 +723,15 @@ def _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd,
 def _bwd_impl(
     grad_out: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
     ln_w: torch.Tensor, ln_b: torch.Tensor, xins: torch.Tensor, zs: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor, eps: float, compute_dtype: torch.dtype, x_dtype: torch.dtype, param_grads: bool,
+    rstd: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor, eps: float, compute_dtype: torch.dtype,
+    x_dtype: torch.dtype, param_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``pldr::metric_learner_bwd``: :func:`_backward_math` with its kernels visible to torch.compile."""
-    return _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
-                          param_grads, _TRACEABLE_KERNELS)
+    return _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps, compute_dtype,
+                          x_dtype, param_grads, _TRACEABLE_KERNELS)
 
 
-def _bwd_fake(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype, x_dtype,
+def _bwd_fake(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps, compute_dtype, x_dtype,
               param_grads):
     layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
     return grad_out.new_empty(grad_out.shape, dtype=x_dtype), w12.new_empty(layout.total if param_grads else 0)
@@ -667,10 +739,10 @@ def _bwd_fake(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps,
 
 def _setup_context(ctx, inputs, output):
     x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save = inputs
-    _, xins, zs, mean, rstd = output
-    ctx.save_for_backward(w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd)
+    _, xins, zs, mean, rstd, ws, bs = output
+    ctx.save_for_backward(w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs)
     ctx.options = (eps, compute_dtype, x.dtype, save)
-    ctx.mark_non_differentiable(xins, zs, mean, rstd)
+    ctx.mark_non_differentiable(xins, zs, mean, rstd, ws, bs)
 
 
 def _split_param_grads(flat, needs, w3, b12, ln_w) -> list:
@@ -682,15 +754,15 @@ def _split_param_grads(flat, needs, w3, b12, ln_w) -> list:
 
 
 def _backward(ctx, grad_out, *_):
-    w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd = ctx.saved_tensors
+    w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
     eps, compute_dtype, x_dtype, save = ctx.options
     if not save:
         raise RuntimeError("pldr::metric_learner_fwd ran with save=False, so it cannot be differentiated; call it with "
                            "save=True when gradients are needed (fused_metric_learner does)")
     needs = ctx.needs_input_grad[1:7]
     param_grads = any(needs)
-    gx, flat = torch.ops.pldr.metric_learner_bwd(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps,
-                                                 compute_dtype, x_dtype, param_grads)
+    gx, flat = torch.ops.pldr.metric_learner_bwd(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs,
+                                                 eps, compute_dtype, x_dtype, param_grads)
     return gx, *_split_param_grads(flat, needs, w3, b12, ln_w), None, None, None, None
 
 
@@ -1091,20 +1163,20 @@ class _LearnerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype):
-        out, xins, zs, mean, rstd = _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, True,
-                                             False)
-        ctx.save_for_backward(w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd)
+        out, xins, zs, mean, rstd, ws, bs = _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype,
+                                                     True, False)
+        ctx.save_for_backward(w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs)
         ctx.options = (eps, compute_dtype, x.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd = ctx.saved_tensors
+        w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
         eps, compute_dtype, x_dtype = ctx.options
         needs = ctx.needs_input_grad[1:7]
         param_grads = any(needs)
-        gx, flat = _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, eps, compute_dtype,
-                                  x_dtype, param_grads, False)
+        gx, flat = _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps,
+                                  compute_dtype, x_dtype, param_grads, False)
         return gx, *_split_param_grads(flat, needs, w3, b12, ln_w), None, None, None
 
 

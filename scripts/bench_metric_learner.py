@@ -2,7 +2,7 @@
 """Micro-benchmark of one layer's metric learner (the fused operator of modeling/metric_learner.py), printed as JSON.
 
     python scripts/bench_metric_learner.py                    # GPU: 110M sizes (d 64, A_dff 170, 8 units x 2 GLUs)
-    python scripts/bench_metric_learner.py --sweep            # + block-size sweep of each Triton kernel
+    python scripts/bench_metric_learner.py --sweep            # + block-size sweep of each Triton kernel (GPU time)
     python scripts/bench_metric_learner.py --device cpu --cases 512:fp32 --compiled none   # smoke run anywhere
 
 For rows = batch * heads * d = 14336 and 3584 (batch 16 and 4 at 14 heads x 64) under bf16 autocast, and 14336 in
@@ -193,61 +193,53 @@ def measure(fn, name, A, A_req, gout, params, exact, exact_grads, autocast, benc
 
 
 def sweep(args, rows, learner):
-    """Times each Triton kernel for a few block configurations (bf16 autocast), the others at their defaults."""
-    device, d = args.device, args.d
-    bench = timer(device)
+    """GPU time in ms (CUDA graphs: no host time, which would hide the kernels' own at small row counts) of each
+    Triton kernel for block configurations around the defaults, the other kernels at their defaults (bf16). The row
+    kernels are timed at each row block they may take; ``bwd_rows`` without parameter gradients (the row kernel
+    alone); ``bwd_params`` as the whole backward with them. Times include the weight staging (a few microseconds)."""
+    import triton.testing
+
+    d = args.d
     *kinds, eps = ML.learner_tensors(learner)
-    params = [None if ps is None else torch.stack(ps).detach() for ps in kinds]
-    x = torch.randn(rows, d, device=device)
-    gout = torch.randn(rows, d, device=device)
-    cd = torch.bfloat16
-    default = dict(ML.KERNEL_CONFIGS)
-    candidates = {  # the first of each is the default
-        "fwd": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
-        "bwd_rows": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
-        "bwd_params": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (32, 64, 2, 2), (64, 64, 8, 2)],
+    w12, w3, b12, b3, ln_w, ln_b = [None if ps is None else torch.stack(ps).detach() for ps in kinds]
+    layout = ML._Layout(len(learner), args.glus, args.hidden, d, b12 is not None)
+    x = torch.randn(rows, d, device=args.device)
+    gout = torch.randn(rows, d, device=args.device)
+    cd, f32 = torch.bfloat16, torch.float32
+    default = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ML.KERNEL_CONFIGS.items()}
+    row_options = [(64, 4, 2), (64, 4, 1), (64, 4, 3), (32, 4, 2), (64, 8, 2)]
+    candidates = {
+        "fwd": [{bm: option} for bm in (64, 32, 16) for option in row_options],
+        "bwd_rows": [{bm: option} for bm in (64, 32, 16) for option in row_options],
+        "bwd_params": [(32, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 3), (32, 32, 4, 3), (32, 64, 8, 3)],
     }
-    fwd_op = torch.ops.pldr.metric_learner_fwd
-    bwd_op = torch.ops.pldr.metric_learner_bwd
+    saved = ML._kernel_forward(x, w12, w3, b12, b3, ln_w, ln_b, layout, eps, cd, f32, True, False)[1:]
+    runs = {
+        "fwd": lambda: ML._kernel_forward(x, w12, w3, b12, b3, ln_w, ln_b, layout, eps, cd, f32, True, False),
+        "bwd_rows": lambda: ML._kernel_backward(gout, w12, w3, b12, ln_w, *saved, layout, cd, f32, False, False),
+        "bwd_params": lambda: ML._kernel_backward(gout, w12, w3, b12, ln_w, *saved, layout, cd, f32, True, False),
+    }
     result = {}
     for kernel, configs in candidates.items():
         times = {}
         for config in configs:
-            ML.KERNEL_CONFIGS.update(default)
+            ML.KERNEL_CONFIGS.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in default.items()})
             ML.KERNEL_CONFIGS[kernel] = config
+            name = str(next(iter(config.items())) if isinstance(config, dict) else config)
             try:
-                if kernel == "fwd":
-                    times[str(config)] = bench(lambda: fwd_op(x, *params, eps, cd, torch.float32, True))
-                else:
-                    _, xins, zs, mean, rstd = fwd_op(x, *params, eps, cd, torch.float32, True)
-                    times[str(config)] = bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd,
-                                                              torch.float32, True))
+                times[name] = triton.testing.do_bench_cudagraph(runs[kernel], rep=30, return_mode="median")
             except Exception as err:  # noqa: BLE001  (e.g. out of shared memory: report and go on)
-                times[str(config)] = f"failed: {type(err).__name__}: {str(err)[:200]}"
-        ML.KERNEL_CONFIGS.update(default)
+                times[name] = f"failed: {type(err).__name__}: {str(err)[:200]}"
         timed = {k: v for k, v in times.items() if isinstance(v, float)}
-        result[kernel] = {"ms": times, "best": min(timed, key=timed.get) if timed else None}
-    # the default configs with the GEMM weights cast in every program instead of once per call
-    _, xins, zs, mean, rstd = fwd_op(x, *params, eps, cd, torch.float32, True)
-    ML.PRECONVERT_WEIGHTS = False
-    try:
-        result["not_preconverted_ms"] = {
-            "fwd": bench(lambda: fwd_op(x, *params, eps, cd, torch.float32, True)),
-            "bwd": bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd, torch.float32, True)),
-        }
-    finally:
-        ML.PRECONVERT_WEIGHTS = True
-    result["preconverted_ms"] = {
-        "fwd": bench(lambda: fwd_op(x, *params, eps, cd, torch.float32, True)),
-        "bwd": bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd, torch.float32, True)),
-    }
+        result[kernel] = {"gpu_ms": times, "best": min(timed, key=timed.get) if timed else None}
+    ML.KERNEL_CONFIGS.update(default)
     # row splits of the parameter-gradient kernel
     splits = {}
     for n in (None, 2, 8, 16, 32):
         ML.PARAM_GRAD_SPLITS = n
-        splits[str(n)] = bench(lambda: bwd_op(gout, *params, xins, zs, mean, rstd, eps, cd, torch.float32, True))
+        splits[str(n)] = triton.testing.do_bench_cudagraph(runs["bwd_params"], rep=30, return_mode="median")
     ML.PARAM_GRAD_SPLITS = None
-    result["param_grad_splits_bwd_ms"] = splits
+    result["param_grad_splits_bwd_gpu_ms"] = splits
     return result
 
 
@@ -273,7 +265,8 @@ def main(argv=None):
         "torch": torch.__version__,
         "triton": getattr(ML.triton, "__version__", None),
         "sizes": {"d": args.d, "A_dff": args.hidden, "units": args.units, "glus": args.glus},
-        "kernel_configs": {k: list(v) for k, v in ML.KERNEL_CONFIGS.items()},
+        "kernel_configs": {k: ({str(bm): list(c) for bm, c in v.items()} if isinstance(v, dict) else list(v))
+                           for k, v in ML.KERNEL_CONFIGS.items()},
         "results": {},
     }
 
@@ -289,8 +282,10 @@ def main(argv=None):
         save()
     if args.sweep and args.device == "cuda" and ML.triton is not None:
         t = time.time()
-        report["sweep_rows"] = cases[0][0]
-        report["sweep"] = sweep(args, cases[0][0], learner)
+        report["sweep"] = {}
+        for rows in dict.fromkeys(rows for rows, mode in cases if mode == "bf16"):  # each bf16 case's row count
+            report["sweep"][f"rows{rows}"] = sweep(args, rows, learner)
+            save()
         print(f"sweep: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
         save()
     if args.compiled != "none":  # last: compiling ~350 ops takes a while (first size, bf16, forward + backward only)

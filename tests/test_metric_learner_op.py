@@ -168,9 +168,9 @@ def test_no_grad_path_saves_nothing():
         assert out.grad_fn is None and not out.requires_grad
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     params, eps = _stacked(units)
-    _, xins, zs, mean, rstd = torch.ops.pldr.metric_learner_fwd(A.detach().reshape(-1, 16), *params, eps,
-                                                               torch.float32, torch.float32, False)
-    assert xins.numel() == zs.numel() == mean.numel() == rstd.numel() == 0
+    _, *kept = torch.ops.pldr.metric_learner_fwd(A.detach().reshape(-1, 16), *params, eps, torch.float32,
+                                                 torch.float32, False)
+    assert len(kept) == 6 and all(t.numel() == 0 for t in kept)  # GLU inputs, sums, means, rstds, staged weights
 
 
 def test_gradients_accumulate_over_two_calls():
@@ -288,9 +288,9 @@ def test_opcheck(bias):
         args = (x.clone().requires_grad_(save), *params, eps, dtype, torch.float32, save)
         torch.library.opcheck(torch.ops.pldr.metric_learner_fwd.default, args)
     params, eps = _stacked(units)
-    _, xins, zs, mean, rstd = torch.ops.pldr.metric_learner_fwd(x, *params, eps, torch.float32, torch.float32, True)
+    _, *saved = torch.ops.pldr.metric_learner_fwd(x, *params, eps, torch.float32, torch.float32, True)
     for param_grads in (True, False):
-        args = (torch.randn(12, 16), *params, xins, zs, mean, rstd, eps, torch.float32, torch.float32, param_grads)
+        args = (torch.randn(12, 16), *params, *saved, eps, torch.float32, torch.float32, param_grads)
         torch.library.opcheck(torch.ops.pldr.metric_learner_bwd.default, args)
 
 
@@ -310,6 +310,19 @@ def test_which_calls_the_kernels_take(monkeypatch):
         assert ML._use_kernels(x, params, layout, torch.float32) and ML._dot_precision(torch.float32) == precision
     monkeypatch.setattr(ML, "_KERNELS_ON_CPU", False)
     assert not ML._use_kernels(x, params, layout, torch.bfloat16)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_row_blocks_and_staged_hidden_size(monkeypatch):
+    # The row kernels take the largest row block that gives every SM a program (measured fastest on an H200 at the
+    # 110M sizes); the staged weights pad A_dff to a multiple of every kernel's hidden block.
+    monkeypatch.setattr(ML, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert [ML._row_config("fwd", rows, cpu)[0] for rows in (14336, 8385, 8384, 7168, 3584, 96)] == [64, 64, 32, 32,
+                                                                                                      32, 32]
+    assert ML._row_config("bwd_rows", 14336, cpu) == (64, 64, 4, 1)
+    assert ML._row_config("bwd_rows", 3584, cpu) == (32, 64, 4, 2)
+    assert ML._padded_hidden(170) == 192 and ML._padded_hidden(128) == 128 and ML._padded_hidden(20) == 64
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -356,8 +369,9 @@ from test_metric_learner_op import _learner, _modules, _grads, _rel
 from pldr_hf.modeling import metric_learner as ML
 
 # Small blocks so that the sizes below exercise every edge: 70 rows = 4 full blocks of 16 + 6 (masked) rows;
-# A_dff = 40 = one chunk of 32 + a masked chunk of 8; the parameter gradients split over 2 row ranges.
-ML.KERNEL_CONFIGS.update(fwd=(16, 32, 4, 1), bwd_rows=(16, 32, 4, 1), bwd_params=(16, 32, 4, 1))
+# A_dff = 40 staged as 64 = two chunks of 32, the second with 24 zero-padded units (the forward's one-chunk-ahead loads
+# cross chunk, GLU and unit boundaries); the parameter gradients split over 2 row ranges.
+ML.KERNEL_CONFIGS.update(fwd={16: (32, 4, 1)}, bwd_rows={16: (32, 4, 1)}, bwd_params=(16, 32, 4, 1))
 ML.PARAM_GRAD_SPLITS = 2
 ML.FLOAT32_KERNELS = "ieee"
 calls = []
