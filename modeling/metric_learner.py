@@ -566,14 +566,16 @@ def _stage_weights(W12, W3, B12, layout: _Layout, cd, wrap):
     return ws, bs
 
 
-def _row_config(kind: str, rows: int, device: torch.device):
+def _row_config(kind: str, rows: int, d: int, device: torch.device):
     """(BLOCK_M, BLOCK_H, num_warps, num_stages) of a row kernel: the largest row block of its configurations that
-    still gives every SM a program, else the smallest (e.g. on 132 SMs: 64 rows at 14336 rows, 32 at 7168 and 3584)."""
+    still gives every SM a program, else the smallest (e.g. on 132 SMs: 64 rows at 14336 rows, 32 at 7168 and 3584).
+    BLOCK_H is capped at 4096 / d: the forward holds two chunks' weight tiles [BLOCK_H, d] in registers."""
     configs = KERNEL_CONFIGS[kind]
     sms = _sm_count(device)
     fits = [bm for bm in configs if triton.cdiv(rows, bm) >= sms]
     bm = max(fits) if fits else min(configs)
-    return (bm, *configs[bm])
+    bh, warps, stages = configs[bm]
+    return bm, max(16, min(bh, 4096 // d)), warps, stages
 
 
 class _on_device:
@@ -603,7 +605,7 @@ def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out
     with _on_device(x):
         ws, bs = _stage_weights(W12, W3, B12, layout, cd, wrap)
         if N:
-            bm, bh, warps, stages = _row_config("fwd", N, x.device)
+            bm, bh, warps, stages = _row_config("fwd", N, D, x.device)
             saved = (xins, zs, mean, rstd) if save else (x,) * 4  # (not written without save)
             biases = (bs, B3) if layout.bias else (ws, ws)  # (not read without biases)
             kernel = wrap_triton(_learner_fwd_kernel) if wrap else _learner_fwd_kernel
@@ -629,7 +631,7 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, ws, bs, layo
         if ws.numel() == 0 or ws.dtype != cd:  # (a forward that did not run the kernels)
             ws, bs = _stage_weights(W12, W3, B12, layout, cd, wrap)
         hp = ws.shape[2]
-        bm, bh, warps, stages = _row_config("bwd_rows", N, gout.device)
+        bm, bh, warps, stages = _row_config("bwd_rows", N, D, gout.device)
         row_programs = triton.cdiv(N, bm)
         gys = gout.new_empty((G, N, D), dtype=cd) if param_grads else gx
         lnpart = gout.new_empty((row_programs, U, 2, D), dtype=torch.float32) if param_grads else gx

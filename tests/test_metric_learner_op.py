@@ -318,10 +318,11 @@ def test_row_blocks_and_staged_hidden_size(monkeypatch):
     # 110M sizes); the staged weights pad A_dff to a multiple of every kernel's hidden block.
     monkeypatch.setattr(ML, "_sm_count", lambda device: 132)
     cpu = torch.device("cpu")
-    assert [ML._row_config("fwd", rows, cpu)[0] for rows in (14336, 8385, 8384, 7168, 3584, 96)] == [64, 64, 32, 32,
-                                                                                                      32, 32]
-    assert ML._row_config("bwd_rows", 14336, cpu) == (64, 64, 4, 1)
-    assert ML._row_config("bwd_rows", 3584, cpu) == (32, 64, 4, 2)
+    blocks = [ML._row_config("fwd", rows, 64, cpu)[0] for rows in (14336, 8385, 8384, 7168, 3584, 96)]
+    assert blocks == [64, 64, 32, 32, 32, 32]
+    assert ML._row_config("bwd_rows", 14336, 64, cpu) == (64, 64, 4, 1)
+    assert ML._row_config("bwd_rows", 3584, 64, cpu) == (32, 64, 4, 2)
+    assert ML._row_config("fwd", 14336, 128, cpu)[1] == 32  # (two [BLOCK_H, d] weight tiles in registers)
     assert ML._padded_hidden(170) == 192 and ML._padded_hidden(128) == 128 and ML._padded_hidden(20) == 64
 
 
@@ -481,9 +482,10 @@ def test_cuda_kernels_match_the_reference(dtype, bias):
 
 
 @needs_cuda_triton
-@pytest.mark.parametrize("d, hidden, units, rows", [(16, 20, 2, 96), (16, 20, 2, 100), (32, 24, 3, 200)])
+@pytest.mark.parametrize("d, hidden, units, rows", [(16, 20, 2, 96), (16, 20, 2, 100), (32, 24, 3, 200),
+                                                     (128, 170, 2, 1000)])
 def test_cuda_kernels_match_the_reference_at_small_sizes(d, hidden, units, rows):
-    # the sizes of the tiny test models (rows = batch x heads x d), a block not filled included
+    # the sizes of the tiny test models (rows = batch x heads x d), a block not filled included; and the largest d
     (out, grads), (ref, ref_grads), (exact, exact_grads) = _cuda_case(torch.bfloat16, True, (rows,), d=d,
                                                                         hidden=hidden, n_units=units)
     for k, r, e in zip((out, *grads), (ref, *ref_grads), (exact, *exact_grads)):
