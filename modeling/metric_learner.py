@@ -90,7 +90,7 @@ _KERNELS_ON_CPU = False
 # parameter-gradient kernel has one (BLOCK_M, BLOCK_H, num_warps, num_stages). The fastest of a sweep on an H200 at the
 # 110M sizes (bf16; 3584, 7168 and 14336 rows; GPU time through CUDA graphs: scripts/bench_metric_learner.py --sweep).
 KERNEL_CONFIGS = {
-    "fwd": {64: (64, 4, 2), 32: (64, 4, 2)},
+    "fwd": {64: (64, 4, 1), 32: (64, 4, 2)},
     "bwd_rows": {64: (64, 4, 1), 32: (64, 4, 2)},
     "bwd_params": (32, 64, 4, 3),
 }
@@ -327,11 +327,12 @@ if triton is not None:
                     n1 = tl.load(base + wofs)
                     n2 = tl.load(base + SLAB + wofs)
                     n3 = tl.load(base + 2 * SLAB + wofs)
-                    h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
-                    h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
                     if HAS_BIAS:
                         nb1 = tl.load(BS + ng * 2 * HP + nh + hh)
                         nb2 = tl.load(BS + ng * 2 * HP + HP + nh + hh)
+                    h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
+                    h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
+                    if HAS_BIAS:
                         h1 += b1[None, :]
                         h2 += b2[None, :]
                         b1 = nb1
