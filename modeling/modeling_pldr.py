@@ -283,15 +283,13 @@ def _linear_bias_apart_if_compiled(x: torch.Tensor, weight: torch.Tensor, bias: 
     return F.linear(x, weight) + bias
 
 
-def _joint_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
-                  bias_apart_if_compiled: bool = False):
+def _joint_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
     """``F.linear`` of x with several linears' weights (and biases) stacked along the output features: one GEMM instead
     of one per linear (fewer kernels in the forward and the backward, and larger GEMMs), the outputs concatenated on
     the last dimension. None when some of the linears have a bias and others not."""
     if any((b is None) != (biases[0] is None) for b in biases):
         return None
-    linear = _linear_bias_apart_if_compiled if bias_apart_if_compiled else F.linear
-    return linear(x, torch.cat(weights), None if biases[0] is None else torch.cat(biases))
+    return F.linear(x, torch.cat(weights), None if biases[0] is None else torch.cat(biases))
 
 
 def _decode_copyable(linears: tuple[nn.Linear, ...], on_cpu: bool) -> bool:
@@ -371,14 +369,14 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
                 w12, b12, w3 = self._decode_weights
                 h1, h2 = _linear_bias_apart_if_compiled(x, w12, b12).chunk(2, dim=-1)
                 return F.linear(self.act_fn(h1) * h2, w3, self.gluw3.bias)
-            if x.numel() >= self.MIN_PADDED_ROWS * x.shape[-1]:
-                lin1, lin2 = self.gluw1, self.gluw2
-                h12 = _joint_linear(x, [F.pad(lin.weight, (0, 0, 0, pad)) for lin in (lin1, lin2)],
-                                    [None if lin.bias is None else F.pad(lin.bias, (0, pad)) for lin in (lin1, lin2)],
-                                    bias_apart_if_compiled=True)
-                if h12 is not None:
-                    h1, h2 = h12.chunk(2, dim=-1)
-                    return F.linear(self.act_fn(h1) * h2, F.pad(self.gluw3.weight, (0, pad)), self.gluw3.bias)
+            lin1, lin2 = self.gluw1, self.gluw2
+            if x.numel() >= self.MIN_PADDED_ROWS * x.shape[-1] and (lin1.bias is None) == (lin2.bias is None):
+                # [W1; 0; W2; 0] as one stack and one pad (and so b1|b2): fewer kernels and autograd nodes than
+                # padding each and concatenating
+                w12 = F.pad(torch.stack((lin1.weight, lin2.weight)), (0, 0, 0, pad)).flatten(0, 1)
+                b12 = None if lin1.bias is None else F.pad(torch.stack((lin1.bias, lin2.bias)), (0, pad)).flatten()
+                h1, h2 = _linear_bias_apart_if_compiled(x, w12, b12).chunk(2, dim=-1)
+                return F.linear(self.act_fn(h1) * h2, F.pad(self.gluw3.weight, (0, pad)), self.gluw3.bias)
         return self.gluw3(self.act_fn(self.gluw1(x)) * self.gluw2(x))
 
     @torch.no_grad()
@@ -912,13 +910,15 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         qk, v = self.project(hidden_states)
         q, k = apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(self.num_heads, dim=1)
         q = q.contiguous()  # [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs
-        if past_key_values is not None:
+        if past_key_values is not None and not torch.is_grad_enabled():
             # k is a view into q and k's [B, S, 2H, d] buffer. A dynamic cache concatenates it to its keys every step,
             # and torch.cat takes a slow, unvectorised path for a non-contiguous part (~15% of a batch-32 decoding
             # step's GPU time on an H100); the copy costs little next to that.
             k = k.contiguous()
             # (v is a view into q, k and v's joint projection on large inputs: the cache must not keep all of it)
             v = v.contiguous()
+            # With gradients (training, where a cache is made too unless use_cache=False) the views are kept: backward
+            # keeps the projections' outputs anyway, and the copies were two more kernels (and autograd nodes) a layer.
         v = v.transpose(1, 2)
 
         # Deduction: A -> A_LM -> G_LM, or their cached / fixed values. Rows holding several sequences

@@ -461,9 +461,10 @@ def _assert_ffn_matches_the_modules(ffn, run, x, atol):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=atol)
 
 
-def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu):
+@pytest.mark.parametrize("bias", [True, False])
+def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu, bias):
     torch.manual_seed(0)
-    ffn = PldrGLU(16, 42, 16, True, "silu", align_hidden=True)
+    ffn = PldrGLU(16, 42, 16, bias, "silu", align_hidden=True)
     assert ffn.hidden_pad == 6
     x = torch.randn(2, PldrGLU.MIN_PADDED_ROWS // 2, 16, requires_grad=True)  # large: padded on the fly
     _assert_ffn_matches_the_modules(ffn, ffn, x, atol=1e-6)
@@ -477,13 +478,14 @@ def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu):
     torch.testing.assert_close(armed, _ffn_reference(ffn, small), rtol=1e-5, atol=1e-6)
     w12, b12, w3 = ffn._decode_weights
     assert w12.shape == (96, 16) and w3.shape == (16, 48)
-    assert not w12[42:48].any() and not w12[90:].any() and not b12[42:48].any() and not w3[:, 42:].any()
+    assert not w12[42:48].any() and not w12[90:].any() and not w3[:, 42:].any()
+    assert (b12 is None) if not bias else (not b12[42:48].any() and not b12[90:].any())
     # With gradients on, the armed copies are not used: the parameters get their gradients.
     assert _linear_calls(ffn, small)[1] == 3
     # Re-arming refreshes the copies in place from changed parameters.
     with torch.no_grad():
         ffn.gluw2.weight.mul_(-0.5)
-        ffn.gluw3.bias.add_(1.0)
+        ffn.gluw3.weight.add_(0.1)
     ptr = w12.data_ptr()
     assert ffn.arm_decode_weights() and ffn._decode_weights[0].data_ptr() == ptr
     with torch.no_grad():
