@@ -919,6 +919,7 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
             v = v.contiguous()
             # With gradients (training, where a cache is made too unless use_cache=False) the views are kept: backward
             # keeps the projections' outputs anyway, and the copies were two more kernels (and autograd nodes) a layer.
+            # (An output kept after backward then holds the joint projection through its cache, q's third included.)
         v = v.transpose(1, 2)
 
         # Deduction: A -> A_LM -> G_LM, or their cached / fixed values. Rows holding several sequences

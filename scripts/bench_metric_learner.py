@@ -206,7 +206,7 @@ def sweep(args, rows, learner):
     x = torch.randn(rows, d, device=args.device)
     gout = torch.randn(rows, d, device=args.device)
     cd, f32 = torch.bfloat16, torch.float32
-    default = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ML.KERNEL_CONFIGS.items()}
+    default = copy.deepcopy(ML.KERNEL_CONFIGS)
     row_options = [(64, 4, 2), (64, 4, 1), (64, 4, 3), (64, 8, 2)]
     candidates = {
         "fwd": [{bm: option} for bm in (64, 32) for option in row_options],
@@ -223,7 +223,7 @@ def sweep(args, rows, learner):
     for kernel, configs in candidates.items():
         times = {}
         for config in configs:
-            ML.KERNEL_CONFIGS.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in default.items()})
+            ML.KERNEL_CONFIGS.update(copy.deepcopy(default))
             ML.KERNEL_CONFIGS[kernel] = config
             name = str(next(iter(config.items())) if isinstance(config, dict) else config)
             try:
