@@ -332,9 +332,13 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
 
     The papers' hidden widths (2389 for the FFN, 170 for the metric learner) are not multiples of 8, which pushes GPU
     GEMMs off the tensor-core kernels (16-byte aligned rows). On accelerators the FFN (``align_hidden=True``) therefore
-    computes with its hidden width padded by zero rows/columns (zero pre-activations give ``act(0) * 0 = 0`` and zero
-    gradients, so outputs and gradients of the real parameters are unchanged); the stored parameters keep the
-    checkpoint's shapes. The metric learner's GEMMs are tiny and launch-bound: the extra ops would cost more.
+    computes with its hidden width padded by zero rows/columns to a multiple of ``ALIGN`` (zero pre-activations give
+    ``act(0) * 0 = 0`` and zero gradients, so outputs and gradients of the real parameters are unchanged); the stored
+    parameters keep the checkpoint's shapes. ``ALIGN`` is 64 (2389 -> 2432, the width of the aligned Llama), not 8
+    (2392): with 2392 the second half of the joint W1|W2 output starts at a column that is not a multiple of 16, and
+    inductor's fused kernel for the activation's backward (which writes both halves' gradients) took 381 us per layer
+    at 16 x 1024 tokens (bf16, H200); with 2432, 224 us. The metric learner's own kernels pad its hidden width
+    themselves.
 
     * Large inputs (training, prefill: at least ``MIN_PADDED_ROWS`` rows) pad the weights on the fly, with gluw1 and
       gluw2 as one GEMM.
@@ -346,7 +350,7 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
       quantised layers, offloading): those are always called as modules.
     """
 
-    ALIGN = 8
+    ALIGN = 64
     MIN_PADDED_ROWS = 1024
     PAD_ON_CPU = False  # pad on CPU too: nothing gained there; the tests use it to check the padded paths
 
@@ -1393,7 +1397,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         """``GenerationMixin.generate``. On accelerators the decoding steps use copies of some weights made at the start
         of each call: the FFNs' padded W1|W2 and W3 (see :class:`PldrGLU`) and the attentions' stacked W_q|W_k|W_v
         (see :meth:`PldrAttention.project`). They cost memory: about the FFNs' and q, k, v projections' weights once
-        more (88 MB in bf16 for the papers' 110M model). ``decode_weight_copies=False`` decodes with the modules
+        more (90 MB in bf16 for the papers' 110M model). ``decode_weight_copies=False`` decodes with the modules
         themselves and frees copies that earlier calls made."""
         modules = [m for m in self.modules() if isinstance(m, _DecodeWeightCopies)]
         for module in modules:

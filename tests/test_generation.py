@@ -465,7 +465,7 @@ def _assert_ffn_matches_the_modules(ffn, run, x, atol):
 def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu, bias):
     torch.manual_seed(0)
     ffn = PldrGLU(16, 42, 16, bias, "silu", align_hidden=True)
-    assert ffn.hidden_pad == 6
+    assert ffn.hidden_pad == 22  # 42 -> 64: a multiple of ALIGN
     x = torch.randn(2, PldrGLU.MIN_PADDED_ROWS // 2, 16, requires_grad=True)  # large: padded on the fly
     _assert_ffn_matches_the_modules(ffn, ffn, x, atol=1e-6)
     assert _linear_calls(ffn, x)[1] == 2  # padded W1|W2 as one GEMM, then W3
@@ -477,9 +477,9 @@ def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu, bias)
     assert calls == 2  # W1|W2 as one padded GEMM, then W3
     torch.testing.assert_close(armed, _ffn_reference(ffn, small), rtol=1e-5, atol=1e-6)
     w12, b12, w3 = ffn._decode_weights
-    assert w12.shape == (96, 16) and w3.shape == (16, 48)
-    assert not w12[42:48].any() and not w12[90:].any() and not w3[:, 42:].any()
-    assert (b12 is None) if not bias else (not b12[42:48].any() and not b12[90:].any())
+    assert w12.shape == (128, 16) and w3.shape == (16, 64)
+    assert not w12[42:64].any() and not w12[106:].any() and not w3[:, 42:].any()
+    assert (b12 is None) if not bias else (not b12[42:64].any() and not b12[106:].any())
     # With gradients on, the armed copies are not used: the parameters get their gradients.
     assert _linear_calls(ffn, small)[1] == 3
     # Re-arming refreshes the copies in place from changed parameters.
