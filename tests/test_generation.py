@@ -3,6 +3,8 @@
 Tiny random models on CPU; every test compares tokens or logits against an independent way of getting them.
 """
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -686,3 +688,15 @@ def test_joint_qkv_projection_steps_aside_for_lora(monkeypatch):
     v.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in attn.named_parameters()
                if "lora_" in n and "wv" in n)
+
+
+def test_forward_signature_is_exact_and_not_recomputed_every_decoding_step(model):
+    # generate() reads inspect.signature(model.forward) to decide which keyword arguments the model takes (a wrong one
+    # drops use_g_cache, the cache, ...), and for remote-code classes transformers computes it again at every decoding
+    # step. The model keeps it on the function: it must equal the one of the function itself, and stay kept.
+    assert PldrForCausalLM.is_remote_code()
+    own = inspect.signature(inspect.unwrap(PldrForCausalLM.forward))
+    assert "__signature__" in vars(PldrForCausalLM.forward)
+    assert inspect.signature(model.forward) == own.replace(parameters=list(own.parameters.values())[1:])
+    assert {"input_ids", "attention_mask", "use_g_cache", "output_pldr_attentions", "logits_to_keep",
+            "kwargs"} <= set(inspect.signature(model.forward).parameters)
