@@ -337,8 +337,9 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
     parameters keep the checkpoint's shapes. ``ALIGN`` is 64 (2389 -> 2432, the width of the aligned Llama), not 8
     (2392): with 2392 the second half of the joint W1|W2 output starts at a column that is not a multiple of 16, and
     inductor's fused kernel for the activation's backward (which writes both halves' gradients) took 381 us per layer
-    at 16 x 1024 tokens (bf16, H200); with 2432, 224 us. The metric learner's own kernels pad its hidden width
-    themselves.
+    at 16 x 1024 tokens (bf16, H200); with 2432, 224 us. Widths that are multiples of 8 already are not padded (their
+    GEMMs run on tensor cores; padding would copy the weights at every training step). The metric learner's own
+    kernels pad its hidden width themselves.
 
     * Large inputs (training, prefill: at least ``MIN_PADDED_ROWS`` rows) pad the weights on the fly, with gluw1 and
       gluw2 as one GEMM.
@@ -361,7 +362,7 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
         self.gluw2 = nn.Linear(in_features, hidden_features, bias=bias)
         self.gluw3 = nn.Linear(hidden_features, out_features, bias=bias)
         self.act_fn = ACT2FN[act]
-        self.hidden_pad = (-hidden_features) % self.ALIGN if align_hidden else 0
+        self.hidden_pad = (-hidden_features) % self.ALIGN if align_hidden and hidden_features % 8 else 0
         # (padded W1|W2, b1|b2 or None, padded W3) for decoding; used while armed (inside generate)
         self._decode_weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
         self._decode_armed = False

@@ -468,6 +468,7 @@ def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu, bias)
     torch.manual_seed(0)
     ffn = PldrGLU(16, 42, 16, bias, "silu", align_hidden=True)
     assert ffn.hidden_pad == 22  # 42 -> 64: a multiple of ALIGN
+    assert PldrGLU(16, 40, 16, bias, "silu", align_hidden=True).hidden_pad == 0  # a multiple of 8 stays as it is
     x = torch.randn(2, PldrGLU.MIN_PADDED_ROWS // 2, 16, requires_grad=True)  # large: padded on the fly
     _assert_ffn_matches_the_modules(ffn, ffn, x, atol=1e-6)
     assert _linear_calls(ffn, x)[1] == 2  # padded W1|W2 as one GEMM, then W3
