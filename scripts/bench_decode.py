@@ -9,7 +9,10 @@ Llama with a dynamic cache, and its static + compiled speed against the best sta
 Every run is greedy and generates exactly ``new_tokens`` tokens per row (min_new_tokens = max_new_tokens); timings
 follow warm-up runs (which also compile) and torch.cuda.synchronize; tokens/s = batch * new_tokens / seconds (best of
 ``repeats``; the median is reported too). The timed runs of a batch size alternate between the variants (``repeats``
-rounds, the order rotating each round), so that the host's drift between runs falls on every variant alike.
+rounds, the order rotating each round), so that the host's drift between runs falls on every variant alike. Each timed
+run is followed by a generate() of one new token (the prompt's forward and generate's setup: ``prefill_ms``, best of
+``repeats``); ``decode_step_ms`` = (best full run - best one-token run) / (new_tokens - 1), the time of one decoding
+step without the prefill, which the summary compares too.
 
 GPU (the papers' 110M configuration, bf16):
     python scripts/bench_decode.py --output bench_decode.json
@@ -94,15 +97,15 @@ def prepare_variant(name, models, args, batch, device):
             cfg._compile_all_devices = True  # generate compiles on accelerators only unless told otherwise
         kw.update(cache_implementation="static", compile_config=cfg)
 
-    def once():
+    def once(new_tokens: int = args.new_tokens):
         sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**kw)
+            out = model.generate(**dict(kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
         sync(device)
         dt = time.perf_counter() - t0
-        if out.shape != (batch, args.prompt_len + args.new_tokens):
-            raise RuntimeError(f"{name}: generated shape {tuple(out.shape)}, expected exactly {args.new_tokens} tokens")
+        if out.shape != (batch, args.prompt_len + new_tokens):
+            raise RuntimeError(f"{name}: generated shape {tuple(out.shape)}, expected exactly {new_tokens} tokens")
         return dt
 
     return once
@@ -113,14 +116,14 @@ def run_batch(variants, models, args, batch, device) -> dict:
     timed in ``repeats`` rounds that alternate between the variants, the order rotating each round. The host's speed
     drifts on shared GPU machines (one variant's back-to-back runs differ by tens of percent at batch 1); alternating
     spreads that drift over all variants alike."""
-    runs, firsts, times, errors = {}, {}, {}, {}
+    runs, firsts, times, prefills, errors = {}, {}, {}, {}, {}
     for name in variants:
         try:
             once = prepare_variant(name, models, args, batch, device)
             firsts[name] = once()
             for _ in range(max(args.warmup - 1, 0)):
                 once()
-            runs[name], times[name] = once, []
+            runs[name], times[name], prefills[name] = once, [], []
         except Exception as e:  # one failing variant must not hide the others' numbers
             errors[name] = f"{type(e).__name__}: {e}"[:800]
     for name in rotating_rounds(list(runs), args.repeats):
@@ -128,6 +131,7 @@ def run_batch(variants, models, args, batch, device) -> dict:
             continue
         try:
             times[name].append(runs[name]())
+            prefills[name].append(runs[name](1))
         except Exception as e:
             errors[name] = f"{type(e).__name__}: {e}"[:800]
     results = {}
@@ -136,25 +140,30 @@ def run_batch(variants, models, args, batch, device) -> dict:
         if name in errors:
             results[name] = {"error": errors[name]}
             continue
-        t = times[name]
+        t, t1 = times[name], prefills[name]
+        step = (min(t) - min(t1)) / (args.new_tokens - 1) if args.new_tokens > 1 else None
         results[name] = {
             "tokens_per_s": round(tokens / min(t), 1),
             "tokens_per_s_median": round(tokens / statistics.median(t), 1),
             "ms_per_step": round(1000 * min(t) / args.new_tokens, 3),
+            "prefill_ms": round(1000 * min(t1), 2),
+            "decode_step_ms": round(1000 * step, 3) if step is not None and step > 0 else None,
             "first_run_s": round(firsts[name], 2),
             "times_s": [round(x, 4) for x in t],
+            "prefill_times_s": [round(x, 4) for x in t1],
         }
     return results
 
 
 def summarise(results: dict) -> list[dict]:
-    """Per batch size and cache mode: PLDR-LLM against the fastest Llama of the same mode."""
+    """Per batch size and cache mode: PLDR-LLM against the fastest Llama of the same mode (by tokens/s), and their
+    prefill and decoding-step times (``pldr_vs_best_llama_decode_step``: that Llama's step time / PLDR-LLM's)."""
     rows = []
     batches = sorted({int(k.rsplit("@b", 1)[1]) for k in results})
     for batch in batches:
-        def tps(variant):
+        def tps(variant, key="tokens_per_s"):
             r = results.get(f"{variant}@b{batch}", {})
-            return r.get("tokens_per_s")
+            return r.get(key)
         for mode, pldr, llamas in (("dynamic", "pldr_kv_g", ("llama_dynamic", "llama_aligned_dynamic")),
                                    ("static_compiled", "pldr_static_compiled",
                                     ("llama_static_compiled", "llama_aligned_static_compiled"))):
@@ -162,9 +171,13 @@ def summarise(results: dict) -> list[dict]:
             if not tps(pldr) or not measured:
                 continue
             best = max(measured, key=measured.get)
+            steps = tps(pldr, "decode_step_ms"), tps(best, "decode_step_ms")
             rows.append({"batch": batch, "mode": mode, "pldr": pldr, "pldr_tokens_per_s": tps(pldr),
                          "best_llama": best, "best_llama_tokens_per_s": measured[best],
-                         "pldr_vs_best_llama": round(tps(pldr) / measured[best], 3)})
+                         "pldr_vs_best_llama": round(tps(pldr) / measured[best], 3),
+                         "pldr_prefill_ms": tps(pldr, "prefill_ms"), "best_llama_prefill_ms": tps(best, "prefill_ms"),
+                         "pldr_decode_step_ms": steps[0], "best_llama_decode_step_ms": steps[1],
+                         "pldr_vs_best_llama_decode_step": round(steps[1] / steps[0], 3) if all(steps) else None})
     return rows
 
 

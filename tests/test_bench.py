@@ -100,25 +100,34 @@ def test_bench_decode_alternates_variants_and_reports_ratios(bench_decode, monke
     def recording(name, *args):
         once = prepare(name, *args)
 
-        def run():
-            calls.append(name)
-            return once()
+        def run(*n):
+            calls.append((name, *n))
+            return once(*n)
         return run
 
     monkeypatch.setattr(bench_decode, "prepare_variant", recording)
     out = tmp_path / "d.json"
     report = bench_decode.main(["--tiny", "--device", "cpu", "--variants", "pldr_kv_g,llama_dynamic",
                                 "--batch_sizes", "2", "--repeats", "2", "--warmup", "1", "--output", str(out)])
-    # one warm-up run each, then two rounds, the second in rotated order
-    assert calls == ["pldr_kv_g", "llama_dynamic", "pldr_kv_g", "llama_dynamic", "llama_dynamic", "pldr_kv_g"]
+    # one warm-up run each, then two rounds, the second in rotated order; each timed run followed by one of 1 token
+    p, q = "pldr_kv_g", "llama_dynamic"
+    assert calls == [(p,), (q,), (p,), (p, 1), (q,), (q, 1), (q,), (q, 1), (p,), (p, 1)]
     assert json.loads(out.read_text()) == report == json.loads(capsys.readouterr().out)
     res = report["results"]
+    new_tokens = report["settings"]["new_tokens"]
     for key in ("pldr_kv_g@b2", "llama_dynamic@b2"):
-        assert len(res[key]["times_s"]) == 2 and res[key]["tokens_per_s"] > 0, res[key]
+        r = res[key]
+        assert len(r["times_s"]) == 2 and len(r["prefill_times_s"]) == 2 and r["tokens_per_s"] > 0, r
+        assert r["prefill_ms"] == pytest.approx(1000 * min(r["prefill_times_s"]), abs=0.06)  # (times_s: 0.1 ms)
+        assert r["decode_step_ms"] == pytest.approx(
+            1000 * (min(r["times_s"]) - min(r["prefill_times_s"])) / (new_tokens - 1), abs=0.01)
     (row,) = report["summary"]
     assert row["mode"] == "dynamic" and row["best_llama"] == "llama_dynamic"
     assert row["pldr_vs_best_llama"] == pytest.approx(
         res["pldr_kv_g@b2"]["tokens_per_s"] / res["llama_dynamic@b2"]["tokens_per_s"], abs=1e-3)
+    assert row["pldr_vs_best_llama_decode_step"] == pytest.approx(
+        res["llama_dynamic@b2"]["decode_step_ms"] / res["pldr_kv_g@b2"]["decode_step_ms"], abs=1e-3)
+    assert row["pldr_prefill_ms"] == res["pldr_kv_g@b2"]["prefill_ms"]
 
 
 def test_bench_decode_rejects_zero_repeats(bench_decode):
