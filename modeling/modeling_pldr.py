@@ -1518,8 +1518,8 @@ class PldrForSequenceClassification(PldrPreTrainedModel):
                 output_pldr_attentions=None, cache=None, **kwargs) -> SequenceClassifierOutputWithPast:
         outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=_one_cache(past_key_values, cache), inputs_embeds=inputs_embeds,
-                               use_cache=use_cache,
-                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               use_cache=use_cache, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states,
                                output_pldr_attentions=output_pldr_attentions, return_dict=True, **kwargs)
         logits = self.score(outputs.last_hidden_state)
         batch = logits.shape[0]

@@ -161,21 +161,20 @@ def summarise(results: dict) -> list[dict]:
     rows = []
     batches = sorted({int(k.rsplit("@b", 1)[1]) for k in results})
     for batch in batches:
-        def tps(variant, key="tokens_per_s"):
-            r = results.get(f"{variant}@b{batch}", {})
-            return r.get(key)
+        def value(variant, key="tokens_per_s"):
+            return results.get(f"{variant}@b{batch}", {}).get(key)
         for mode, pldr, llamas in (("dynamic", "pldr_kv_g", ("llama_dynamic", "llama_aligned_dynamic")),
                                    ("static_compiled", "pldr_static_compiled",
                                     ("llama_static_compiled", "llama_aligned_static_compiled"))):
-            measured = {v: tps(v) for v in llamas if tps(v)}
-            if not tps(pldr) or not measured:
+            measured = {v: value(v) for v in llamas if value(v)}
+            if not value(pldr) or not measured:
                 continue
             best = max(measured, key=measured.get)
-            steps = tps(pldr, "decode_step_ms"), tps(best, "decode_step_ms")
-            rows.append({"batch": batch, "mode": mode, "pldr": pldr, "pldr_tokens_per_s": tps(pldr),
+            steps = value(pldr, "decode_step_ms"), value(best, "decode_step_ms")
+            rows.append({"batch": batch, "mode": mode, "pldr": pldr, "pldr_tokens_per_s": value(pldr),
                          "best_llama": best, "best_llama_tokens_per_s": measured[best],
-                         "pldr_vs_best_llama": round(tps(pldr) / measured[best], 3),
-                         "pldr_prefill_ms": tps(pldr, "prefill_ms"), "best_llama_prefill_ms": tps(best, "prefill_ms"),
+                         "pldr_vs_best_llama": round(value(pldr) / measured[best], 3),
+                         "pldr_prefill_ms": value(pldr, "prefill_ms"), "best_llama_prefill_ms": value(best, "prefill_ms"),
                          "pldr_decode_step_ms": steps[0], "best_llama_decode_step_ms": steps[1],
                          "pldr_vs_best_llama_decode_step": round(steps[1] / steps[0], 3) if all(steps) else None})
     return rows
