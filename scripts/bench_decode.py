@@ -174,7 +174,8 @@ def summarise(results: dict) -> list[dict]:
             rows.append({"batch": batch, "mode": mode, "pldr": pldr, "pldr_tokens_per_s": value(pldr),
                          "best_llama": best, "best_llama_tokens_per_s": measured[best],
                          "pldr_vs_best_llama": round(value(pldr) / measured[best], 3),
-                         "pldr_prefill_ms": value(pldr, "prefill_ms"), "best_llama_prefill_ms": value(best, "prefill_ms"),
+                         "pldr_prefill_ms": value(pldr, "prefill_ms"),
+                         "best_llama_prefill_ms": value(best, "prefill_ms"),
                          "pldr_decode_step_ms": steps[0], "best_llama_decode_step_ms": steps[1],
                          "pldr_vs_best_llama_decode_step": round(steps[1] / steps[0], 3) if all(steps) else None})
     return rows
