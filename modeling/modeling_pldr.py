@@ -1342,11 +1342,12 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
     # and chunked prefill (each chunk would otherwise see only part of the prompt).
     # ------------------------------------------------------------------------------------------------------------------
     def _computes_metric_tensor(self, cache: Cache | None) -> bool:
-        """Whether the next forward with ``cache`` computes A (it holds no deductive tensors yet)."""
-        if self.decoder.past_G_values is not None:
-            return False
+        """Whether the next forward with ``cache`` computes A (it holds no deductive tensors yet, and the model has no
+        fixed G). Asked at every decoding step: the cache's answer, the common one there, comes first."""
         get = getattr(cache, "get_deductive", None)
-        return get is None or all(t is None for t in get(0))
+        if get is not None and any(t is not None for t in get(0)):
+            return False
+        return self.decoder.past_G_values is None
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
         # (generate passes the cache by keyword, under the installed transformers' name: CACHE_FIELD. inputs_embeds is
