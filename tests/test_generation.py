@@ -499,8 +499,9 @@ def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu, bias)
 
 
 def test_padded_ffn_compiled_equals_the_modules(pad_on_cpu):
-    # Under torch.compile the padded W1|W2 GEMM adds its bias after the GEMM (cuBLAS's path for inductor's addmm copies
-    # the broadcast bias first): values and gradients must stay the modules'.
+    # Under torch.compile, with gradients, the padded W1|W2 GEMM takes its bias as one more column of the weight
+    # against a column of ones in the input (_linear_bias_folded); without, it adds it after the GEMM (cuBLAS's path
+    # for inductor's addmm copies the broadcast bias first): values and gradients must stay the modules'.
     torch.manual_seed(3)
     ffn = PldrGLU(16, 42, 16, True, "silu", align_hidden=True)
     with torch.no_grad():
@@ -509,6 +510,8 @@ def test_padded_ffn_compiled_equals_the_modules(pad_on_cpu):
     compiled = torch.compile(ffn, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, PldrGLU.MIN_PADDED_ROWS // 2, 16, requires_grad=True)
     _assert_ffn_matches_the_modules(ffn, compiled, x, atol=1e-5)
+    with torch.no_grad():  # (compiled inference: the bias added after the GEMM)
+        torch.testing.assert_close(compiled(x), _ffn_reference(ffn, x), rtol=1e-5, atol=1e-5)
     small = torch.randn(3, 1, 16)
     assert ffn.arm_decode_weights()
     with torch.no_grad():

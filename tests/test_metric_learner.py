@@ -132,6 +132,7 @@ def test_other_activations_keep_the_modules():
 
 
 def test_compiled_training_step_has_no_graph_break_and_the_eager_numbers():
+    # (compiled training also takes the LM head's bias into its GEMM: _linear_bias_folded; its gradient is checked too)
     model = _tiny_model()
     model.train()
     ids = torch.randint(4, 64, (2, 12), generator=torch.Generator().manual_seed(3))
