@@ -1499,7 +1499,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         head = self.final_layer
         if (torch.compiler.is_compiling() and torch.is_grad_enabled() and head.bias is not None
                 and plain_linears(head)):
-            # (under torch.compile the bias's gradient would be one more pass over the logits' gradient: 32000 x rows)
+            # (under torch.compile the bias's gradient would be one more pass over the logits' gradient, vocab x rows)
             logits = _linear_bias_folded(hidden_states[:, keep, :], head.weight, head.bias)
         else:
             logits = head(hidden_states[:, keep, :])
