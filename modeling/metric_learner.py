@@ -36,24 +36,29 @@ kernels (plus one small reduction of the parameter gradients' row splits):
   The kernels then load whole, aligned weight tiles without masks, and stream half the bytes of float32 weights
   under autocast. The forward keeps the staged weights for the backward (1.2 MB a layer at the 110M sizes);
 * forward: each program takes BLOCK_M rows [BLOCK_M, d] into float32 registers and walks them through all units and
-  GLUs, streaming each GLU's weights in hidden chunks of BLOCK_H, each chunk's tiles loaded while the previous chunk
-  is multiplied (across GLUs and units too), dot operands in the GEMM dtype with float32 accumulation (float32
-  learners: see ``FLOAT32_KERNELS``);
+  GLUs, streaming each GLU's weights in hidden chunks of BLOCK_H: one loop over every (GLU, chunk), so that Triton's
+  software pipeliner loads the next chunks' tiles while one is multiplied (across GLUs and units too); a GLU's and a
+  unit's end are branches inside it. Dot operands in the GEMM dtype with float32 accumulation (float32 learners: see
+  ``FLOAT32_KERNELS``);
 * backward, rows: each program walks its rows backwards through the units and GLUs (LayerNorm backward, then each
   GLU's backward with the hidden activations recomputed in registers), writes dA, each GLU's output gradient in the
   GEMM dtype, and per-program partial sums of the LayerNorm parameter gradients;
 * backward, parameters: one program per (GLU, hidden chunk) and row split recomputes the chunk's activations from the
   saved GLU inputs and output gradients and reduces dW1, dW2, dW3 and the biases' gradients over its rows; one more
-  program per split sums the LayerNorm partials. Splits write separate partial buffers summed afterwards (no atomics):
-  the gradients are deterministic. Recomputing the chunk's activations (three small GEMMs) costs less than storing
-  and re-reading the hidden gradients (3 * A_dff values a row and GLU) and keeps the backward's memory at one
+  program per split sums the LayerNorm partials. Its products are written transposed (hidden units as rows, e.g.
+  ``h1^T = W1 x^T``), so that each has BLOCK_H = 64 rows, as Hopper's warpgroup MMA (``wgmma``) wants. Written
+  with 32-row blocks of x first, the kernel's PTX also had ``mma.sync``, and the whole backward took 402 us a layer
+  at 14336 rows on an H200, against 294 us now. Splits write separate partial buffers summed afterwards (no
+  atomics): the gradients are deterministic. Recomputing the chunk's activations (three small GEMMs) costs less than
+  storing and re-reading the hidden gradients (3 * A_dff values a row and GLU) and keeps the backward's memory at one
   [G, rows, d] buffer.
 
 The power law step that follows the learner (:func:`power_law`: ``A_LM = z silu(z) + eps`` with ``z = W A + b``,
 ``G_LM = a A_LM^p + ba`` per head, float32) is one operator too, ``pldr::power_law_fwd`` / ``pldr::power_law_bwd``:
 on CUDA one Triton kernel forward (one program per batch entry and head) and one backward that recomputes the
-forward, writes dA and each entry's share of the five parameter gradients, summed over the batch afterwards (no
-atomics). As separate PyTorch ops it was some 7 kernels forward and 14 backward per layer on [batch, H, d, d] tensors.
+forward in column blocks, writes dA and each entry's share of the five parameter gradients, summed over the batch
+afterwards (no atomics). As separate PyTorch ops it was some 7 kernels forward and 14 backward per layer on
+[batch, H, d, d] tensors.
 
 This file imports only torch and, optionally, triton: it travels with saved models as remote code.
 """
@@ -88,11 +93,12 @@ _KERNELS_ON_CPU = False
 # Kernel block sizes. The row kernels (forward; backward over rows) map a row block BLOCK_M to (BLOCK_H hidden units,
 # num_warps, num_stages) and take the largest BLOCK_M that still gives every SM a program (see _row_config); the
 # parameter-gradient kernel has one (BLOCK_M, BLOCK_H, num_warps, num_stages). The fastest of a sweep on an H200 at the
-# 110M sizes (bf16; 3584, 7168 and 14336 rows; GPU time through CUDA graphs: scripts/bench_metric_learner.py --sweep).
+# 110M sizes (bf16; 7168 and 14336 rows; GPU time through CUDA graphs: scripts/bench_metric_learner.py --sweep). The
+# forward's num_stages is its weight loop's software-pipelining depth.
 KERNEL_CONFIGS = {
-    "fwd": {64: (64, 4, 1), 32: (64, 4, 2)},
+    "fwd": {64: (64, 4, 3), 32: (64, 4, 3)},
     "bwd_rows": {64: (64, 4, 1), 32: (64, 4, 2)},
-    "bwd_params": (32, 64, 4, 3),
+    "bwd_params": (64, 64, 4, 3),
 }
 # Row splits of the parameter-gradient kernel (None: enough programs for PARAM_GRAD_WAVES waves over the GPU's SMs;
 # the sweep measured 6 waves 15% faster than 2, with deterministic partial sums all the same).
@@ -287,8 +293,10 @@ if triton is not None:
         X, OUT, WS, BS, B3, LNW, LNB, XIN, Z, MEAN, RSTD, N, U, J,
         EPS: tl.constexpr,  # (a constant: inductor would pass a Python float argument as float64)
         D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
-        SAVE: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+        SAVE: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
     ):
+        # One loop over every (GLU, hidden chunk) of the learner, so that Triton's software pipeliner streams the
+        # weight tiles ahead of their products; a GLU's (and a unit's) end is a branch inside it.
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
@@ -299,63 +307,47 @@ if triton is not None:
         wofs = hh[:, None] * D + cols[None, :]
         SLAB: tl.constexpr = HP * D
         CHUNKS: tl.constexpr = HP // BLOCK_H
-        last = U * J * CHUNKS - 1
-        # Each weight tile is loaded one chunk ahead (across GLU and unit boundaries too), so that its load overlaps
-        # the previous chunk's products.
-        t = pid * 0
-        w1 = tl.load(WS + wofs)
-        w2 = tl.load(WS + SLAB + wofs)
-        w3 = tl.load(WS + 2 * SLAB + wofs)
-        if HAS_BIAS:
-            b1 = tl.load(BS + hh)
-            b2 = tl.load(BS + HP + hh)
+        G = U * J
         a = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
-        for u in range(U):
-            y = a
-            for j in range(J):
-                g = u * J + j
-                xin = y.to(CD)
-                if SAVE:
-                    tl.store(XIN + g * N * D + offs, xin, mask=m2)
-                acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-                for _c in tl.static_range(CHUNKS):
-                    t = t + 1
-                    nt = tl.minimum(t, last)
-                    ng = nt // CHUNKS
-                    nh = (nt % CHUNKS) * BLOCK_H
-                    base = WS + ng * 3 * SLAB + nh * D
-                    n1 = tl.load(base + wofs)
-                    n2 = tl.load(base + SLAB + wofs)
-                    n3 = tl.load(base + 2 * SLAB + wofs)
-                    if HAS_BIAS:
-                        nb1 = tl.load(BS + ng * 2 * HP + nh + hh)
-                        nb2 = tl.load(BS + ng * 2 * HP + HP + nh + hh)
-                    h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
-                    h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
-                    if HAS_BIAS:
-                        h1 += b1[None, :]
-                        h2 += b2[None, :]
-                        b1 = nb1
-                        b2 = nb2
-                    act = h1 * tl.sigmoid(h1) * h2  # zero in the padded hidden units
-                    acc += tl.dot(act.to(CD), w3, input_precision=PREC)
-                    w1 = n1
-                    w2 = n2
-                    w3 = n3
+        xin = a.to(CD)
+        if SAVE:
+            tl.store(XIN + offs, xin, mask=m2)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        for t in tl.range(0, G * CHUNKS, num_stages=STAGES):
+            g = t // CHUNKS
+            c = t - g * CHUNKS
+            base = WS + g * 3 * SLAB + c * BLOCK_H * D
+            h1 = tl.dot(xin, tl.trans(tl.load(base + wofs)), input_precision=PREC)
+            h2 = tl.dot(xin, tl.trans(tl.load(base + SLAB + wofs)), input_precision=PREC)
+            if HAS_BIAS:
+                h1 += tl.load(BS + g * 2 * HP + c * BLOCK_H + hh)[None, :]
+                h2 += tl.load(BS + g * 2 * HP + HP + c * BLOCK_H + hh)[None, :]
+            act = h1 * tl.sigmoid(h1) * h2  # zero in the padded hidden units
+            acc = tl.dot(act.to(CD), tl.load(base + 2 * SLAB + wofs), acc, input_precision=PREC)
+            if c == CHUNKS - 1:  # GLU g done: acc is its output
                 if HAS_BIAS:
                     acc += tl.load(B3 + g * D + cols).to(tl.float32)[None, :]
-                y = acc
-            z = a + y
-            mean = tl.sum(z, axis=1) / D
-            zc = z - mean[:, None]
-            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
-            if SAVE:
-                tl.store(Z + u * N * D + offs, z, mask=m2)
-                tl.store(MEAN + u * N + rows, mean, mask=rmask)
-                tl.store(RSTD + u * N + rows, rstd, mask=rmask)
-            lnw = tl.load(LNW + u * D + cols).to(tl.float32)
-            lnb = tl.load(LNB + u * D + cols).to(tl.float32)
-            a = zc * rstd[:, None] * lnw[None, :] + lnb[None, :]
+                u = g // J
+                if g - u * J == J - 1:  # unit u done: residual sum and LayerNorm
+                    z = a + acc
+                    mean = tl.sum(z, axis=1) / D
+                    zc = z - mean[:, None]
+                    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
+                    if SAVE:
+                        tl.store(Z + u * N * D + offs, z, mask=m2)
+                        tl.store(MEAN + u * N + rows, mean, mask=rmask)
+                        tl.store(RSTD + u * N + rows, rstd, mask=rmask)
+                    lnw = tl.load(LNW + u * D + cols).to(tl.float32)
+                    lnb = tl.load(LNB + u * D + cols).to(tl.float32)
+                    a = zc * rstd[:, None] * lnw[None, :] + lnb[None, :]
+                    y = a
+                else:
+                    y = acc
+                xin = y.to(CD)
+                if SAVE:
+                    if g + 1 < G:
+                        tl.store(XIN + (g + 1) * N * D + offs, xin, mask=m2)
+                acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         tl.store(OUT + offs, a.to(OUT.dtype.element_ty), mask=m2)
 
     @triton.jit
@@ -481,22 +473,22 @@ if triton is not None:
                 offs = g * N * D + rows[:, None] * D + cols[None, :]
                 xin = tl.load(XIN + offs, mask=m2, other=0.0)
                 gyc = tl.load(GY + offs, mask=m2, other=0.0)
-                h1 = tl.dot(xin, tl.trans(w1), input_precision=PREC)
-                h2 = tl.dot(xin, tl.trans(w2), input_precision=PREC)
+                h1 = tl.dot(w1, tl.trans(xin), input_precision=PREC)  # [BLOCK_H, BLOCK_M]: transposed throughout
+                h2 = tl.dot(w2, tl.trans(xin), input_precision=PREC)
                 if HAS_BIAS:
-                    h1 += b1[None, :]
-                    h2 += b2[None, :]
-                gp = tl.dot(gyc, tl.trans(w3t), input_precision=PREC)  # zero in the masked rows
+                    h1 += b1[:, None]
+                    h2 += b2[:, None]
+                gp = tl.dot(w3t, tl.trans(gyc), input_precision=PREC)  # zero in the masked rows
                 sig = tl.sigmoid(h1)
                 silu = h1 * sig
                 gh1 = gp * h2 * sig * (1.0 + h1 * (1.0 - sig))
                 gh2 = gp * silu
-                dw1 += tl.dot(tl.trans(gh1.to(CD)), xin, input_precision=PREC)
-                dw2 += tl.dot(tl.trans(gh2.to(CD)), xin, input_precision=PREC)
-                dw3t += tl.dot(tl.trans((silu * h2).to(CD)), gyc, input_precision=PREC)
+                dw1 = tl.dot(gh1.to(CD), xin, dw1, input_precision=PREC)
+                dw2 = tl.dot(gh2.to(CD), xin, dw2, input_precision=PREC)
+                dw3t = tl.dot((silu * h2).to(CD), gyc, dw3t, input_precision=PREC)
                 if HAS_BIAS:
-                    db1 += tl.sum(gh1, axis=0)
-                    db2 += tl.sum(gh2, axis=0)
+                    db1 += tl.sum(gh1, axis=1)
+                    db2 += tl.sum(gh2, axis=1)
                     db3 += tl.sum(gyc.to(tl.float32), axis=0)
             w_offs = hidx[:, None] * D + cols[None, :]
             tl.store(out + g * 2 * H * D + w_offs, dw1, mask=hm[:, None])
@@ -570,7 +562,7 @@ def _stage_weights(W12, W3, B12, layout: _Layout, cd, wrap):
 def _row_config(kind: str, rows: int, d: int, device: torch.device):
     """(BLOCK_M, BLOCK_H, num_warps, num_stages) of a row kernel: the largest row block of its configurations that
     still gives every SM a program, else the smallest (e.g. on 132 SMs: 64 rows at 14336 rows, 32 at 7168 and 3584).
-    BLOCK_H is capped at 4096 / d: the forward holds two chunks' weight tiles [BLOCK_H, d] in registers."""
+    BLOCK_H is capped at 4096 / d: the forward keeps the weight tiles [BLOCK_H, d] of several chunks in flight."""
     configs = KERNEL_CONFIGS[kind]
     sms = _sm_count(device)
     fits = [bm for bm in configs if triton.cdiv(rows, bm) >= sms]
@@ -613,7 +605,7 @@ def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out
             kernel[(triton.cdiv(N, bm),)](
                 x, out, ws, biases[0], biases[1], LNW, LNB, *saved, N, U, J,
                 EPS=float(eps), D=D, HP=ws.shape[2], BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, SAVE=save,
-                CD=_TL_DTYPES[cd], PREC=_dot_precision(cd), num_warps=warps, num_stages=stages,
+                CD=_TL_DTYPES[cd], PREC=_dot_precision(cd), STAGES=stages, num_warps=warps, num_stages=stages,
             )
     if not save:
         ws, bs = ws.new_empty(0), bs.new_empty(0)
@@ -801,6 +793,9 @@ A_LM_EPSILON = 1e-9
 # Dot precision of the power law's kernels (float32 operands): "tf32x3" (three TF32 tensor-core passes, float32
 # accuracy) or "ieee" (CUDA cores, far slower; see the kernels).
 POWER_LAW_PRECISION = "tf32x3"
+# (column block, num_warps) of the power law's backward kernel; an H200 sweep at batch 8 and 16 x 14 heads, d = 64
+# (GPU time, us): (64, 8) 47 and 83, (32, 4) 28 and 51, (16, 4) 31 and 42.
+POWER_LAW_BWD_CONFIG = (16, 4)
 
 
 def _power_law_terms(A, W, b, p):
@@ -874,49 +869,62 @@ if triton is not None:
     @triton.jit
     def _power_law_bwd_kernel(GAL, GG, A, W, B, PW, CA, GA, PART, H, D: tl.constexpr, EPS: tl.constexpr,
                               HAS_GAL: tl.constexpr, HAS_GG: tl.constexpr, PARAM_GRADS: tl.constexpr,
-                              PREC: tl.constexpr):
+                              PREC: tl.constexpr, BLOCK_C: tl.constexpr):
         # One program per (batch entry n, head h): recomputes the forward, writes dA and, with PARAM_GRADS, this
-        # entry's share of the five parameter gradients into PART [N, 5, H, d, d] (summed over N afterwards). Each
-        # gradient is stored as soon as it is known, so that few d x d tiles are live at once.
+        # entry's share of the five parameter gradients into PART [N, 5, H, d, d] (summed over N afterwards). It walks
+        # the d x d tiles in column blocks of BLOCK_C: every step but dW = sum dz A^T and da = sum dG P^T is
+        # column-wise, and those two are accumulated over the blocks. (Whole d x d tiles at once kept some 16 of them
+        # live, beyond the registers: 440 spilled registers, 83 us a layer at batch 16 x 14 heads on an H200.)
         pid = tl.program_id(0)
         n = pid // H
         h = pid % H
         r = tl.arange(0, D)
         offs = r[:, None] * D + r[None, :]
-        own = pid * D * D + offs
-        par = h * D * D + offs
-        out = PART + (n * 5 * H + h) * D * D + offs
+        par = h * D * D
+        own = pid * D * D
+        out = PART + (n * 5 * H + h) * D * D
         step = H * D * D
-        x = tl.load(A + own)
-        w = tl.load(W + par)
-        z = tl.dot(w, x, input_precision=PREC) + tl.load(B + par)
-        sig = tl.sigmoid(z)
-        alm = z * (z * sig) + EPS
-        dz = z * sig * (2.0 + z * (1.0 - sig))  # d/dz z silu(z) = silu(z) + z silu'(z)
-        if HAS_GAL:
-            gal = tl.load(GAL + own)
-        else:
-            gal = tl.zeros([D, D], dtype=tl.float32)
         if HAS_GG:
-            gg = tl.load(GG + own)
-            pexp = tl.load(PW + par)
-            pw = tl.exp2(pexp * tl.log2(alm))
-            gpw = tl.dot(tl.trans(tl.load(CA + par)), gg, input_precision=PREC)
-            if PARAM_GRADS:
-                tl.store(out + 4 * step, gg)
-                tl.store(out + 3 * step, tl.dot(gg, tl.trans(pw), input_precision=PREC))
-                tl.store(out + 2 * step, gpw * pw * tl.log(alm))
-            gal += gpw * pexp * pw / alm  # p A_LM^(p-1) dP
-        elif PARAM_GRADS:
-            zero = tl.zeros([D, D], dtype=tl.float32)
-            tl.store(out + 2 * step, zero)
-            tl.store(out + 3 * step, zero)
-            tl.store(out + 4 * step, zero)
-        gz = gal * dz
-        tl.store(GA + own, tl.dot(tl.trans(w), gz, input_precision=PREC))
+            g_a = tl.zeros([D, D], dtype=tl.float32)
         if PARAM_GRADS:
-            tl.store(out, tl.dot(gz, tl.trans(x), input_precision=PREC))
-            tl.store(out + step, gz)
+            g_w = tl.zeros([D, D], dtype=tl.float32)
+        for c0 in tl.range(0, D, BLOCK_C):  # (a loop, not unrolled: one block's tiles live at a time)
+            w = tl.load(W + par + offs)  # (reloaded per block, from cache: fewer live registers)
+            cofs = r[:, None] * D + (c0 + tl.arange(0, BLOCK_C))[None, :]
+            x = tl.load(A + own + cofs)
+            z = tl.dot(w, x, input_precision=PREC) + tl.load(B + par + cofs)
+            sig = tl.sigmoid(z)
+            alm = z * (z * sig) + EPS
+            dz = z * sig * (2.0 + z * (1.0 - sig))  # d/dz z silu(z) = silu(z) + z silu'(z)
+            if HAS_GAL:
+                gal = tl.load(GAL + own + cofs)
+            else:
+                gal = tl.zeros([D, BLOCK_C], dtype=tl.float32)
+            if HAS_GG:
+                gg = tl.load(GG + own + cofs)
+                pexp = tl.load(PW + par + cofs)
+                pw = tl.exp2(pexp * tl.log2(alm))
+                gpw = tl.dot(tl.trans(tl.load(CA + par + offs)), gg, input_precision=PREC)
+                if PARAM_GRADS:
+                    tl.store(out + 4 * step + cofs, gg)
+                    tl.store(out + 2 * step + cofs, gpw * pw * tl.log(alm))
+                    g_a = tl.dot(gg, tl.trans(pw), g_a, input_precision=PREC)
+                gal += gpw * pexp * pw / alm  # p A_LM^(p-1) dP
+            elif PARAM_GRADS:
+                zero = tl.zeros([D, BLOCK_C], dtype=tl.float32)
+                tl.store(out + 2 * step + cofs, zero)
+                tl.store(out + 4 * step + cofs, zero)
+            gz = gal * dz
+            tl.store(GA + own + cofs, tl.dot(tl.trans(w), gz, input_precision=PREC))
+            if PARAM_GRADS:
+                g_w = tl.dot(gz, tl.trans(x), g_w, input_precision=PREC)
+                tl.store(out + step + cofs, gz)
+        if PARAM_GRADS:
+            tl.store(out + offs, g_w)
+            if HAS_GG:
+                tl.store(out + 3 * step + offs, g_a)
+            else:
+                tl.store(out + 3 * step + offs, tl.zeros([D, D], dtype=tl.float32))
 
 
 def _power_law_kernels(A: torch.Tensor, W: torch.Tensor) -> bool:
@@ -976,7 +984,8 @@ def power_law_backward(g_A_LM, g_G, A, W, b, p, a, param_grads: bool, wrap: bool
     with _on_device(x):
         kernel = wrap_triton(_power_law_bwd_kernel) if wrap else _power_law_bwd_kernel
         kernel[(programs,)](gal, gg, x, W, b, p, a, gA, part, H, D=d, EPS=A_LM_EPSILON, HAS_GAL=g_A_LM is not None,
-                            HAS_GG=g_G is not None, PARAM_GRADS=param_grads, PREC=POWER_LAW_PRECISION, num_warps=8)
+                            HAS_GG=g_G is not None, PARAM_GRADS=param_grads, PREC=POWER_LAW_PRECISION,
+                            BLOCK_C=min(d, POWER_LAW_BWD_CONFIG[0]), num_warps=POWER_LAW_BWD_CONFIG[1])
     if not param_grads:
         return gA, W.new_empty(0)
     return gA, part[0] if N == 1 else part.sum(0)

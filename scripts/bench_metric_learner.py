@@ -207,11 +207,11 @@ def sweep(args, rows, learner):
     gout = torch.randn(rows, d, device=args.device)
     cd, f32 = torch.bfloat16, torch.float32
     default = copy.deepcopy(ML.KERNEL_CONFIGS)
-    row_options = [(64, 4, 2), (64, 4, 1), (64, 4, 3), (64, 8, 2)]
+    row_options = [(64, 4, 2), (64, 4, 1), (64, 4, 3), (64, 8, 2), (32, 4, 3)]
     candidates = {
         "fwd": [{bm: option} for bm in (64, 32) for option in row_options],
         "bwd_rows": [{bm: option} for bm in (64, 32) for option in row_options],
-        "bwd_params": [(32, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 3), (32, 64, 8, 3)],
+        "bwd_params": [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
     }
     saved = ML._kernel_forward(x, w12, w3, b12, b3, ln_w, ln_b, layout, eps, cd, f32, True, False)[1:]
     runs = {

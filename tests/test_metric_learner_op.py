@@ -322,7 +322,7 @@ def test_row_blocks_and_staged_hidden_size(monkeypatch):
     assert blocks == [64, 64, 32, 32, 32, 32]
     assert ML._row_config("bwd_rows", 14336, 64, cpu) == (64, 64, 4, 1)
     assert ML._row_config("bwd_rows", 3584, 64, cpu) == (32, 64, 4, 2)
-    assert ML._row_config("fwd", 14336, 128, cpu)[1] == 32  # (two [BLOCK_H, d] weight tiles in registers)
+    assert ML._row_config("fwd", 14336, 128, cpu)[1] == 32  # (the weight tiles [BLOCK_H, d] of chunks in flight)
     assert ML._padded_hidden(170) == 192 and ML._padded_hidden(128) == 128 and ML._padded_hidden(20) == 64
 
 
@@ -600,8 +600,10 @@ for name in ("_power_law_fwd_kernel", "_power_law_bwd_kernel"):
             return kernel[grid]
     setattr(ML, name, Spy())
 results = {}
-for batch in ((3,), (2, 2), ()):
-    inputs = _power_law_inputs(batch)
+# (d = 32 with column blocks of 16: the backward walks its tiles in two blocks)
+for batch, d, config in (((3,), 16, (64, 8)), ((2, 2), 16, (64, 8)), ((), 16, (64, 8)), ((2,), 32, (16, 4))):
+    ML.POWER_LAW_BWD_CONFIG = config
+    inputs = _power_law_inputs(batch, d=d)
     g = torch.randn_like(inputs[0])
     exact_inputs = [t.double() for t in inputs]
     for case, (g_A_LM, g_G) in {"both": (g, 2 * g), "G only": (None, g), "A_LM only": (g, None)}.items():
@@ -617,7 +619,7 @@ for batch in ((3,), (2, 2), ()):
                 assert (got is None) == (want is None), (case, k)
                 errs.append(None if want is None else _rel(got, want))
             row["kernel" if kernels else "reference"] = errs
-        results[f"{batch} {case}"] = row
+        results[f"{batch} d={d} {case}"] = row
 print(json.dumps(results))
 '''
 
@@ -627,7 +629,7 @@ def test_power_law_kernels_in_the_interpreter():
     # float32 kernels (one forward, one backward launch) against the float64 power law, as close as the float32
     # reference path, for losses on both outputs, on G_LM alone and on A_LM alone (p, a, ba then get no gradient)
     results = _interpreted(_POWER_LAW_INTERPRETER_SCRIPT)
-    assert len(results) == 9
+    assert len(results) == 12
     for case, row in results.items():
         assert len(row["kernel"]) == 2 + 6
         for k, r in zip(row["kernel"], row["reference"]):
