@@ -99,6 +99,20 @@ KERNEL_CONFIGS = {
     "fwd": {64: (64, 4, 3), 32: (64, 4, 3)},
     "bwd_rows": {64: (64, 4, 1), 32: (64, 4, 2)},
     "bwd_params": (64, 64, 4, 3),
+    # (column block, num_warps) of the power law's backward kernel (see power_law_backward); the H200 sweep at batch 8
+    # and 16 x 14 heads, d = 64 (GPU time, us): (64, 8) 47 and 83, (32, 4) 28 and 51, (16, 4) 31 and 42.
+    "power_law_bwd": (16, 4),
+}
+# Some of these took up to 96 KB of shared memory per program on the H200 (the forward's 64-row blocks, the power
+# law's backward). GPUs that give a program less than SHARED_MEMORY_NEEDED (Triton's own figure for the device; e.g.
+# 99 KB on Ampere and Ada workstation GPUs, 64 KB on Turing; other architectures also lay it out differently, hence the
+# margin) take SMALL_SHARED_MEMORY_CONFIGS, which took at most 46 KB there, rather than fail to launch.
+SHARED_MEMORY_NEEDED = 128 * 1024
+SMALL_SHARED_MEMORY_CONFIGS = {
+    "fwd": {64: (32, 4, 2), 32: (64, 4, 2)},
+    "bwd_rows": {64: (64, 4, 1), 32: (64, 4, 1)},
+    "bwd_params": (32, 64, 4, 3),
+    "power_law_bwd": (64, 8),
 }
 # Row splits of the parameter-gradient kernel (None: enough programs for PARAM_GRAD_WAVES waves over the GPU's SMs;
 # the sweep measured 6 waves 15% faster than 2, with deterministic partial sums all the same).
@@ -515,6 +529,23 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[key]
 
 
+_SHARED_MEMORY: dict = {}
+
+
+def _kernel_configs(device: torch.device) -> dict:
+    """KERNEL_CONFIGS, or SMALL_SHARED_MEMORY_CONFIGS on a GPU whose programs get less shared memory than
+    SHARED_MEMORY_NEEDED."""
+    if device.type != "cuda":
+        return KERNEL_CONFIGS
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SHARED_MEMORY:
+        try:  # the limit Triton itself checks a kernel against
+            _SHARED_MEMORY[key] = triton.runtime.driver.active.utils.get_device_properties(key)["max_shared_mem"]
+        except Exception:  # noqa: BLE001  (unknown: take the configurations that need little)
+            _SHARED_MEMORY[key] = getattr(torch.cuda.get_device_properties(key), "shared_memory_per_block_optin", 0)
+    return KERNEL_CONFIGS if _SHARED_MEMORY[key] >= SHARED_MEMORY_NEEDED else SMALL_SHARED_MEMORY_CONFIGS
+
+
 def _use_kernels(x: torch.Tensor, w12: torch.Tensor, layout: _Layout, cd: torch.dtype) -> bool:
     """Whether the Triton kernels take this call: CUDA (or the interpreter on CPU), d a power of two in [16, 128]
     (the rows live in registers), bfloat16/float16 GEMMs (float32: see FLOAT32_KERNELS), and offsets that fit in 32
@@ -537,9 +568,10 @@ def _dot_precision(cd: torch.dtype) -> str:
 
 
 def _padded_hidden(hidden: int) -> int:
-    """The hidden size of the staged weights: a multiple of every kernel's BLOCK_H."""
-    block = max([cfg[0] for kind in ("fwd", "bwd_rows") for cfg in KERNEL_CONFIGS[kind].values()]
-                + [KERNEL_CONFIGS["bwd_params"][1]])
+    """The hidden size of the staged weights: a multiple of every kernel's BLOCK_H (in either set of configurations)."""
+    block = max([cfg[0] for configs in (KERNEL_CONFIGS, SMALL_SHARED_MEMORY_CONFIGS) for kind in ("fwd", "bwd_rows")
+                 for cfg in configs[kind].values()]
+                + [configs["bwd_params"][1] for configs in (KERNEL_CONFIGS, SMALL_SHARED_MEMORY_CONFIGS)])
     return triton.cdiv(hidden, block) * block
 
 
@@ -563,7 +595,7 @@ def _row_config(kind: str, rows: int, d: int, device: torch.device):
     """(BLOCK_M, BLOCK_H, num_warps, num_stages) of a row kernel: the largest row block of its configurations that
     still gives every SM a program, else the smallest (e.g. on 132 SMs: 64 rows at 14336 rows, 32 at 7168 and 3584).
     BLOCK_H is capped at 4096 / d: the forward keeps the weight tiles [BLOCK_H, d] of several chunks in flight."""
-    configs = KERNEL_CONFIGS[kind]
+    configs = _kernel_configs(device)[kind]
     sms = _sm_count(device)
     fits = [bm for bm in configs if triton.cdiv(rows, bm) >= sms]
     bm = max(fits) if fits else min(configs)
@@ -637,7 +669,7 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, ws, bs, layo
         )
         if not param_grads:
             return gx, W12.new_empty(0)
-        bm, bh, warps, stages = KERNEL_CONFIGS["bwd_params"]
+        bm, bh, warps, stages = _kernel_configs(gout.device)["bwd_params"]
         tiles = G * (hp // bh) + 1  # + the LayerNorm program
         row_blocks = triton.cdiv(N, bm)
         splits = PARAM_GRAD_SPLITS or triton.cdiv(PARAM_GRAD_WAVES * _sm_count(gout.device), tiles)
@@ -793,9 +825,6 @@ A_LM_EPSILON = 1e-9
 # Dot precision of the power law's kernels (float32 operands): "tf32x3" (three TF32 tensor-core passes, float32
 # accuracy) or "ieee" (CUDA cores, far slower; see the kernels).
 POWER_LAW_PRECISION = "tf32x3"
-# (column block, num_warps) of the power law's backward kernel; an H200 sweep at batch 8 and 16 x 14 heads, d = 64
-# (GPU time, us): (64, 8) 47 and 83, (32, 4) 28 and 51, (16, 4) 31 and 42.
-POWER_LAW_BWD_CONFIG = (16, 4)
 
 
 def _power_law_terms(A, W, b, p):
@@ -981,11 +1010,12 @@ def power_law_backward(g_A_LM, g_G, A, W, b, p, a, param_grads: bool, wrap: bool
     part = x.new_empty((N, 5, H, d, d)) if param_grads else gA
     gal = gA if g_A_LM is None else g_A_LM.contiguous()  # (not read without it)
     gg = gA if g_G is None else g_G.contiguous()
+    config = _kernel_configs(x.device)["power_law_bwd"]
     with _on_device(x):
         kernel = wrap_triton(_power_law_bwd_kernel) if wrap else _power_law_bwd_kernel
         kernel[(programs,)](gal, gg, x, W, b, p, a, gA, part, H, D=d, EPS=A_LM_EPSILON, HAS_GAL=g_A_LM is not None,
                             HAS_GG=g_G is not None, PARAM_GRADS=param_grads, PREC=POWER_LAW_PRECISION,
-                            BLOCK_C=min(d, POWER_LAW_BWD_CONFIG[0]), num_warps=POWER_LAW_BWD_CONFIG[1])
+                            BLOCK_C=min(d, config[0]), num_warps=config[1])
     if not param_grads:
         return gA, W.new_empty(0)
     return gA, part[0] if N == 1 else part.sum(0)

@@ -326,6 +326,24 @@ def test_row_blocks_and_staged_hidden_size(monkeypatch):
     assert ML._padded_hidden(170) == 192 and ML._padded_hidden(128) == 128 and ML._padded_hidden(20) == 64
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_gpus_with_little_shared_memory_take_the_small_configurations(monkeypatch):
+    # A GPU whose programs get 64 KB of shared memory (Turing) cannot launch the H200-tuned blocks (up to 96 KB there):
+    # it takes the configurations that need less; one with 227 KB (Hopper) the tuned ones. (Device indices with their
+    # limits filled in: no GPU is needed.)
+    monkeypatch.setattr(ML, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(ML, "_SHARED_MEMORY", {0: 64 * 1024, 1: 227 * 1024})
+    small, large = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert ML._kernel_configs(small) is ML.SMALL_SHARED_MEMORY_CONFIGS
+    assert ML._kernel_configs(large) is ML.KERNEL_CONFIGS
+    assert ML._row_config("fwd", 14336, 64, small) == (64, 32, 4, 2)
+    assert ML._row_config("fwd", 14336, 64, large) == (64, 64, 4, 3)
+    assert ML._row_config("bwd_rows", 3584, 64, small) == (32, 64, 4, 1)
+    assert ML._kernel_configs(small)["bwd_params"] == (32, 64, 4, 3)
+    assert ML._kernel_configs(small)["power_law_bwd"] == (64, 8)
+    assert ML._padded_hidden(170) == 192  # (the same staged weights either way)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The Triton kernels under Triton's CPU interpreter
 # ---------------------------------------------------------------------------------------------------------------------
@@ -602,7 +620,7 @@ for name in ("_power_law_fwd_kernel", "_power_law_bwd_kernel"):
 results = {}
 # (d = 32 with column blocks of 16: the backward walks its tiles in two blocks)
 for batch, d, config in (((3,), 16, (64, 8)), ((2, 2), 16, (64, 8)), ((), 16, (64, 8)), ((2,), 32, (16, 4))):
-    ML.POWER_LAW_BWD_CONFIG = config
+    ML.KERNEL_CONFIGS["power_law_bwd"] = config
     inputs = _power_law_inputs(batch, d=d)
     g = torch.randn_like(inputs[0])
     exact_inputs = [t.double() for t in inputs]
