@@ -93,8 +93,8 @@ _KERNELS_ON_CPU = False
 # Kernel block sizes. The row kernels (forward; backward over rows) map a row block BLOCK_M to (BLOCK_H hidden units,
 # num_warps, num_stages) and take the largest BLOCK_M that still gives every SM a program (see _row_config); the
 # parameter-gradient kernel has one (BLOCK_M, BLOCK_H, num_warps, num_stages). The fastest of a sweep on an H200 at the
-# 110M sizes (bf16; 7168 and 14336 rows; GPU time through CUDA graphs: scripts/bench_metric_learner.py --sweep). The
-# forward's num_stages is its weight loop's software-pipelining depth.
+# 110M sizes (bf16; 7168 and 14336 rows; GPU time through CUDA graphs, as scripts/bench_metric_learner.py --sweep
+# takes it). The forward's num_stages is its weight loop's software-pipelining depth.
 KERNEL_CONFIGS = {
     "fwd": {64: (64, 4, 3), 32: (64, 4, 3)},
     "bwd_rows": {64: (64, 4, 1), 32: (64, 4, 2)},
