@@ -511,6 +511,26 @@ def test_cuda_kernels_match_the_reference_at_small_sizes(d, hidden, units, rows)
 
 
 @needs_cuda_triton
+def test_cuda_kernels_with_the_small_shared_memory_configurations(monkeypatch):
+    # What a GPU that gives a program little shared memory runs (SMALL_SHARED_MEMORY_CONFIGS), checked on the GPU at
+    # hand: the learner at both row blocks (64 at 14336 rows, 32 at 2688 on 132 SMs) and the power law, against the
+    # reference path
+    monkeypatch.setattr(ML, "_SHARED_MEMORY", {torch.cuda.current_device(): 64 * 1024})
+    assert ML._kernel_configs(torch.device("cuda")) is ML.SMALL_SHARED_MEMORY_CONFIGS
+    for shape in ((16, 14, 64), (3, 14, 64)):
+        (out, grads), (ref, ref_grads), (exact, exact_grads) = _cuda_case(torch.bfloat16, True, shape)
+        for k, r, e in zip((out, *grads), (ref, *ref_grads), (exact, *exact_grads)):
+            assert _rel(k, e) <= max(2e-2, 2 * _rel(r, e))
+    inputs = _power_law_inputs((4,), H=14, d=64, device="cuda")
+    g_A_LM, g_G = torch.randn_like(inputs[0]), torch.randn_like(inputs[0])
+    exact = _power_law_grads(_reference_outputs, [t.double() for t in inputs], g_A_LM, g_G)
+    outs, grads = _power_law_grads(ML.power_law, inputs, g_A_LM, g_G)
+    ref, ref_grads = _power_law_grads(_reference_outputs, inputs, g_A_LM, g_G)
+    for k, r, e in zip((*outs, *grads), (*ref, *ref_grads), (*exact[0], *exact[1])):
+        assert _rel(k, e) <= max(1e-5, 2 * _rel(r, e))
+
+
+@needs_cuda_triton
 def test_cuda_frozen_learner_and_no_grad():
     (out, grads), (ref, ref_grads), (exact, exact_grads) = _cuda_case(torch.bfloat16, True, (2, 14, 64), frozen=True)
     assert len(grads) == 1 and _rel(grads[0], exact_grads[0]) <= max(2e-2, 2 * _rel(ref_grads[0], exact_grads[0]))
