@@ -521,13 +521,7 @@ def test_cuda_kernels_with_the_small_shared_memory_configurations(monkeypatch):
         (out, grads), (ref, ref_grads), (exact, exact_grads) = _cuda_case(torch.bfloat16, True, shape)
         for k, r, e in zip((out, *grads), (ref, *ref_grads), (exact, *exact_grads)):
             assert _rel(k, e) <= max(2e-2, 2 * _rel(r, e))
-    inputs = _power_law_inputs((4,), H=14, d=64, device="cuda")
-    g_A_LM, g_G = torch.randn_like(inputs[0]), torch.randn_like(inputs[0])
-    exact = _power_law_grads(_reference_outputs, [t.double() for t in inputs], g_A_LM, g_G)
-    outs, grads = _power_law_grads(ML.power_law, inputs, g_A_LM, g_G)
-    ref, ref_grads = _power_law_grads(_reference_outputs, inputs, g_A_LM, g_G)
-    for k, r, e in zip((*outs, *grads), (*ref, *ref_grads), (*exact[0], *exact[1])):
-        assert _rel(k, e) <= max(1e-5, 2 * _rel(r, e))
+    _cuda_power_law_case((4,))
 
 
 @needs_cuda_triton
@@ -676,18 +670,25 @@ def test_power_law_kernels_in_the_interpreter():
                 assert k <= max(2e-6, 2 * r), (case, row)
 
 
+def _cuda_power_law_case(batch, device="cuda"):
+    """The power law's kernels (float32) against the float64 reference, as close as the float32 reference path, at
+    14 heads and d = 64; returns the inputs, the output gradients and the float64 results."""
+    inputs = _power_law_inputs(batch, H=14, d=64, device=device)
+    g_A_LM, g_G = torch.randn_like(inputs[0]), torch.randn_like(inputs[0])
+    exact = _power_law_grads(_reference_outputs, [t.double() for t in inputs], g_A_LM, g_G)
+    outs, grads = _power_law_grads(ML.power_law, inputs, g_A_LM, g_G)
+    ref, ref_grads = _power_law_grads(_reference_outputs, inputs, g_A_LM, g_G)
+    for k, r, e in zip((*outs, *grads), (*ref, *ref_grads), (*exact[0], *exact[1])):
+        assert _rel(k, e) <= max(1e-5, 2 * _rel(r, e))
+    return inputs, g_A_LM, g_G, exact
+
+
 @needs_cuda_triton
 def test_cuda_power_law_kernels_match_the_reference():
     from torch._inductor.utils import run_and_get_code
 
     for batch in ((4,), (16,), ()):
-        inputs = _power_law_inputs(batch, H=14, d=64, device="cuda")
-        g_A_LM, g_G = torch.randn_like(inputs[0]), torch.randn_like(inputs[0])
-        exact = _power_law_grads(_reference_outputs, [t.double() for t in inputs], g_A_LM, g_G)
-        outs, grads = _power_law_grads(ML.power_law, inputs, g_A_LM, g_G)
-        ref, ref_grads = _power_law_grads(_reference_outputs, inputs, g_A_LM, g_G)
-        for k, r, e in zip((*outs, *grads), (*ref, *ref_grads), (*exact[0], *exact[1])):
-            assert _rel(k, e) <= max(1e-5, 2 * _rel(r, e))
+        inputs, g_A_LM, g_G, exact = _cuda_power_law_case(batch)
     # under torch.compile inductor launches the two kernels from its own code
     compiled = torch.compile(ML.power_law, fullgraph=True)
     (outs, codes) = run_and_get_code(lambda *x: _power_law_grads(compiled, x, g_A_LM, g_G), *inputs)
