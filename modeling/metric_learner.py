@@ -913,10 +913,9 @@ if triton is not None:
         own = pid * D * D
         out = PART + (n * 5 * H + h) * D * D
         step = H * D * D
-        if HAS_GG:
-            g_a = tl.zeros([D, D], dtype=tl.float32)
         if PARAM_GRADS:
             g_w = tl.zeros([D, D], dtype=tl.float32)
+            g_a = tl.zeros([D, D], dtype=tl.float32)  # (stays zero without a gradient of G_LM)
         for c0 in tl.range(0, D, BLOCK_C):  # (a loop, not unrolled: one block's tiles live at a time)
             w = tl.load(W + par + offs)  # (reloaded per block, from cache: fewer live registers)
             cofs = r[:, None] * D + (c0 + tl.arange(0, BLOCK_C))[None, :]
@@ -950,10 +949,7 @@ if triton is not None:
                 tl.store(out + step + cofs, gz)
         if PARAM_GRADS:
             tl.store(out + offs, g_w)
-            if HAS_GG:
-                tl.store(out + 3 * step + offs, g_a)
-            else:
-                tl.store(out + 3 * step + offs, tl.zeros([D, D], dtype=tl.float32))
+            tl.store(out + 3 * step + offs, g_a)
 
 
 def _power_law_kernels(A: torch.Tensor, W: torch.Tensor) -> bool:

@@ -206,7 +206,8 @@ def sweep(args, rows, learner):
     x = torch.randn(rows, d, device=args.device)
     gout = torch.randn(rows, d, device=args.device)
     cd, f32 = torch.bfloat16, torch.float32
-    default = copy.deepcopy(ML.KERNEL_CONFIGS)
+    active = ML._kernel_configs(torch.device(args.device))  # (the set this GPU runs: see SHARED_MEMORY_NEEDED)
+    default = copy.deepcopy(active)
     row_options = [(64, 4, 2), (64, 4, 1), (64, 4, 3), (64, 8, 2), (32, 4, 3)]
     candidates = {
         "fwd": [{bm: option} for bm in (64, 32) for option in row_options],
@@ -223,8 +224,8 @@ def sweep(args, rows, learner):
     for kernel, configs in candidates.items():
         times = {}
         for config in configs:
-            ML.KERNEL_CONFIGS.update(copy.deepcopy(default))
-            ML.KERNEL_CONFIGS[kernel] = config
+            active.update(copy.deepcopy(default))
+            active[kernel] = config
             name = str(next(iter(config.items())) if isinstance(config, dict) else config)
             try:
                 times[name] = triton.testing.do_bench_cudagraph(runs[kernel], rep=30, return_mode="median")
@@ -232,7 +233,7 @@ def sweep(args, rows, learner):
                 times[name] = f"failed: {type(err).__name__}: {str(err)[:200]}"
         timed = {k: v for k, v in times.items() if isinstance(v, float)}
         result[kernel] = {"gpu_ms": times, "best": min(timed, key=timed.get) if timed else None}
-    ML.KERNEL_CONFIGS.update(default)
+    active.update(default)
     # row splits of the parameter-gradient kernel
     splits = {}
     for n in (None, 2, 8, 16, 32):
@@ -266,7 +267,7 @@ def main(argv=None):
         "triton": getattr(ML.triton, "__version__", None),
         "sizes": {"d": args.d, "A_dff": args.hidden, "units": args.units, "glus": args.glus},
         "kernel_configs": {k: ({str(bm): list(c) for bm, c in v.items()} if isinstance(v, dict) else list(v))
-                           for k, v in ML.KERNEL_CONFIGS.items()},
+                           for k, v in ML._kernel_configs(torch.device(args.device)).items()},
         "results": {},
     }
 
