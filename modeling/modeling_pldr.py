@@ -45,6 +45,7 @@ from .configuration_pldr import PldrConfig
 from .metric_learner import (  # noqa: F401  (A_LM_EPSILON: re-exported)
     A_LM_EPSILON,
     fused_metric_learner,
+    joint_swiglu,
     plain_linears,
     power_law,
     stacked_metric_learner,
@@ -345,6 +346,10 @@ class _DecodeWeightCopies:
         self._decode_weights = None
 
 
+# (activation names whose SwiGLUs the fused kernels compute: the metric learner's operator, the FFN's joint_swiglu)
+_SILU_ACTS = ("silu", "swish")
+
+
 class PldrGLU(_DecodeWeightCopies, nn.Module):
     """SwiGLU with biases: ``gluw3(act(gluw1 z) * gluw2 z)``.
 
@@ -360,7 +365,8 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
     kernels pad its hidden width themselves.
 
     * Large inputs (training, prefill: at least ``MIN_PADDED_ROWS`` rows) pad the weights on the fly, with gluw1 and
-      gluw2 as one GEMM.
+      gluw2 as one GEMM. With SiLU, the activation and product on that GEMM's output are one operator
+      (``metric_learner.joint_swiglu``: one Triton kernel forward and one backward on CUDA, eager and compiled).
     * Decoding steps would pay that copy every step, so inside ``generate()`` (:meth:`PldrForCausalLM.generate`) the
       FFN uses padded copies of its weights made once per call (:meth:`arm_decode_weights`), with gluw1 and gluw2 as
       one GEMM. They stay allocated at fixed addresses between calls (refreshed from the parameters at the start of
@@ -380,6 +386,7 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
         self.gluw2 = nn.Linear(in_features, hidden_features, bias=bias)
         self.gluw3 = nn.Linear(hidden_features, out_features, bias=bias)
         self.act_fn = ACT2FN[act]
+        self.silu = act in _SILU_ACTS
         self.hidden_pad = (-hidden_features) % self.ALIGN if align_hidden and hidden_features % 8 else 0
         # (padded W1|W2, b1|b2 or None, padded W3) for decoding; used while armed (inside generate)
         self._decode_weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
@@ -402,8 +409,12 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
                     h12 = _linear_bias_folded(x, w12, b12)
                 else:
                     h12 = _linear_bias_apart_if_compiled(x, w12, b12)
-                h1, h2 = h12.chunk(2, dim=-1)
-                return F.linear(self.act_fn(h1) * h2, F.pad(self.gluw3.weight, (0, pad)), self.gluw3.bias)
+                if self.silu:  # (one kernel forward, one backward on CUDA: see metric_learner.joint_swiglu)
+                    hidden = joint_swiglu(h12)
+                else:
+                    h1, h2 = h12.chunk(2, dim=-1)
+                    hidden = self.act_fn(h1) * h2
+                return F.linear(hidden, F.pad(self.gluw3.weight, (0, pad)), self.gluw3.bias)
         return self.gluw3(self.act_fn(self.gluw1(x)) * self.gluw2(x))
 
     @torch.no_grad()
@@ -448,8 +459,6 @@ class PldrResidualMetricUnit(nn.Module):
             A = glu(A)
         return self.layernormA(A + residual)
 
-
-_STACKED_LEARNER_ACTS = ("silu", "swish")
 
 
 class PldrMetricLearner(nn.Module):
@@ -825,7 +834,7 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         self.dense = nn.Linear(D, D, bias=config.attention_bias)
         if self.learned_G:
             self.layernorm1 = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
-            if config.hidden_act in _STACKED_LEARNER_ACTS:
+            if config.hidden_act in _SILU_ACTS:
                 self.reslayerAs = PldrMetricLearner(config)
             else:  # the operator computes SwiGLUs only: other activations keep the modules
                 self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])

@@ -352,7 +352,7 @@ def test_gpus_with_little_shared_memory_take_the_small_configurations(monkeypatc
 # converted with int() on one-element arrays, which NumPy >= 2.4 rejects; tl.dot multiplies bfloat16 operands as
 # their raw 16-bit patterns; and float32 -> bfloat16 casts truncate (or, asked to round, drop the carry) where the GPU
 # rounds to nearest even.
-_INTERPRETER_SCRIPT = r'''
+_INTERPRETER_PATCHES = r'''
 import copy, json, os, sys
 assert os.environ.get("TRITON_INTERPRET") == "1"
 import numpy as np
@@ -383,7 +383,8 @@ def _convert_float(data, src, dst, rounding_mode):
         return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     return _convert(data, src, dst, rounding_mode)
 interp._convert_float = _convert_float
-
+'''
+_INTERPRETER_SCRIPT = _INTERPRETER_PATCHES + r'''
 from test_metric_learner_op import _learner, _modules, _grads, _rel
 from pldr_hf.modeling import metric_learner as ML
 
@@ -429,6 +430,22 @@ for case, (bias, frozen, autocast) in {
     }
 print(json.dumps(results))
 '''
+
+
+def _record_launches(module, names) -> list:
+    """Replaces the named Triton kernels of ``module`` by wrappers that append their name to the returned list at each
+    launch (for the interpreter scripts)."""
+    launched = []
+    for name in names:
+        kernel = getattr(module, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                launched.append(name)
+                return kernel[grid]
+
+        setattr(module, name, Spy())
+    return launched
 
 
 def _interpreted(script: str):
@@ -586,6 +603,138 @@ def _power_law_grads(fn, inputs, g_A_LM, g_G):
     return outs, grads
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The FFN's SwiGLU on the joint W1|W2 output (joint_swiglu: pldr::swiglu_fwd / pldr::swiglu_bwd)
+# ---------------------------------------------------------------------------------------------------------------------
+def _swiglu_exact(h12, g):
+    """silu(h1) * h2 and the gradient of h12, in float64."""
+    h = h12.detach().double().requires_grad_()
+    h1, h2 = h.chunk(2, dim=-1)
+    out = torch.nn.functional.silu(h1) * h2
+    return out, torch.autograd.grad(out, h, g.double())[0]
+
+
+def test_swiglu_opcheck_and_reference():
+    h12 = torch.randn(3, 5, 24, requires_grad=True)
+    g = torch.randn(3, 5, 12)
+    torch.library.opcheck(torch.ops.pldr.swiglu_fwd.default, (h12,))
+    torch.library.opcheck(torch.ops.pldr.swiglu_bwd.default, (g, h12.detach()))
+    out = ML.joint_swiglu(h12)
+    exact, exact_grad = _swiglu_exact(h12, g)
+    assert _rel(out, exact) <= 1e-6
+    assert _rel(torch.autograd.grad(out, h12, g)[0], exact_grad) <= 1e-6
+    compiled = torch.compile(lambda h: torch.ops.pldr.swiglu_fwd(h), fullgraph=True)
+    out = compiled(h12)
+    assert _rel(out, exact) <= 1e-6 and _rel(torch.autograd.grad(out, h12, g)[0], exact_grad) <= 1e-6
+
+
+def test_swiglu_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"swiglu: expected h12 \[\.\.\., 2 \* hidden\]"):
+        ML.joint_swiglu(torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"swiglu: expected the output gradient \[\.\.\., hidden\]"):
+        ML.swiglu_backward(torch.randn(4, 5), torch.randn(4, 8))
+
+
+_SWIGLU_INTERPRETER_SCRIPT = _INTERPRETER_PATCHES + r'''
+import torch.nn.functional as F
+from test_metric_learner_op import _record_launches, _rel, _swiglu_exact
+from pldr_hf.modeling import metric_learner as ML
+from pldr_hf.modeling import modeling_pldr as M
+
+# Blocks of 4 rows x 16 columns: 10 rows are 2 full row blocks and one of 2 (masked); hidden 40 is 2 full column
+# blocks and one of 8 (masked).
+ML.SWIGLU_CONFIG = (4, 16, 4)
+launched = _record_launches(ML, ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"))
+
+def run(h12, g, kernels):
+    ML._KERNELS_ON_CPU = kernels
+    launched.clear()
+    h = h12.detach().requires_grad_()
+    out = ML.joint_swiglu(h)
+    grad = torch.autograd.grad(out, h, g)[0]
+    calls = list(launched)
+    with torch.no_grad():  # (no gradients: the forward kernel alone)
+        assert torch.equal(ML.joint_swiglu(h12), out.detach())
+    return out, grad, calls
+
+results = {}
+for dtype in (torch.float32, torch.bfloat16):
+    h12 = (2 * torch.randn(2, 5, 80)).to(dtype)
+    g = torch.randn(2, 5, 40).to(dtype)
+    exact, exact_grad = _swiglu_exact(h12, g)
+    row = {}
+    for kernels in (True, False):
+        out, grad, calls = run(h12, g, kernels)
+        assert out.dtype == grad.dtype == dtype and grad.shape == h12.shape
+        assert calls == (["_swiglu_fwd_kernel", "_swiglu_bwd_kernel"] if kernels else []), calls
+        row["kernel" if kernels else "reference"] = [_rel(out, exact), _rel(grad, exact_grad)]
+    results[str(dtype)] = row
+
+# The FFN with its hidden width padded (42 -> 64) on CPU: the kernels take the joint W1|W2 output.
+M.PldrGLU.PAD_ON_CPU = True
+ML._KERNELS_ON_CPU = True
+torch.manual_seed(0)
+ffn = M.PldrGLU(16, 42, 16, True, "silu", align_hidden=True)
+x = torch.randn(2, M.PldrGLU.MIN_PADDED_ROWS // 2, 16, requires_grad=True)
+launched.clear()
+out = ffn(x)
+grads = torch.autograd.grad(out.square().sum(), [x, *ffn.parameters()])
+ref = ffn.gluw3(F.silu(ffn.gluw1(x)) * ffn.gluw2(x))
+ref_grads = torch.autograd.grad(ref.square().sum(), [x, *ffn.parameters()])
+results["ffn"] = {"launched": launched, "errors": [_rel(out, ref)] + [_rel(a, b) for a, b in zip(grads, ref_grads)]}
+print(json.dumps(results))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable, so its kernels cannot be interpreted on CPU")
+def test_swiglu_kernels_in_the_interpreter():
+    # one forward and one backward kernel, against float64: float32 as close as the reference (rounding only),
+    # bfloat16 within one rounding of the output (the reference rounds twice: silu(h1), then the product)
+    results = _interpreted(_SWIGLU_INTERPRETER_SCRIPT)
+    for dtype, tol in (("torch.float32", 1e-6), ("torch.bfloat16", 8e-3)):
+        row = results[dtype]
+        for k, r in zip(row["kernel"], row["reference"]):
+            assert k <= max(tol, r), (dtype, row)
+    ffn = results["ffn"]
+    assert ffn["launched"] == ["_swiglu_fwd_kernel", "_swiglu_bwd_kernel"]
+    assert len(ffn["errors"]) == 8 and max(ffn["errors"]) <= 1e-5, ffn
+
+
+@needs_cuda_triton
+def test_cuda_swiglu_kernels_in_the_ffn():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    ffn = M.PldrGLU(256, 597, 256, True, "silu", align_hidden=True).cuda()  # 597 -> 640
+    x = torch.randn(4, 512, 256, device="cuda", requires_grad=True)
+    params = [x, *ffn.parameters()]
+
+    def grads(run, autocast):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = run(x)
+        return [out, *torch.autograd.grad(out.float().square().sum(), params)]
+
+    def reference(z):
+        return ffn.gluw3(torch.nn.functional.silu(ffn.gluw1(z)) * ffn.gluw2(z))
+
+    ffn64 = copy.deepcopy(ffn).double()
+    x64 = x.detach().double().requires_grad_()
+    out64 = ffn64.gluw3(torch.nn.functional.silu(ffn64.gluw1(x64)) * ffn64.gluw2(x64))
+    exact = [out64, *torch.autograd.grad(out64.square().sum(), [x64, *ffn64.parameters()])]
+    compiled = torch.compile(ffn)
+    for autocast in (False, True):
+        ref = grads(reference, autocast)
+        for run in (ffn, compiled):
+            got = grads(run, autocast)
+            for k, r, e in zip(got, ref, exact):
+                assert k.dtype == r.dtype and _rel(k, e) <= max(1e-5, 2 * _rel(r, e))
+    # under torch.compile inductor launches the two kernels from its own code
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(lambda: grads(torch.compile(ffn), True))
+    code = "\n".join(codes)
+    assert "_swiglu_fwd_kernel" in code and "_swiglu_bwd_kernel" in code
+
+
 def test_power_law_opcheck():
     inputs = _power_law_inputs((3,))
     torch.library.opcheck(torch.ops.pldr.power_law_fwd.default, [t.requires_grad_() for t in inputs])
@@ -620,17 +769,10 @@ _POWER_LAW_INTERPRETER_SCRIPT = r'''
 import json, os
 assert os.environ.get("TRITON_INTERPRET") == "1"
 import torch
-from test_metric_learner_op import _power_law_inputs, _power_law_grads, _reference_outputs, _rel
+from test_metric_learner_op import _power_law_inputs, _power_law_grads, _record_launches, _reference_outputs, _rel
 from pldr_hf.modeling import metric_learner as ML
 
-launched = []
-for name in ("_power_law_fwd_kernel", "_power_law_bwd_kernel"):
-    kernel = getattr(ML, name)
-    class Spy:
-        def __getitem__(self, grid, kernel=kernel, name=name):
-            launched.append(name)
-            return kernel[grid]
-    setattr(ML, name, Spy())
+launched = _record_launches(ML, ("_power_law_fwd_kernel", "_power_law_bwd_kernel"))
 results = {}
 # (d = 32 with column blocks of 16: the backward walks its tiles in two blocks)
 for batch, d, config in (((3,), 16, (64, 8)), ((2, 2), 16, (64, 8)), ((), 16, (64, 8)), ((2,), 32, (16, 4))):
