@@ -1234,7 +1234,7 @@ swiglu_fwd, swiglu_bwd = _define_ops("swiglu", _sw_fwd_impl, _sw_bwd_impl, _sw_f
 
 class SwiGLUFunction(torch.autograd.Function):
     """:func:`swiglu_forward` / :func:`swiglu_backward` as one autograd node for eager mode (no custom operator
-    dispatch)."""
+    dispatch). Its backward kernel is not differentiable: a second derivative raises instead of coming out as zero."""
 
     @staticmethod
     def forward(ctx, h12):
@@ -1242,6 +1242,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_forward(h12)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         return swiglu_backward(g, *ctx.saved_tensors)
 

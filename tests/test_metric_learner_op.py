@@ -670,6 +670,17 @@ for dtype in (torch.float32, torch.bfloat16):
         row["kernel" if kernels else "reference"] = [_rel(out, exact), _rel(grad, exact_grad)]
     results[str(dtype)] = row
 
+# The backward kernel is not differentiable: a second derivative (here with an output gradient that depends on a
+# parameter, as in a network) must raise, not come out as zero.
+ML._KERNELS_ON_CPU = True
+h, w = torch.randn(3, 8, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+first = torch.autograd.grad(ML.joint_swiglu(h), h, 2 * w, create_graph=True)[0]
+try:
+    first.square().sum().backward()
+    results["second_derivative"] = "no error"
+except RuntimeError as err:
+    results["second_derivative"] = str(err)
+
 # The FFN with its hidden width padded (42 -> 64) on CPU: the kernels take the joint W1|W2 output.
 M.PldrGLU.PAD_ON_CPU = True
 ML._KERNELS_ON_CPU = True
@@ -695,6 +706,7 @@ def test_swiglu_kernels_in_the_interpreter():
         row = results[dtype]
         for k, r in zip(row["kernel"], row["reference"]):
             assert k <= max(tol, r), (dtype, row)
+    assert "once_differentiable" in results["second_derivative"], results["second_derivative"]
     ffn = results["ffn"]
     assert ffn["launched"] == ["_swiglu_fwd_kernel", "_swiglu_bwd_kernel"]
     assert len(ffn["errors"]) == 8 and max(ffn["errors"]) <= 1e-5, ffn
