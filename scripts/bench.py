@@ -24,7 +24,10 @@ document.
 
 Timing: per shape and mode the models are built and warmed up one after the other, then timed in ``--rounds`` rounds
 of ``--steps`` steps that alternate between them; each reports its best round (``tokens_per_s``, ``step_ms``), the
-median round and every round's step time. The host's speed drifts on shared GPU machines (one model's back-to-back
+median round and every round's step time, and the host (CPU) time of each phase of a step (forward, backward, clip,
+optimizer, zero_grad; ``host_ms_by_phase``, taken without synchronising). With ``--profile`` each run also reports
+the GPU's busy time per profiled step (the union of its kernels' intervals) next to that step's wall time: a GPU busy
+for much less than the step means the host sets the pace. The host's speed drifts on shared GPU machines (one model's back-to-back
 runs differ by tens of percent), and alternating spreads that drift over all models alike. Peak memory is measured per
 model above what the models built before it hold, i.e. as if it ran alone.
 
@@ -130,26 +133,59 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _write_profile(args, tag, step):
+PHASES = ("forward", "backward", "clip", "optimizer", "zero_grad")
+
+
+def busy_time(intervals) -> float:
+    """Total length of the union of (start, end) intervals: the time a GPU ran at least one kernel."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def _write_profile(args, tag, step) -> dict:
+    """Writes the torch.profiler table of 2 steps; returns the kernel launches and, on a GPU, the time the GPU was
+    busy per step (the union of its kernels' intervals) next to the profiled steps' wall time: a step whose GPU is
+    busy for much less than its wall time is bound by host (CPU) work."""
     import os
 
     from torch.profiler import ProfilerActivity, profile
 
     cuda = args.device.startswith("cuda")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(args.device)
     with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
         for _ in range(2):
             step()
         _sync(args.device)
+        wall_ms = (time.perf_counter() - t0) / 2 * 1000
     os.makedirs(args.profile, exist_ok=True)
     averages = prof.key_averages()
     launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    out = {"kernel_launches_per_step": launches / 2, "wall_ms_per_step": round(wall_ms, 2)}
+    line = f"{tag}: {launches / 2:.0f} kernel launches per step"
+    if cuda:
+        # (GPU events less the user annotations, such as the optimizer step's, whose spans include idle gaps)
+        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                   and e.time_range.end > e.time_range.start]
+        out["gpu_busy_ms_per_step"] = round(busy_time(kernels) / 2 / 1000, 2)  # (profiler times are in us)
+        line += (f", GPU busy {out['gpu_busy_ms_per_step']:.2f} ms of a {wall_ms:.2f} ms step (profiled; a GPU busy for"
+                 f" much less than the step means the host sets the pace)")
     with open(os.path.join(args.profile, f"profile_{tag}.txt"), "w") as f:
-        f.write(f"{tag}: {launches / 2:.0f} kernel launches per step\n\n")
+        f.write(line + "\n\n")
         if cuda:
             f.write(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
             f.write("\n\n")
         f.write(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    return out
 
 
 class TrainRun:
@@ -175,17 +211,29 @@ class TrainRun:
         layouts = [packed_position_ids(batch, seq, args.packed_mean_doc_len, seed, device)
                    for seed in range(8 if args.packed_mean_doc_len else 0)]
         calls = iter(range(10**9))
+        # Host (CPU) time of each phase of the timed steps, taken without synchronising: the time the host spent
+        # issuing that phase's work (including any wait for the GPU's queue to drain).
+        self.phase_s: list[tuple[float, ...]] = []
+        self.record_phases = False
 
         def step():
             packed = {}
             if args.packed_mean_doc_len:
                 packed = {"position_ids": layouts[next(calls) % len(layouts)], "use_cache": False}
+            t = [time.perf_counter()]
             with amp:
                 loss = step_model(input_ids=ids, labels=ids, **packed).loss
+            t.append(time.perf_counter())
             loss.backward()
+            t.append(time.perf_counter())
             torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+            t.append(time.perf_counter())
             opt.step()
+            t.append(time.perf_counter())
             opt.zero_grad(set_to_none=True)
+            t.append(time.perf_counter())
+            if self.record_phases:
+                self.phase_s.append(tuple(b - a for a, b in zip(t, t[1:])))
             return loss
 
         self.step = step
@@ -194,8 +242,7 @@ class TrainRun:
             step()
         _sync(device)
         warmup_s = time.perf_counter() - t0
-        if args.profile:
-            _write_profile(args, f"{name}_{mode}_{batch}x{seq}", step)
+        profiled = _write_profile(args, f"{name}_{mode}_{batch}x{seq}", step) if args.profile else None
         self.loss = None
         self.peak_mem = None
         if cuda:  # the peak of one measured step (every step is alike)
@@ -214,14 +261,18 @@ class TrainRun:
             "ffn_width": config.intermediate_size,
             "warmup_s": round(warmup_s, 1),
         }
+        if profiled:
+            self.out["profiled"] = profiled
 
     def time_steps(self, steps: int):
         _sync(self.device)
+        self.record_phases = True
         t0 = time.perf_counter()
         for _ in range(steps):
             self.loss = self.step()
         _sync(self.device)
         self.round_s.append((time.perf_counter() - t0) / steps)
+        self.record_phases = False
 
     def result(self) -> dict:
         best = min(self.round_s)
@@ -229,6 +280,10 @@ class TrainRun:
                    tokens_per_s_median=round(self.tokens / statistics.median(self.round_s), 1),
                    round_step_ms=[round(1000 * t, 2) for t in self.round_s],
                    final_loss=round(float(self.loss.detach()), 4))
+        # (median over the timed steps; on a GPU a phase's host time includes waits for a full launch queue, so a
+        # sum near step_ms alone does not prove a host-bound step: --profile's GPU busy time does)
+        phases = {k: round(1000 * statistics.median(p[i] for p in self.phase_s), 2) for i, k in enumerate(PHASES)}
+        out.update(host_ms_by_phase=phases, host_ms=round(sum(phases.values()), 2))
         if self.peak_mem is not None:
             out["peak_mem_GiB"] = round(self.peak_mem / 2**30, 2)
         return out

@@ -54,6 +54,27 @@ def test_bench_rejects_bad_arguments_by_name(bench, argv, message):
         bench.main(["--tiny", "--device", "cpu"] + argv)
 
 
+def test_bench_reports_host_time_per_phase_and_profile(bench, tmp_path):
+    res = bench.main(["--tiny", "--device", "cpu", "--modes", "eager", "--models", "pldr,llama_aligned", "--steps", "2",
+                      "--warmup", "1", "--rounds", "2", "--batch_size", "2", "--seq_len", "32",
+                      "--profile", str(tmp_path)])
+    for r in res["runs"]:
+        phases = r["host_ms_by_phase"]
+        assert list(phases) == ["forward", "backward", "clip", "optimizer", "zero_grad"]
+        assert phases["forward"] > 0 and phases["backward"] > 0 and min(phases.values()) >= 0
+        # on CPU every op runs as it is issued: the phases add up to the step
+        assert 0.5 * min(r["round_step_ms"]) <= r["host_ms"] <= 2 * max(r["round_step_ms"])
+        assert r["profiled"]["wall_ms_per_step"] > 0 and "gpu_busy_ms_per_step" not in r["profiled"]  # (no GPU)
+        text = (tmp_path / f"profile_{r['model']}_eager_2x32.txt").read_text()
+        assert text.startswith(f"{r['model']}_eager_2x32: 0 kernel launches per step")
+
+
+def test_busy_time_is_the_union_of_kernel_intervals(bench):
+    assert bench.busy_time([]) == 0
+    # overlapping (0-4 and 2-5), nested (6-10 holds 7-8), disjoint (12-13), given out of order
+    assert bench.busy_time([(12, 13), (2, 5), (0, 4), (7, 8), (6, 10)]) == 5 + 4 + 1
+
+
 def test_bench_train_packed_rows(bench, capsys):
     pos = bench.packed_position_ids(3, 40, 6, seed=0, device="cpu")
     assert pos.shape == (3, 40) and (pos == 0).sum() > 3  # several documents a row
