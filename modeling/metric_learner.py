@@ -1151,11 +1151,10 @@ if triton is not None:
 
 
 def _swiglu_kernels(h12: torch.Tensor) -> bool:
-    """Whether the SwiGLU's Triton kernels take h12: CUDA (or the interpreter on CPU), a float dtype, an even last
-    dimension."""
+    """Whether the SwiGLU's Triton kernels take h12 (of a shape that :func:`_check_swiglu` accepts): CUDA (or the
+    interpreter on CPU) and a float dtype."""
     return (triton is not None and (h12.device.type == "cuda" or (h12.device.type == "cpu" and _KERNELS_ON_CPU))
-            and h12.dtype in (torch.float32, torch.bfloat16, torch.float16) and h12.dim() >= 1
-            and h12.shape[-1] % 2 == 0)
+            and h12.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 def _check_swiglu(h12: torch.Tensor, g: torch.Tensor | None = None):

@@ -290,11 +290,11 @@ def _linear_bias_folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     multiple of 8 features, for tensor-core aligned rows), the weight the bias as the matching column.
 
     Used under torch.compile in training for the FFN's padded W1|W2 and the LM head. The bias's gradient then comes out
-    of the weight-gradient GEMM (its last column) instead of a reduction over all rows of the output's gradient, and the
-    SwiGLU's fused kernels are the plain ones. Per training step at 16 x 1024 (110M, bf16, H200, torch.profiler, five
-    layers): the SwiGLU's backward kernel 224 -> 156 us a layer, the W1|W2 bias's reduction (82 us a layer) and the LM
-    head bias's (245 us) gone, for 8 more columns in the GEMMs' inner dimension and a 22 us kernel that writes x with
-    them (once per FFN and for the LM head)."""
+    of the weight-gradient GEMM (its last column) instead of a reduction over all rows of the output's gradient. Per
+    training step at 16 x 1024 (110M, bf16, H200, torch.profiler, five layers; measured before the SwiGLU became its
+    own operator, metric_learner.joint_swiglu): inductor's SwiGLU backward kernel 224 -> 156 us a layer, the W1|W2
+    bias's reduction (82 us a layer) and the LM head bias's (245 us) gone, for 8 more columns in the GEMMs' inner
+    dimension and a 22 us kernel that writes x with them (once per FFN and for the LM head)."""
     extra = 8 - x.shape[-1] % 8
     ones = x.new_ones(*x.shape[:-1], 1)
     x_aug = torch.cat((x, ones, x.new_zeros(*x.shape[:-1], extra - 1)), dim=-1)
@@ -409,7 +409,9 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
                     h12 = _linear_bias_folded(x, w12, b12)
                 else:
                     h12 = _linear_bias_apart_if_compiled(x, w12, b12)
-                if self.silu:  # (one kernel forward, one backward on CUDA: see metric_learner.joint_swiglu)
+                # (one kernel forward, one backward on CUDA: see metric_learner.joint_swiglu; compiled without
+                # gradients, inductor fuses the bias add, SiLU and product into one kernel instead)
+                if self.silu and (torch.is_grad_enabled() or not torch.compiler.is_compiling()):
                     hidden = joint_swiglu(h12)
                 else:
                     h1, h2 = h12.chunk(2, dim=-1)
