@@ -1073,7 +1073,8 @@ class PowerLawFunction(torch.autograd.Function):
     """The power law step as one autograd node for eager mode (float32 in, float32 out; no custom operator dispatch):
     the forward and backward run one Triton kernel each on CUDA (plus one sum of the parameter gradients over the
     batch), else the same math in PyTorch (the backward recomputes the forward from A: a third of autograd's
-    operations on these tiny [batch, H, d, d] tensors)."""
+    operations on these tiny [batch, H, d, d] tensors). Differentiable twice: a backward with ``create_graph=True``
+    runs the PyTorch ops."""
 
     @staticmethod
     def forward(ctx, A, W, b, p, a, ba):
@@ -1087,7 +1088,10 @@ class PowerLawFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if g_A_LM is None and g_G is None:
             return (None,) * 6
-        gA, flat = power_law_backward(g_A_LM, g_G, *ctx.saved_tensors, any(needs[1:]))
+        # (a backward that builds a graph, for second derivatives, takes the PyTorch ops: the kernel's results would
+        # enter that graph as constants)
+        backward = _power_law_reference_backward if torch.is_grad_enabled() else power_law_backward
+        gA, flat = backward(g_A_LM, g_G, *ctx.saved_tensors, any(needs[1:]))
         return _power_law_grads(needs, gA, flat, g_G)
 
 
@@ -1233,7 +1237,8 @@ swiglu_fwd, swiglu_bwd = _define_ops("swiglu", _sw_fwd_impl, _sw_bwd_impl, _sw_f
 
 class SwiGLUFunction(torch.autograd.Function):
     """:func:`swiglu_forward` / :func:`swiglu_backward` as one autograd node for eager mode (no custom operator
-    dispatch). Its backward kernel is not differentiable: a second derivative raises instead of coming out as zero."""
+    dispatch). Its backward kernel is not differentiable: a backward that builds a graph (``create_graph=True``, for
+    second derivatives) takes the PyTorch ops instead."""
 
     @staticmethod
     def forward(ctx, h12):
@@ -1241,9 +1246,13 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_forward(h12)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        return swiglu_backward(g, *ctx.saved_tensors)
+        (h12,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # (autograd's own formulas, which it can differentiate again)
+            with torch.enable_grad():
+                h1, h2 = h12.chunk(2, dim=-1)
+                return torch.autograd.grad(F.silu(h1) * h2, h12, g, create_graph=True)[0]
+        return swiglu_backward(g, h12)
 
 
 def joint_swiglu(h12: torch.Tensor) -> torch.Tensor:
@@ -1359,19 +1368,37 @@ class _LearnerFunction(torch.autograd.Function):
     def forward(ctx, x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype):
         out, xins, zs, mean, rstd, ws, bs = _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype,
                                                      True, False)
-        ctx.save_for_backward(w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs)
-        ctx.options = (eps, compute_dtype, x.dtype)
+        # (x itself only for a second derivative: rows [N, d], a fraction of what the GLU inputs xins take)
+        ctx.save_for_backward(x, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs)
+        ctx.options = (eps, compute_dtype, x.dtype, out_dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
-        eps, compute_dtype, x_dtype = ctx.options
+        x, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
+        eps, compute_dtype, x_dtype, out_dtype = ctx.options
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx.needs_input_grad[:7], grad_out, x, w12, w3, b12, b3, ln_w, ln_b, eps,
+                                            compute_dtype, out_dtype)
         needs = ctx.needs_input_grad[1:7]
         param_grads = any(needs)
         gx, flat = _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps,
                                   compute_dtype, x_dtype, param_grads, False)
         return gx, *_split_param_grads(flat, needs, w3, b12, ln_w), None, None, None
+
+
+def _differentiable_backward(needs, grad_out, x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype):
+    """The learner's input gradients as a graph that autograd can differentiate again (a backward with
+    ``create_graph=True``, for second derivatives): the forward recomputed from x in PyTorch ops
+    (:func:`_reference_forward`, the math the kernels are tested against), then differentiated with a graph. The
+    kernels' and the saved tensors' results would enter that graph as constants, silently dropping terms."""
+    inputs = (x, w12, w3, b12, b3, ln_w, ln_b)
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        out = _reference_forward(*inputs, layout, eps, compute_dtype, out_dtype, False)[0]
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    return *(next(found) if need and t is not None else None for t, need in zip(inputs, needs)), None, None, None
 
 
 def _dtypes(A: torch.Tensor, param_dtype: torch.dtype):

@@ -712,8 +712,10 @@ class _GramFunction(torch.autograd.Function):
         with torch.autocast(device_type=q.device.type, enabled=False):
             sym = g_A + g_A.transpose(-1, -2)
             # With bfloat16 q the gradient is returned in bfloat16: the d x d factor is rounded to it too, as autocast
-            # rounds the operands of every other GEMM of the backward (not float16: its range could overflow).
-            if q.dtype == torch.bfloat16 and _widens(q, ctx.dtype):
+            # rounds the operands of every other GEMM of the backward (not float16: its range could overflow). A
+            # backward that builds a graph (second derivatives) takes the float32 matmul: bmm with out_dtype has no
+            # derivative.
+            if q.dtype == torch.bfloat16 and _widens(q, ctx.dtype) and not torch.is_grad_enabled():
                 g = _widening_bmm(q, sym.to(q.dtype), ctx.dtype)
             else:
                 g = torch.matmul(q.to(ctx.dtype), sym)

@@ -670,17 +670,6 @@ for dtype in (torch.float32, torch.bfloat16):
         row["kernel" if kernels else "reference"] = [_rel(out, exact), _rel(grad, exact_grad)]
     results[str(dtype)] = row
 
-# The backward kernel is not differentiable: a second derivative (here with an output gradient that depends on a
-# parameter, as in a network) must raise, not come out as zero.
-ML._KERNELS_ON_CPU = True
-h, w = torch.randn(3, 8, requires_grad=True), torch.randn(3, 4, requires_grad=True)
-first = torch.autograd.grad(ML.joint_swiglu(h), h, 2 * w, create_graph=True)[0]
-try:
-    first.square().sum().backward()
-    results["second_derivative"] = "no error"
-except RuntimeError as err:
-    results["second_derivative"] = str(err)
-
 # The FFN with its hidden width padded (42 -> 64) on CPU: the kernels take the joint W1|W2 output.
 M.PldrGLU.PAD_ON_CPU = True
 ML._KERNELS_ON_CPU = True
@@ -706,7 +695,6 @@ def test_swiglu_kernels_in_the_interpreter():
         row = results[dtype]
         for k, r in zip(row["kernel"], row["reference"]):
             assert k <= max(tol, r), (dtype, row)
-    assert "once_differentiable" in results["second_derivative"], results["second_derivative"]
     ffn = results["ffn"]
     assert ffn["launched"] == ["_swiglu_fwd_kernel", "_swiglu_bwd_kernel"]
     assert len(ffn["errors"]) == 8 and max(ffn["errors"]) <= 1e-5, ffn
@@ -850,3 +838,121 @@ def test_cuda_power_law_kernels_match_the_reference():
     assert "_power_law_fwd_kernel" in code and "_power_law_bwd_kernel" in code
     for k, e in zip((*outs[0], *outs[1]), (*exact[0], *exact[1])):
         assert _rel(k, e) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Second derivatives (a gradient penalty, a Hessian-vector product: backward with create_graph=True)
+# ---------------------------------------------------------------------------------------------------------------------
+# The kernels' gradients would enter the graph of a backward with create_graph=True as constants, silently dropping
+# terms of the second derivative; such a backward takes the PyTorch ops instead (the forward stays on the kernels).
+def _second_derivatives(fn, inputs):
+    """Gradients, with respect to the inputs x and the output weights w, of the penalty ||dL/dx||^2 for
+    L = <fn(x), w> + ||x||^2 / 2: second derivatives as a gradient penalty takes them. w requires gradients, as a
+    network's later layers would make it, and the second term is a path around fn, as a residual connection is: the
+    first derivatives are in the graph even where fn's own terms would be missing from it."""
+    x = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*x)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.manual_seed(1)
+    # (the same numbers in any dtype and on any device)
+    ws = [torch.randn(o.shape).to(o.device, o.dtype).requires_grad_() for o in outs]
+    loss = sum((o * w).sum() for o, w in zip(outs, ws)) + sum(t.square().sum() / 2 for t in x)
+    first = torch.autograd.grad(loss, x, create_graph=True)
+    penalty = sum(f.square().sum() for f in first)
+    second = torch.autograd.grad(penalty, x + ws, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(second, x + ws)]  # (None: no dependence)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_second_derivatives_of_the_learner_on_the_reference_path(bias):
+    units = _learner(units=2, glus=2, bias=bias, d=8, hidden=6, seed=2).double()
+    stacked, eps = _stacked(units, requires_grad=True)
+    A = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    inputs = [A] + [t for t in stacked if t is not None]
+
+    def learner(A, *params):
+        it = iter(params)
+        return ML.stacked_metric_learner(A, *(None if t is None else next(it) for t in stacked), eps)
+
+    assert torch.autograd.gradgradcheck(learner, inputs)
+
+
+def test_second_derivatives_of_the_power_law_and_the_gram_on_the_reference_path():
+    inputs = [t.double().requires_grad_() for t in _power_law_inputs((2,), H=2, d=4)]
+    assert torch.autograd.gradgradcheck(ML.power_law, inputs)
+    q = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float64)[:, None, :, None]
+    assert torch.autograd.gradgradcheck(lambda q: M._GramFunction.apply(q, mask, torch.float64), [q])
+
+
+_SECOND_DERIVATIVE_INTERPRETER_SCRIPT = _INTERPRETER_PATCHES + r'''
+from test_metric_learner_op import (_learner, _power_law_inputs, _record_launches, _rel, _second_derivatives,
+                                    _stacked)
+from pldr_hf.modeling import metric_learner as ML
+
+ML.KERNEL_CONFIGS.update(fwd={16: (32, 4, 1)}, bwd_rows={16: (32, 4, 1)}, bwd_params=(16, 32, 4, 1))
+ML.FLOAT32_KERNELS = "ieee"
+ML.SWIGLU_CONFIG = (4, 16, 4)
+launched = _record_launches(ML, ("_learner_fwd_kernel", "_learner_bwd_rows_kernel", "_learner_bwd_params_kernel",
+                                 "_power_law_fwd_kernel", "_power_law_bwd_kernel", "_swiglu_fwd_kernel",
+                                 "_swiglu_bwd_kernel"))
+units = _learner(units=2, glus=2, bias=True, d=16, hidden=20, seed=1)
+stacked, eps = _stacked(units)
+torch.manual_seed(0)
+cases = {
+    "learner": (lambda A, *p: ML.stacked_metric_learner(A, *p, eps), [torch.randn(3, 5, 16)] + stacked),
+    "power law": (ML.power_law, _power_law_inputs((2,), d=16)),
+    "swiglu": (ML.joint_swiglu, [2 * torch.randn(3, 5, 40)]),
+}
+results = {}
+for name, (fn, inputs) in cases.items():
+    row = {}
+    exact = _second_derivatives(fn, [t.double() for t in inputs])
+    for kernels in (True, False):
+        ML._KERNELS_ON_CPU = kernels
+        launched.clear()
+        got = _second_derivatives(fn, inputs)
+        row["launched" if kernels else "launched_reference"] = list(launched)
+        row["kernel" if kernels else "reference"] = [_rel(g, e) for g, e in zip(got, exact)]
+    row["exact_max"] = [e.abs().max().item() for e in exact]
+    results[name] = row
+print(json.dumps(results))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable, so its kernels cannot be interpreted on CPU")
+def test_second_derivatives_with_the_kernels_in_the_interpreter():
+    # the forward on the kernels, the backward that builds a graph on the PyTorch ops: every second derivative (of the
+    # inputs, every parameter and the output weights) as close to float64 as the reference path's
+    results = _interpreted(_SECOND_DERIVATIVE_INTERPRETER_SCRIPT)
+    forward = {"learner": "_learner_fwd_kernel", "power law": "_power_law_fwd_kernel", "swiglu": "_swiglu_fwd_kernel"}
+    for name, row in results.items():
+        assert row["launched"] == [forward[name]], (name, row)
+        assert row["launched_reference"] == [], (name, row)
+        assert len(row["kernel"]) == {"learner": 8, "power law": 8, "swiglu": 2}[name]
+        for k, r, e in zip(row["kernel"], row["reference"], row["exact_max"]):
+            assert k <= max(1e-5, 2 * r) if e > 0 else k == 0, (name, row)
+
+
+@needs_cuda_triton
+def test_cuda_second_derivatives(monkeypatch):
+    # the learner's, the power law's and the SwiGLU's forward kernels (float32, exact dot products) and q^T q of bf16 q
+    # (a widening GEMM forward, bmm with out_dtype, which has no derivative): second derivatives against float64
+    monkeypatch.setattr(ML, "FLOAT32_KERNELS", "ieee")
+    units = _learner(units=2, glus=2, bias=True, d=64, hidden=170, seed=1)
+    stacked, eps = _stacked(units)
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 40, 64).bfloat16()
+    cases = {
+        "learner": (lambda A, *p: ML.stacked_metric_learner(A, *p, eps), [torch.randn(2, 4, 64, 64)] + stacked, 2e-5),
+        "power law": (ML.power_law, _power_law_inputs((2,), H=4, d=64), 2e-5),
+        "swiglu": (ML.joint_swiglu, [2 * torch.randn(3, 50, 256)], 2e-5),
+        # (the first derivative of bf16 q is bf16: one rounding)
+        "gram": (lambda q: M._GramFunction.apply(q, None, torch.promote_types(q.dtype, torch.float32)), [q], 1e-2),
+    }
+    for name, (fn, inputs, tol) in cases.items():
+        exact = _second_derivatives(fn, [t.double() for t in inputs])
+        got = _second_derivatives(fn, [t.cuda() for t in inputs])
+        assert len(got) == len(exact) and all(g.is_cuda for g in got)
+        errors = [_rel(g.cpu(), e) for g, e in zip(got, exact)]
+        assert max(errors) <= tol, (name, errors)
