@@ -1111,6 +1111,17 @@ def power_law(A, W, b, p, a, ba) -> tuple[torch.Tensor, torch.Tensor]:
     return power_law_forward(A, W, b, p, a, ba)
 
 
+def _recomputed_grads(reference, inputs, needs, grad_out) -> list:
+    """The gradients of ``reference(*inputs)`` (an operator's forward in PyTorch ops) with respect to the inputs that
+    ``needs`` marks (None for the others and for None inputs), as a graph that autograd can differentiate again: the
+    backward of an autograd function called with ``create_graph=True``, for second derivatives. Its kernels' results
+    would enter that graph as constants, silently dropping terms."""
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    with torch.enable_grad():
+        found = iter(torch.autograd.grad(reference(*inputs), wanted, grad_out, create_graph=True, allow_unused=True))
+    return [next(found) if need and t is not None else None for t, need in zip(inputs, needs)]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The FFN's SwiGLU on its joint W1|W2 output: silu(h1) * h2 for h12 = [h1 | h2]
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1177,12 +1188,16 @@ def _swiglu_launch(kernel, rows: int, H: int, *args, wrap: bool):
                 *args, rows, H, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
 
 
+def _swiglu_reference(h12: torch.Tensor) -> torch.Tensor:
+    h1, h2 = h12.chunk(2, dim=-1)
+    return F.silu(h1) * h2
+
+
 def swiglu_forward(h12: torch.Tensor, wrap: bool = False) -> torch.Tensor:
     """``silu(h1) * h2`` for h12 = [h1 | h2] on the last dimension, in h12's dtype (float32 math in the kernel)."""
     _check_swiglu(h12)
     if not _swiglu_kernels(h12):
-        h1, h2 = h12.chunk(2, dim=-1)
-        return F.silu(h1) * h2
+        return _swiglu_reference(h12)
     x = h12.contiguous()
     H = x.shape[-1] // 2
     out = x.new_empty((*x.shape[:-1], H))
@@ -1248,10 +1263,8 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (h12,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # (autograd's own formulas, which it can differentiate again)
-            with torch.enable_grad():
-                h1, h2 = h12.chunk(2, dim=-1)
-                return torch.autograd.grad(F.silu(h1) * h2, h12, g, create_graph=True)[0]
+        if torch.is_grad_enabled():
+            return _recomputed_grads(_swiglu_reference, (h12,), (True,), g)[0]
         return swiglu_backward(g, h12)
 
 
@@ -1370,35 +1383,27 @@ class _LearnerFunction(torch.autograd.Function):
                                                      True, False)
         # (x itself only for a second derivative: rows [N, d], a fraction of what the GLU inputs xins take)
         ctx.save_for_backward(x, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs)
-        ctx.options = (eps, compute_dtype, x.dtype, out_dtype)
+        ctx.options = (eps, compute_dtype, out_dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
-        eps, compute_dtype, x_dtype, out_dtype = ctx.options
-        if torch.is_grad_enabled():
-            return _differentiable_backward(ctx.needs_input_grad[:7], grad_out, x, w12, w3, b12, b3, ln_w, ln_b, eps,
-                                            compute_dtype, out_dtype)
+        eps, compute_dtype, out_dtype = ctx.options
+        if torch.is_grad_enabled():  # (a backward with create_graph=True, for second derivatives)
+            inputs = (x, w12, w3, b12, b3, ln_w, ln_b)
+            layout = _check(*inputs)
+
+            def reference(*tensors):
+                with torch.autocast(x.device.type, enabled=False):
+                    return _reference_forward(*tensors, layout, eps, compute_dtype, out_dtype, False)[0]
+
+            return *_recomputed_grads(reference, inputs, ctx.needs_input_grad[:7], grad_out), None, None, None
         needs = ctx.needs_input_grad[1:7]
         param_grads = any(needs)
         gx, flat = _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps,
-                                  compute_dtype, x_dtype, param_grads, False)
+                                  compute_dtype, x.dtype, param_grads, False)
         return gx, *_split_param_grads(flat, needs, w3, b12, ln_w), None, None, None
-
-
-def _differentiable_backward(needs, grad_out, x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype):
-    """The learner's input gradients as a graph that autograd can differentiate again (a backward with
-    ``create_graph=True``, for second derivatives): the forward recomputed from x in PyTorch ops
-    (:func:`_reference_forward`, the math the kernels are tested against), then differentiated with a graph. The
-    kernels' and the saved tensors' results would enter that graph as constants, silently dropping terms."""
-    inputs = (x, w12, w3, b12, b3, ln_w, ln_b)
-    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
-    layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
-    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-        out = _reference_forward(*inputs, layout, eps, compute_dtype, out_dtype, False)[0]
-        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-    return *(next(found) if need and t is not None else None for t, need in zip(inputs, needs)), None, None, None
 
 
 def _dtypes(A: torch.Tensor, param_dtype: torch.dtype):

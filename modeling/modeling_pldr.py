@@ -462,7 +462,6 @@ class PldrResidualMetricUnit(nn.Module):
         return self.layernormA(A + residual)
 
 
-
 class PldrMetricLearner(nn.Module):
     """The residual metric learner of a PLGA layer (``num_reslayerA`` units of ``num_denseA`` SwiGLUs and a LayerNorm,
     the math of :class:`PldrResidualMetricUnit`) with its parameters stored stacked per kind, run as one operator
