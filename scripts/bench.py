@@ -34,7 +34,10 @@ memory is measured per model above what the models built before it hold, i.e. as
 Modes: ``eager`` and ``compile`` (``torch.compile(model)``, default mode, what Trainer's ``torch_compile=True`` does;
 each shape compiled with static shapes, as in a fresh process).
 For each shape and mode the JSON's ``summary`` gives PLDR-LLM's throughput and peak memory as a ratio to the best
-Llama of the same mode and shape. ``--seq_len`` / ``--shapes`` longer than the configs' 1024 positions raise
+Llama of the same mode and shape: ``pldr_vs_best_llama`` from the two best rounds, and
+``pldr_vs_best_llama_by_round``, the median over the rounds of each round's ratio, which the host's drift moves less
+(with many short rounds, e.g. ``--steps 2 --rounds 60``, it spread by about 3% between quartiles on an H200 host
+where best rounds varied by 20-30%). ``--seq_len`` / ``--shapes`` longer than the configs' 1024 positions raise
 ``max_position_embeddings`` of every model (nothing is silently cut).
 """
 
@@ -344,6 +347,10 @@ def summarise(runs: list[dict]) -> list[dict]:
         row = {"shape": f"{b}x{s}", "mode": mode, "pldr_tokens_per_s": pldr["tokens_per_s"],
                "best_llama": best["model"], "best_llama_tokens_per_s": best["tokens_per_s"],
                "pldr_vs_best_llama": round(pldr["tokens_per_s"] / best["tokens_per_s"], 3)}
+        # Round by round: each round times every model once, close together, so the host's slower drift cancels in
+        # that round's ratio (the best rounds of two models may come from different phases of the host).
+        by_round = [b / p for p, b in zip(pldr["round_step_ms"], best["round_step_ms"])]
+        row["pldr_vs_best_llama_by_round"] = round(statistics.median(by_round), 3)
         for r in llamas:
             row[f"pldr_vs_{r['model']}"] = round(pldr["tokens_per_s"] / r["tokens_per_s"], 3)
         if "peak_mem_GiB" in pldr:

@@ -102,6 +102,11 @@ def test_bench_train_alternates_models_in_rotating_rounds(bench, monkeypatch):
     for r in res["runs"]:
         assert len(r["round_step_ms"]) == 3 and r["step_ms"] == min(r["round_step_ms"])
         assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["step_ms"] / 1000), rel=1e-2)
+    # the round-by-round ratio: the median of the three rounds' ratios of step times (best Llama's / PLDR-LLM's)
+    (row,) = res["summary"]
+    ms = {r["model"]: r["round_step_ms"] for r in res["runs"]}
+    ratios = sorted(b / q for q, b in zip(ms["pldr"], ms[row["best_llama"]]))
+    assert row["pldr_vs_best_llama_by_round"] == pytest.approx(ratios[1], abs=1e-3)
 
 
 @pytest.fixture
