@@ -156,8 +156,9 @@ def run_batch(variants, models, args, batch, device) -> dict:
 
 
 def summarise(results: dict) -> list[dict]:
-    """Per batch size and cache mode: PLDR-LLM against the fastest Llama of the same mode (by tokens/s), and their
-    prefill and decoding-step times (``pldr_vs_best_llama_decode_step``: that Llama's step time / PLDR-LLM's)."""
+    """Per batch size and cache mode: PLDR-LLM against the fastest Llama of the same mode (by tokens/s; also
+    ``pldr_vs_best_llama_by_round``, the median over the rounds of each round's ratio), and their prefill and
+    decoding-step times (``pldr_vs_best_llama_decode_step``: that Llama's step time / PLDR-LLM's)."""
     rows = []
     batches = sorted({int(k.rsplit("@b", 1)[1]) for k in results})
     for batch in batches:
@@ -174,6 +175,9 @@ def summarise(results: dict) -> list[dict]:
             rows.append({"batch": batch, "mode": mode, "pldr": pldr, "pldr_tokens_per_s": value(pldr),
                          "best_llama": best, "best_llama_tokens_per_s": measured[best],
                          "pldr_vs_best_llama": round(value(pldr) / measured[best], 3),
+                         # (the median over the rounds of each round's ratio: the host's drift moves it less)
+                         "pldr_vs_best_llama_by_round": round(statistics.median(
+                             b / p for p, b in zip(value(pldr, "times_s"), value(best, "times_s"))), 3),
                          "pldr_prefill_ms": value(pldr, "prefill_ms"),
                          "best_llama_prefill_ms": value(best, "prefill_ms"),
                          "pldr_decode_step_ms": steps[0], "best_llama_decode_step_ms": steps[1],

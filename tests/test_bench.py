@@ -154,6 +154,8 @@ def test_bench_decode_alternates_variants_and_reports_ratios(bench_decode, monke
     assert row["pldr_vs_best_llama_decode_step"] == pytest.approx(
         res["llama_dynamic@b2"]["decode_step_ms"] / res["pldr_kv_g@b2"]["decode_step_ms"], abs=1e-3)
     assert row["pldr_prefill_ms"] == res["pldr_kv_g@b2"]["prefill_ms"]
+    by_round = [b / a for a, b in zip(res["pldr_kv_g@b2"]["times_s"], res["llama_dynamic@b2"]["times_s"])]
+    assert row["pldr_vs_best_llama_by_round"] == pytest.approx(sum(by_round) / 2, abs=1e-3)  # (the median of two)
 
 
 def test_bench_decode_rejects_zero_repeats(bench_decode):
