@@ -37,8 +37,9 @@ For each shape and mode the JSON's ``summary`` gives PLDR-LLM's throughput and p
 Llama of the same mode and shape: ``pldr_vs_best_llama`` from the two best rounds, and
 ``pldr_vs_best_llama_by_round``, the median over the rounds of each round's ratio, which the host's drift moves less
 (use many short rounds, e.g. ``--steps 2 --rounds 60``: on an H200 host, 60 rounds of 2 steps gave per-round ratios
-within about 6% between their quartiles and a median within 0.6% of the best rounds' ratio). ``--seq_len`` / ``--shapes`` longer than the configs' 1024 positions raise
-``max_position_embeddings`` of every model (nothing is silently cut).
+within about 6% between their quartiles and a median within 0.6% of the best rounds' ratio). ``--seq_len`` /
+``--shapes`` longer than the configs' 1024 positions raise ``max_position_embeddings`` of every model (nothing is
+silently cut).
 """
 
 from __future__ import annotations
