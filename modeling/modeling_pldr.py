@@ -325,8 +325,11 @@ def _decode_copyable(linears: tuple[nn.Linear, ...], on_cpu: bool) -> bool:
 
 def _static_buffer(old: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """``old`` if it has this shape and ``like``'s dtype and device, else a new zero tensor at a fixed address that
-    torch.compile treats as static (compiled decoding with CUDA graphs reads it in place, no copy per step)."""
-    if old is not None and tuple(old.shape) == tuple(shape) and old.dtype == like.dtype and old.device == like.device:
+    torch.compile treats as static (compiled decoding with CUDA graphs reads it in place, no copy per step). Also new
+    when ``old`` was made under ``torch.inference_mode()`` and this call is not (an inference tensor cannot be written
+    outside it)."""
+    if (old is not None and tuple(old.shape) == tuple(shape) and old.dtype == like.dtype and old.device == like.device
+            and (torch.is_inference_mode_enabled() or not old.is_inference())):
         return old
     buf = like.new_zeros(shape)
     torch._dynamo.mark_static_address(buf)

@@ -599,6 +599,27 @@ def test_generate_with_decoding_weight_copies_equals_the_modules(model, monkeypa
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generate_inside_then_outside_inference_mode(monkeypatch, cache_implementation):
+    # The buffers kept between generate() calls (decoding weight copies, a static cache's deductive tensors) made under
+    # torch.inference_mode() are inference tensors, which cannot be written outside it: a later call without it (e.g.
+    # generate's own no_grad) gets new ones instead of failing, and the same tokens.
+    model = make_model(6)
+    monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", True)
+    monkeypatch.setattr(type(model.decoder.dec_layers[0].mha1), "JOINT_ON_CPU", True)
+    p = prompt(61, 7)
+    kw = dict(attention_mask=torch.ones_like(p), max_new_tokens=N, min_new_tokens=N, do_sample=False,
+              cache_implementation=cache_implementation)
+    with torch.inference_mode():
+        inside = model.generate(p, **kw)
+    assert model.decoder.dec_layers[0].ffn._decode_weights[0].is_inference()
+    outside = model.generate(p, **kw)
+    assert not model.decoder.dec_layers[0].ffn._decode_weights[0].is_inference()
+    with torch.inference_mode():
+        again = model.generate(p, **kw)
+    assert torch.equal(inside, outside) and torch.equal(outside, again)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # q, k and v as one GEMM for large inputs (GPU path, run on CPU with JOINT_ON_CPU)
 # ----------------------------------------------------------------------------------------------------------------------
