@@ -387,6 +387,50 @@ def test_static_cache_keeps_deductive_tensors_at_fixed_addresses(model):
     torch.testing.assert_close(static.sequences_scores, dyn.sequences_scores)
 
 
+def test_static_caches_of_successive_generate_calls_share_deductive_buffers():
+    # generate() makes a new static cache per call. Its deductive tensors go to buffers the model keeps, so that the
+    # compiled decoding step's CUDA graphs find them at the same addresses in every call; a cache that a caller still
+    # holds keeps its own tensors untouched, and decode_weight_copies=False gives the cache buffers of its own.
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    model = make_model(5)  # (its own: no cache of another test may hold the buffers)
+
+    def run(seed, **kw):
+        with torch.no_grad():
+            return model.generate(prompt(seed, 7), max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                                  cache_implementation="static", return_dict_in_generate=True, **kw)
+
+    def ptrs(out):
+        cache = getattr(out, CACHE_FIELD)
+        return [t.data_ptr() for i in range(model.config.num_hidden_layers) for t in cache.get_deductive(i)]
+
+    first = run(50)
+    first_ptrs, gone = ptrs(first), weakref.ref(getattr(first, CACHE_FIELD))
+    # (the model still copies and pickles: the buffers' holder keeps only a weak reference to the cache using them)
+    assert torch.equal(gen(copy.deepcopy(model), prompt(50, 7)), first.sequences)
+    assert torch.equal(gen(pickle.loads(pickle.dumps(model)), prompt(50, 7)), first.sequences)
+    del first
+    gc.collect()
+    assert gone() is None
+    second = run(51)
+    assert ptrs(second) == first_ptrs  # the same buffers again
+    assert torch.equal(second.sequences, gen(model, prompt(51, 7)))
+    kept = [t.clone() for t in getattr(second, CACHE_FIELD).get_deductive(0)]
+    third = run(52)  # while `second` (and its cache) is still held
+    assert set(ptrs(third)).isdisjoint(first_ptrs)
+    assert torch.equal(third.sequences, gen(model, prompt(52, 7)))
+    for t, before in zip(getattr(second, CACHE_FIELD).get_deductive(0), kept):
+        assert torch.equal(t, before)
+    del second, third
+    gc.collect()
+    own = run(53, decode_weight_copies=False)
+    assert set(ptrs(own)).isdisjoint(first_ptrs)
+    assert torch.equal(own.sequences, gen(model, prompt(53, 7)))
+
+
 def test_cache_keeps_g_lm_in_the_query_dtype_for_decoding(monkeypatch):
     # A bfloat16 model computes G_LM in float32; the cache also keeps it cast to the queries' dtype, so that decoding
     # steps do not cast it again in every layer. It must be exactly the per-step cast, follow the cache's batch
@@ -725,3 +769,4 @@ def test_forward_signature_is_exact_and_not_recomputed_every_decoding_step(model
     assert inspect.signature(model.forward) == own.replace(parameters=list(own.parameters.values())[1:])
     assert {"input_ids", "attention_mask", "use_g_cache", "output_pldr_attentions", "logits_to_keep",
             "kwargs"} <= set(inspect.signature(model.forward).parameters)
+
