@@ -19,6 +19,7 @@ This file depends only on torch and transformers, so that it can travel with a s
 
 import inspect
 import math
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1386,6 +1387,21 @@ class PldrModel(PldrPreTrainedModel):
 _ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
+class _GenerateDepth(threading.local):
+    depth = 0  # generate() calls of PLDR-LLM models running in this thread (see PldrForCausalLM.is_remote_code)
+
+
+_GENERATING = _GenerateDepth()
+_TAKES_CACHE_POSITION: dict[type, bool] = {}
+
+
+def _takes_cache_position(cls: type) -> bool:
+    """Whether ``cls.forward`` has a ``cache_position`` parameter (a user's subclass may add one), once per class."""
+    known = _TAKES_CACHE_POSITION.get(cls)
+    if known is None:
+        known = _TAKES_CACHE_POSITION[cls] = "cache_position" in inspect.signature(cls.forward).parameters
+    return known
+
 
 class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
     """PLDR-LLM with its LM head ``final_layer`` (a Linear with bias, not tied to the embedding)."""
@@ -1477,6 +1493,18 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
             cache.set_deductive(i, d.A, d.A_LM if keep_g else None, d.G_LM if keep_g else None)
         return cache
 
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        """``PreTrainedModel.is_remote_code``: True, the classes are registered for the Auto classes (saved folders get
+        ``auto_map`` and the code). Except inside this thread's ``generate()`` when ``forward`` takes no
+        ``cache_position``: there transformers asks it at every decoding step only to decide whether to build
+        ``cache_position`` for the forward, after ``inspect.signature(self.forward)``, which cost 25-60 us a step
+        (measured on an H200's host; an in-tree model pays nothing). The answer "not remote" skips that, and changes
+        nothing else: the forward would not have taken the argument."""
+        if _GENERATING.depth and not _takes_cache_position(cls):
+            return False
+        return super().is_remote_code()
+
     def generate(self, *args, decode_weight_copies: bool = True, **kwargs):
         """``GenerationMixin.generate``. On accelerators the decoding steps use copies of some weights made at the start
         of each call: the FFNs' padded W1|W2 and W3 (see :class:`PldrGLU`) and the attentions' stacked W_q|W_k|W_v
@@ -1496,9 +1524,11 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         if not decode_weight_copies:
             kept.release()
         kept.enabled = decode_weight_copies
+        _GENERATING.depth += 1
         try:
             return super().generate(*args, **kwargs)
         finally:
+            _GENERATING.depth -= 1
             kept.enabled = True
             for module in modules:
                 module.disarm_decode_weights()
@@ -1586,10 +1616,10 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         )
 
 
-# transformers' prepare_inputs_for_generation (5.x) calls inspect.signature(self.forward) at every decoding step for a
-# class registered for the Auto classes (remote code), to look for a cache_position argument: about 27 us a step on
-# a CPU core, a cost in-tree models do not pay. A __signature__ set on the function is returned as it is. It is computed
-# here, from the function itself, so it cannot differ from the one inspect would compute.
+# transformers calls inspect.signature(self.forward) several times per generate() call (and, for a class registered for
+# the Auto classes, at every decoding step unless is_remote_code() says otherwise: see PldrForCausalLM.is_remote_code).
+# A __signature__ set on the function is returned as it is, which spares inspect rebuilding it from the function each
+# time. It is computed here, from the function itself, so it cannot differ from the one inspect would compute.
 PldrForCausalLM.forward.__signature__ = inspect.signature(PldrForCausalLM.forward)
 
 

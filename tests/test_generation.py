@@ -770,3 +770,44 @@ def test_forward_signature_is_exact_and_not_recomputed_every_decoding_step(model
     assert {"input_ids", "attention_mask", "use_g_cache", "output_pldr_attentions", "logits_to_keep",
             "kwargs"} <= set(inspect.signature(model.forward).parameters)
 
+
+def test_generate_does_not_inspect_forward_at_every_decoding_step(model, monkeypatch):
+    # For remote-code classes transformers calls inspect.signature(self.forward) at every decoding step, to build
+    # cache_position if the forward takes it (25-60 us a step on a GPU host). Inside generate() the model answers
+    # is_remote_code() False when its forward takes no cache_position, so the calls do not grow with the new tokens;
+    # outside generate() it is remote code (save_pretrained writes auto_map and the code). A subclass whose forward
+    # takes cache_position still gets it.
+    counted = []
+    real = inspect.signature
+
+    def run(m, n):
+        with torch.no_grad():
+            return m.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def counting(obj, *args, **kwargs):
+        if getattr(obj, "__func__", None) is not None and getattr(obj.__func__, "__name__", "") == "forward":
+            counted.append(obj.__self__)
+        return real(obj, *args, **kwargs)
+
+    p = prompt(60, 5)
+    monkeypatch.setattr(inspect, "signature", counting)
+    calls = []
+    for n in (2, 8):
+        counted.clear()
+        out = run(model, n)
+        assert out.shape[1] == 5 + n
+        calls.append(sum(m is model for m in counted))
+    assert calls[0] == calls[1], calls
+    assert PldrForCausalLM.is_remote_code()
+
+    seen = []
+
+    class WithCachePosition(PldrForCausalLM):
+        def forward(self, input_ids=None, cache_position=None, **kwargs):
+            seen.append(cache_position)
+            return super().forward(input_ids=input_ids, **kwargs)
+
+    sub = WithCachePosition(model.config).eval()
+    sub.load_state_dict(model.state_dict())
+    assert torch.equal(run(sub, 3), run(model, 3))
+    assert len(seen) == 3 and all(c is not None for c in seen[1:])
