@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -239,19 +239,20 @@ class PldrCacheMixin:
             self.clear_deductive()
 
 
-class _StaticDeductiveBuffers:
-    """The buffers of a static cache's deductive tensors, kept by the model across caches.
+class _StaticCacheBuffers:
+    """The buffers of a static cache, kept by the model across caches: its keys, values and lengths (transformers'
+    ``StaticLayer``) and the deductive tensors.
 
-    ``generate()`` makes a new static cache for every call. If each cache allocated its own deductive buffers, the
-    buffers, and with them the keys and values that the prefill allocates around them, would land at other addresses
-    from call to call. The compiled decoding step's CUDA graphs read all of them in place, so each new set of
-    addresses is recorded as one more graph, which every later step checks before the one that matches (measured on
-    an H200, 10 calls of one model: 5 graphs at batch 1 and 7 at batch 32, still growing; with the buffers kept, 3 and
-    4, all made in the first calls). :meth:`lend` gives a static cache the model's buffers when no other cache still
-    alive holds them; a cache that finds them held keeps its own, so the deductive tensors of a cache a caller still
-    keeps are never overwritten. The memory stays allocated between calls (per layer A, A_LM, G_LM and G_LM in the
-    queries' dtype, each [batch, heads, head_dim, head_dim]: 110 MB at batch 32 for the papers' 110M model in
-    bfloat16); :meth:`release` frees it."""
+    ``generate()`` makes a new static cache for every call, which allocated its tensors during the prefill. Their
+    addresses moved from call to call, and the compiled decoding step's CUDA graphs read them in place, so each new set
+    of addresses was recorded as one more graph, which every later step checks before the one that matches (measured
+    on an H200, 10 calls of one model: 5 graphs at batch 1 and 7 at batch 32, still growing). :meth:`lend` gives a
+    static cache the model's buffers when no other cache still alive holds them: then every call finds the graph of
+    the first. A cache that finds them held keeps its own, so a cache that a caller still keeps is never overwritten.
+    The memory stays allocated between calls: per layer the keys and values ([batch, heads, max_cache_len, head_dim]
+    each) and A, A_LM, G_LM and G_LM in the queries' dtype ([batch, heads, head_dim, head_dim] each); 330 MB at batch
+    32 with 384 positions for the papers' 110M model in bfloat16. Buffers of another shape, dtype or device replace
+    them. :meth:`release` frees them."""
 
     def __init__(self):
         self.enabled = True
@@ -266,6 +267,11 @@ class _StaticDeductiveBuffers:
             return  # in use by a cache that is still alive: this one allocates its own
         self._owner = weakref.ref(cache)
         cache._deductive_buffers = self._buffers
+        for i, layer in enumerate(getattr(cache, "layers", ())):
+            # (transformers' plain static layer only, before it allocates: sliding, offloaded or quantised layers keep
+            # their own tensors)
+            if type(layer) is StaticLayer and not getattr(layer, "is_initialized", True):
+                layer.lazy_initialization = _PooledLazyInitialization(self._buffers, i, layer)
 
     def release(self):
         """Stops sharing; a cache that holds the buffers keeps them, and they are freed with it."""
@@ -276,6 +282,34 @@ class _StaticDeductiveBuffers:
 
     def __reduce__(self):  # (pickled as empty: weak references cannot be pickled)
         return type(self), ()
+
+
+class _PooledLazyInitialization:
+    """Stands in for one ``StaticLayer``'s ``lazy_initialization`` (its first update allocates its tensors): runs it,
+    then puts the pooled keys, values and length in place of the new ones when they match, zeroed as new ones are,
+    or keeps the new ones as the pool's. Removes itself, leaving the class's method."""
+
+    def __init__(self, pool: dict, layer_idx: int, layer: StaticLayer):
+        self.pool, self.layer_idx, self.layer = pool, layer_idx, weakref.ref(layer)
+
+    def __call__(self, *args, **kwargs):
+        layer = self.layer()
+        del layer.lazy_initialization
+        StaticLayer.lazy_initialization(layer, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            return
+        for name in ("keys", "values", "cumulative_length"):
+            new = getattr(layer, name, None)
+            if not isinstance(new, torch.Tensor):
+                continue
+            kept = self.pool.get((name, self.layer_idx))
+            if (kept is not None and kept.shape == new.shape and kept.dtype == new.dtype and kept.device == new.device
+                    and (torch.is_inference_mode_enabled() or not kept.is_inference())
+                    and getattr(kept, "_dynamo_static_input_type", None) == getattr(new, "_dynamo_static_input_type",
+                                                                                    None)):
+                setattr(layer, name, kept.zero_())
+            else:
+                self.pool[(name, self.layer_idx)] = new
 
 
 class PldrDynamicCache(PldrCacheMixin, DynamicCache):
@@ -1192,7 +1226,7 @@ class PldrModel(PldrPreTrainedModel):
         else:
             self.past_G_values = None
         self.gradient_checkpointing = False
-        self._static_deductive_buffers = _StaticDeductiveBuffers()
+        self._static_cache_buffers = _StaticCacheBuffers()
         self.post_init()
 
     def initial_fixed_G(self) -> torch.Tensor:
@@ -1277,7 +1311,7 @@ class PldrModel(PldrPreTrainedModel):
         elif past_key_values is not None:
             past_key_values = as_pldr_cache(past_key_values)
         if past_key_values is not None and not torch.compiler.is_compiling():
-            self._static_deductive_buffers.lend(past_key_values)
+            self._static_cache_buffers.lend(past_key_values)
 
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         given_positions = position_ids is not None and fresh_input and position_ids.shape[-1] > 1
@@ -1483,7 +1517,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         cache = as_pldr_cache(past_key_values)
         if self.decoder.past_G_values is not None or any(t is not None for t in cache.get_deductive(0)):
             return cache
-        self.decoder._static_deductive_buffers.lend(cache)
+        self.decoder._static_cache_buffers.lend(cache)
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         out = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -1509,9 +1543,10 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         """``GenerationMixin.generate``. On accelerators the decoding steps use copies of some weights made at the start
         of each call: the FFNs' padded W1|W2 and W3 (see :class:`PldrGLU`) and the attentions' stacked W_q|W_k|W_v
         (see :meth:`PldrAttention.project`). They cost memory: about the FFNs' and q, k, v projections' weights once
-        more (90 MB in bf16 for the papers' 110M model). A static cache also borrows the model's buffers for its
-        deductive tensors, kept between calls (see :class:`_StaticDeductiveBuffers`; 110 MB at batch 32 for the 110M
-        model in bf16), so that the compiled decoding steps' CUDA graphs find them at the same addresses in every call.
+        more (90 MB in bf16 for the papers' 110M model). A static cache also borrows the model's buffers for its keys,
+        values and deductive tensors, kept between calls (see :class:`_StaticCacheBuffers`; 330 MB at batch 32 with 384
+        positions for the 110M model in bf16), so that the compiled decoding steps' CUDA graphs find them at the same
+        addresses in every call.
         ``decode_weight_copies=False`` decodes with the modules themselves and a static cache with its own buffers, and
         frees the copies and buffers that earlier calls kept."""
         modules = [m for m in self.modules() if isinstance(m, _DecodeWeightCopies)]
@@ -1520,7 +1555,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
                 module.arm_decode_weights()
             else:
                 module.release_decode_weights()
-        kept = self.decoder._static_deductive_buffers
+        kept = self.decoder._static_cache_buffers
         if not decode_weight_copies:
             kept.release()
         kept.enabled = decode_weight_copies

@@ -387,10 +387,11 @@ def test_static_cache_keeps_deductive_tensors_at_fixed_addresses(model):
     torch.testing.assert_close(static.sequences_scores, dyn.sequences_scores)
 
 
-def test_static_caches_of_successive_generate_calls_share_deductive_buffers():
-    # generate() makes a new static cache per call. Its deductive tensors go to buffers the model keeps, so that the
-    # compiled decoding step's CUDA graphs find them at the same addresses in every call; a cache that a caller still
-    # holds keeps its own tensors untouched, and decode_weight_copies=False gives the cache buffers of its own.
+def test_static_caches_of_successive_generate_calls_share_the_model_buffers():
+    # generate() makes a new static cache per call. Its keys, values, lengths and deductive tensors go to buffers the
+    # model keeps, so that the compiled decoding step's CUDA graphs find them at the same addresses in every call; a
+    # cache that a caller still holds keeps its own tensors untouched, and decode_weight_copies=False gives the cache
+    # buffers of its own.
     import copy
     import gc
     import pickle
@@ -405,7 +406,9 @@ def test_static_caches_of_successive_generate_calls_share_deductive_buffers():
 
     def ptrs(out):
         cache = getattr(out, CACHE_FIELD)
-        return [t.data_ptr() for i in range(model.config.num_hidden_layers) for t in cache.get_deductive(i)]
+        L = model.config.num_hidden_layers
+        return ([t.data_ptr() for i in range(L) for t in cache.get_deductive(i)]
+                + [t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values, layer.cumulative_length)])
 
     first = run(50)
     first_ptrs, gone = ptrs(first), weakref.ref(getattr(first, CACHE_FIELD))
@@ -418,11 +421,12 @@ def test_static_caches_of_successive_generate_calls_share_deductive_buffers():
     second = run(51)
     assert ptrs(second) == first_ptrs  # the same buffers again
     assert torch.equal(second.sequences, gen(model, prompt(51, 7)))
-    kept = [t.clone() for t in getattr(second, CACHE_FIELD).get_deductive(0)]
+    held = getattr(second, CACHE_FIELD)
+    kept = [t.clone() for t in (*held.get_deductive(0), held.layers[0].keys, held.layers[0].values)]
     third = run(52)  # while `second` (and its cache) is still held
     assert set(ptrs(third)).isdisjoint(first_ptrs)
     assert torch.equal(third.sequences, gen(model, prompt(52, 7)))
-    for t, before in zip(getattr(second, CACHE_FIELD).get_deductive(0), kept):
+    for t, before in zip((*held.get_deductive(0), held.layers[0].keys, held.layers[0].values), kept):
         assert torch.equal(t, before)
     del second, third
     gc.collect()
