@@ -1548,16 +1548,14 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         positions for the 110M model in bf16), so that the compiled decoding steps' CUDA graphs find them at the same
         addresses in every call.
         ``decode_weight_copies=False`` decodes with the modules themselves and a static cache with its own buffers, and
-        frees the copies and buffers that earlier calls kept."""
-        modules = [m for m in self.modules() if isinstance(m, _DecodeWeightCopies)]
-        for module in modules:
-            if decode_weight_copies:
-                module.arm_decode_weights()
-            else:
-                module.release_decode_weights()
-        kept = self.decoder._static_cache_buffers
+        frees the copies and buffers that earlier calls kept (as :meth:`release_decode_buffers` does)."""
         if not decode_weight_copies:
-            kept.release()
+            self.release_decode_buffers()
+        modules = [m for m in self.modules() if isinstance(m, _DecodeWeightCopies)]
+        if decode_weight_copies:
+            for module in modules:
+                module.arm_decode_weights()
+        kept = self.decoder._static_cache_buffers
         kept.enabled = decode_weight_copies
         _GENERATING.depth += 1
         try:
@@ -1567,6 +1565,14 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
             kept.enabled = True
             for module in modules:
                 module.disarm_decode_weights()
+
+    def release_decode_buffers(self):
+        """Frees what :meth:`generate` keeps between calls: the decoding weight copies and the static caches' buffers
+        (a static cache that is still held keeps its own tensors). The next ``generate()`` makes them again."""
+        for module in self.modules():
+            if isinstance(module, _DecodeWeightCopies):
+                module.release_decode_weights()
+        self.decoder._static_cache_buffers.release()
 
     def _assisted_decoding(self, input_ids, *args, **kwargs):
         cache = _cache_kwarg(kwargs)

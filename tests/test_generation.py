@@ -433,6 +433,16 @@ def test_static_caches_of_successive_generate_calls_share_the_model_buffers():
     own = run(53, decode_weight_copies=False)
     assert set(ptrs(own)).isdisjoint(first_ptrs)
     assert torch.equal(own.sequences, gen(model, prompt(53, 7)))
+    del own
+    lent = run(54)  # lent again (new buffers: the old ones were released), then released by the public method
+    held_by_model = [weakref.ref(t) for t in (getattr(lent, CACHE_FIELD).layers[0].keys,
+                                              getattr(lent, CACHE_FIELD).get_deductive(0)[0])]
+    del lent
+    gc.collect()
+    assert all(r() is not None for r in held_by_model)
+    model.release_decode_buffers()
+    assert all(r() is None for r in held_by_model)
+    assert torch.equal(run(54).sequences, gen(model, prompt(54, 7)))
 
 
 def test_cache_keeps_g_lm_in_the_query_dtype_for_decoding(monkeypatch):
