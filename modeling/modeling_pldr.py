@@ -267,9 +267,10 @@ class _StaticCacheBuffers:
             return  # in use by a cache that is still alive: this one allocates its own
         self._owner = weakref.ref(cache)
         cache._deductive_buffers = self._buffers
+        if getattr(cache, "offloading", False):
+            return  # (an offloaded cache moves its keys and values off the device: kept ones would hold device memory)
         for i, layer in enumerate(getattr(cache, "layers", ())):
-            # (transformers' plain static layer only, before it allocates: sliding, offloaded or quantised layers keep
-            # their own tensors)
+            # (transformers' plain static layer only, before it allocates: sliding or quantised layers keep their own)
             if type(layer) is StaticLayer and not getattr(layer, "is_initialized", True):
                 layer.lazy_initialization = _PooledLazyInitialization(self._buffers, i, layer)
 

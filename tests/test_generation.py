@@ -445,6 +445,16 @@ def test_static_caches_of_successive_generate_calls_share_the_model_buffers():
     assert torch.equal(run(54).sequences, gen(model, prompt(54, 7)))
 
 
+def test_offloaded_static_cache_keeps_its_own_keys_and_values():
+    # An offloaded static cache moves its keys and values off the accelerator between layers; buffers kept by the model
+    # would hold that memory, so only a plain static cache's layers take the model's keys and values.
+    for offloading in (True, False):
+        model = make_model(7)
+        cache = StaticCache(config=model.config, max_cache_len=16, offloading=offloading)
+        model.decoder._static_cache_buffers.lend(cache)
+        assert all(("lazy_initialization" in vars(layer)) != offloading for layer in cache.layers)
+
+
 def test_cache_keeps_g_lm_in_the_query_dtype_for_decoding(monkeypatch):
     # A bfloat16 model computes G_LM in float32; the cache also keeps it cast to the queries' dtype, so that decoding
     # steps do not cast it again in every layer. It must be exactly the per-step cast, follow the cache's batch
