@@ -247,8 +247,10 @@ class _StaticCacheBuffers:
     addresses moved from call to call, and the compiled decoding step's CUDA graphs read them in place, so each new set
     of addresses was recorded as one more graph, which every later step checks before the one that matches (measured
     on an H200, 10 calls of one model: 5 graphs at batch 1 and 7 at batch 32, still growing). :meth:`lend` gives a
-    static cache the model's buffers when no other cache still alive holds them: then every call finds the graph of
-    the first. A cache that finds them held keeps its own, so a cache that a caller still keeps is never overwritten.
+    static cache the model's buffers when no other cache still alive holds them (the deductive tensors are written
+    into them; the keys and values that the cache's first forward allocates are replaced by the kept ones after it,
+    :meth:`settle`): then every call finds the graph of the first. A cache that finds them held keeps its own, so a
+    cache that a caller still keeps is never overwritten.
     The memory stays allocated between calls: per layer the keys and values ([batch, heads, max_cache_len, head_dim]
     each) and A, A_LM, G_LM and G_LM in the queries' dtype ([batch, heads, head_dim, head_dim] each); 330 MB at batch
     32 with 384 positions for the papers' 110M model in bfloat16. Buffers of another shape, dtype or device replace
@@ -259,20 +261,40 @@ class _StaticCacheBuffers:
         self._buffers: dict = {}
         self._owner: weakref.ref | None = None
 
-    def lend(self, cache: Cache):
+    def lend(self, cache: Cache) -> list[int]:
+        """Gives ``cache`` the kept deductive buffers if it may have them; returns the indices of its layers whose keys
+        and values this forward allocates (transformers' plain ``StaticLayer``, not yet initialised), for
+        :meth:`settle` to replace by kept ones after the forward."""
         if not self.enabled or "_deductive_buffers" in cache.__dict__ or not cache.is_compileable:
-            return
+            return []
         owner = self._owner() if self._owner is not None else None
         if owner is not None and owner is not cache:
-            return  # in use by a cache that is still alive: this one allocates its own
+            return []  # in use by a cache that is still alive: this one allocates its own
         self._owner = weakref.ref(cache)
         cache._deductive_buffers = self._buffers
         if getattr(cache, "offloading", False):
-            return  # (an offloaded cache moves its keys and values off the device: kept ones would hold device memory)
-        for i, layer in enumerate(getattr(cache, "layers", ())):
-            # (transformers' plain static layer only, before it allocates: sliding or quantised layers keep their own)
-            if type(layer) is StaticLayer and not getattr(layer, "is_initialized", True):
-                layer.lazy_initialization = _PooledLazyInitialization(self._buffers, i, layer)
+            return []  # (an offloaded cache moves its keys and values off the device: kept ones would hold its memory)
+        # (sliding or quantised layers keep their own)
+        return [i for i, layer in enumerate(getattr(cache, "layers", ()))
+                if type(layer) is StaticLayer and not getattr(layer, "is_initialized", True)]
+
+    def settle(self, cache: Cache, layer_ids: list[int]):
+        """After the forward that allocated them: the kept keys, values and lengths take the place of these layers'
+        new ones (their contents copied) where they match, else the new ones are kept."""
+        for i in layer_ids:
+            layer = cache.layers[i]
+            if not getattr(layer, "is_initialized", False):
+                continue
+            for name in ("keys", "values", "cumulative_length"):
+                new = getattr(layer, name, None)
+                if not isinstance(new, torch.Tensor):
+                    continue
+                kept = self._buffers.get((name, i))
+                if (kept is not None and (kept.shape, kept.dtype, kept.device) == (new.shape, new.dtype, new.device)
+                        and (torch.is_inference_mode_enabled() or not kept.is_inference())):
+                    setattr(layer, name, kept.copy_(new))
+                else:
+                    self._buffers[(name, i)] = new
 
     def release(self):
         """Stops sharing; a cache that holds the buffers keeps them, and they are freed with it."""
@@ -283,34 +305,6 @@ class _StaticCacheBuffers:
 
     def __reduce__(self):  # (pickled as empty: weak references cannot be pickled)
         return type(self), ()
-
-
-class _PooledLazyInitialization:
-    """Stands in for one ``StaticLayer``'s ``lazy_initialization`` (its first update allocates its tensors): runs it,
-    then puts the pooled keys, values and length in place of the new ones when they match, zeroed as new ones are,
-    or keeps the new ones as the pool's. Removes itself, leaving the class's method."""
-
-    def __init__(self, pool: dict, layer_idx: int, layer: StaticLayer):
-        self.pool, self.layer_idx, self.layer = pool, layer_idx, weakref.ref(layer)
-
-    def __call__(self, *args, **kwargs):
-        layer = self.layer()
-        del layer.lazy_initialization
-        StaticLayer.lazy_initialization(layer, *args, **kwargs)
-        if torch.compiler.is_compiling():
-            return
-        for name in ("keys", "values", "cumulative_length"):
-            new = getattr(layer, name, None)
-            if not isinstance(new, torch.Tensor):
-                continue
-            kept = self.pool.get((name, self.layer_idx))
-            if (kept is not None and kept.shape == new.shape and kept.dtype == new.dtype and kept.device == new.device
-                    and (torch.is_inference_mode_enabled() or not kept.is_inference())
-                    and getattr(kept, "_dynamo_static_input_type", None) == getattr(new, "_dynamo_static_input_type",
-                                                                                    None)):
-                setattr(layer, name, kept.zero_())
-            else:
-                self.pool[(name, self.layer_idx)] = new
 
 
 class PldrDynamicCache(PldrCacheMixin, DynamicCache):
@@ -1311,8 +1305,9 @@ class PldrModel(PldrPreTrainedModel):
             past_key_values = PldrDynamicCache(config=c) if past_key_values is None else as_pldr_cache(past_key_values)
         elif past_key_values is not None:
             past_key_values = as_pldr_cache(past_key_values)
+        lent_layers = None
         if past_key_values is not None and not torch.compiler.is_compiling():
-            self._static_cache_buffers.lend(past_key_values)
+            lent_layers = self._static_cache_buffers.lend(past_key_values)
 
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         given_positions = position_ids is not None and fresh_input and position_ids.shape[-1] > 1
@@ -1388,6 +1383,8 @@ class PldrModel(PldrPreTrainedModel):
                 all_deductive += (deductive,)
             if output_attentions:
                 all_attn += (deductive.attention_weights,)
+        if lent_layers:
+            self._static_cache_buffers.settle(past_key_values, lent_layers)
 
         return PldrModelOutputWithPast(
             last_hidden_state=hidden_states,
