@@ -363,7 +363,10 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def main(argv=None):
-    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # e.g. an unknown option (argparse's own errors exit with their message already)
+        raise SystemExit(f"bench: {e}") from None
     if args.task != "train":
         raise SystemExit(f"bench: unknown --task {args.task!r} (expected train)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

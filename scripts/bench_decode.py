@@ -186,7 +186,10 @@ def summarise(results: dict) -> list[dict]:
 
 
 def main(argv=None):
-    (args,) = HfArgumentParser(BenchDecodeArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        (args,) = HfArgumentParser(BenchDecodeArguments).parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # e.g. an unknown option (argparse's own errors exit with their message already)
+        raise SystemExit(f"bench_decode: {e}") from None
     if args.tiny:
         args.prompt_len, args.new_tokens = min(args.prompt_len, 16), min(args.new_tokens, 16)
         args.batch_sizes = args.batch_sizes if args.batch_sizes != "1,32" else "1,4"

@@ -25,7 +25,10 @@ from pldr_hf.training import DataArguments, PldrTrainingArguments, perplexity
 
 def main(argv=None):
     parser = HfArgumentParser((FinetuneArguments, DataArguments, PldrTrainingArguments))
-    ft_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        ft_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # e.g. an unknown option or an invalid training argument
+        return report_error("finetune.py", e)
     try:
         trainer, merged = finetune(ft_args, data_args, training_args)
     except input_errors() as e:  # a bad folder, file or option: one line, exit status 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from pldr_hf.checks import report_error
 from pldr_hf.hub import CardOptions, HubUploadError, push
 
 
@@ -40,7 +41,10 @@ class CardArguments:
 
 
 def main(argv=None) -> int:
-    push_args, card_args = HfArgumentParser((PushArguments, CardArguments)).parse_args_into_dataclasses(argv)
+    try:
+        push_args, card_args = HfArgumentParser((PushArguments, CardArguments)).parse_args_into_dataclasses(argv)
+    except ValueError as e:  # e.g. an unknown option (argparse's own errors exit with their message already)
+        return report_error("push_to_hub.py", e)
     options = CardOptions(repo_id=push_args.repo_id, license=card_args.license, language=card_args.language,
                           datasets=card_args.datasets, base_model=card_args.base_model, tags=card_args.tags,
                           eval_results=card_args.eval_results, model_name=card_args.model_name)

@@ -48,6 +48,7 @@ def test_bench_train_reports_every_model_and_ratio_to_the_best_llama(bench, caps
     (["--shapes", "16by1024"], "is not BATCHxSEQ"),
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--stpes", "2"], r"not used by the HfArgumentParser: \['--stpes', '2'\]"),
 ])
 def test_bench_rejects_bad_arguments_by_name(bench, argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -161,3 +162,8 @@ def test_bench_decode_alternates_variants_and_reports_ratios(bench_decode, monke
 def test_bench_decode_rejects_zero_repeats(bench_decode):
     with pytest.raises(SystemExit, match="--repeats must be at least 1"):
         bench_decode.main(["--tiny", "--device", "cpu", "--repeats", "0"])
+
+
+def test_bench_decode_names_an_unknown_option(bench_decode):
+    with pytest.raises(SystemExit, match=r"bench_decode: .*\['--output_file', 'x'\]"):
+        bench_decode.main(["--tiny", "--device", "cpu", "--output_file", "x"])

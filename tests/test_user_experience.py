@@ -212,6 +212,15 @@ def test_training_scripts_bad_input_one_line_error(script, bad, folder, corrupt,
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.parametrize("script", ["finetune", "pretrain", "push_to_hub"])
+def test_scripts_name_an_unknown_option_in_one_line(script, folder, tmp_path, capsys):
+    argv = {"finetune": ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "o")],
+            "pretrain": ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "o")],
+            "push_to_hub": ["--model_dir", str(folder), "--repo_id", "me/x"]}[script]
+    assert _script(script).main(argv + ["--warmup_stpes", "10"]) == 1  # (a misspelt --warmup_steps)
+    _one_line_error(capsys, f"{script}.py", "--warmup_stpes")
+
+
 def test_unreadable_corpus_names_the_cause(folder, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "the cat sat"\n')  # not JSON: datasets raises DatasetGenerationError
