@@ -410,6 +410,12 @@ class _DecodeWeightCopies:
     """Switching of the weight copies that :meth:`PldrForCausalLM.generate` makes for decoding (``arm_decode_weights``
     of each class fills ``_decode_weights`` and sets ``_decode_armed``)."""
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cpu(), .half(), ...: the copies are plain attributes, which these leave where they are; they would keep
+        # the old device's memory (e.g. after model.cpu() to free a GPU). The next generate() makes new ones.
+        self.release_decode_weights()
+        return super()._apply(fn, *args, **kwargs)
+
     def disarm_decode_weights(self):
         self._decode_armed = False
 
@@ -1223,6 +1229,12 @@ class PldrModel(PldrPreTrainedModel):
         self.gradient_checkpointing = False
         self._static_cache_buffers = _StaticCacheBuffers()
         self.post_init()
+
+    def _apply(self, fn, *args, **kwargs):
+        # (.to(), .cpu(), .half(), ...: the static caches' kept buffers would stay on the old device, holding its memory)
+        if getattr(self, "_static_cache_buffers", None) is not None:
+            self._static_cache_buffers.release()
+        return super()._apply(fn, *args, **kwargs)
 
     def initial_fixed_G(self) -> torch.Tensor:
         """[A, A_LM, G_LM] per layer for a fixed-G model: zeros, zeros, and identity (or random for "random")."""

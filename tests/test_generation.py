@@ -445,6 +445,37 @@ def test_static_caches_of_successive_generate_calls_share_the_model_buffers():
     assert torch.equal(run(54).sequences, gen(model, prompt(54, 7)))
 
 
+def test_moving_the_model_frees_what_generate_keeps(monkeypatch):
+    # .to(), .cpu(), .half() leave plain attributes where they are: the kept weight copies and static-cache buffers
+    # would hold the old device's memory (e.g. after model.cpu() to free a GPU). Moving the model frees them; the next
+    # generate() makes new ones and gives the same tokens.
+    import gc
+    import weakref
+
+    model = make_model(8)
+    monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", True)
+    monkeypatch.setattr(type(model.decoder.dec_layers[0].mha1), "JOINT_ON_CPU", True)
+    p = prompt(62, 7)
+
+    def run():
+        with torch.no_grad():
+            return model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=N, min_new_tokens=N,
+                                  do_sample=False, cache_implementation="static", return_dict_in_generate=True)
+
+    out = run()
+    cache = getattr(out, CACHE_FIELD)
+    kept = [weakref.ref(t) for t in (cache.layers[0].keys, cache.get_deductive(0)[0],
+                                     model.decoder.dec_layers[0].ffn._decode_weights[0],
+                                     model.decoder.dec_layers[0].mha1._decode_weights[0])]
+    del out, cache
+    gc.collect()
+    assert all(r() is not None for r in kept)  # kept by the model between calls
+    model.to(torch.float64)
+    assert all(r() is None for r in kept)
+    model.to(torch.float32)
+    assert torch.equal(run().sequences, gen(model, p))
+
+
 def test_offloaded_static_cache_keeps_its_own_keys_and_values():
     # An offloaded static cache moves its keys and values off the accelerator between layers; buffers kept by the model
     # would hold that memory, so only a plain static cache's layers take the model's keys and values.
