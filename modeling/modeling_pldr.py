@@ -291,7 +291,7 @@ class _StaticCacheBuffers:
                     continue
                 kept = self._buffers.get((name, i))
                 if (kept is not None and (kept.shape, kept.dtype, kept.device) == (new.shape, new.dtype, new.device)
-                        and (torch.is_inference_mode_enabled() or not kept.is_inference())):
+                        and _writable_here(kept)):
                     setattr(layer, name, kept.copy_(new))
                 else:
                     self._buffers[(name, i)] = new
@@ -393,13 +393,19 @@ def _decode_copyable(linears: tuple[nn.Linear, ...], on_cpu: bool) -> bool:
             and device.type != "meta" and (device.type != "cpu" or on_cpu))
 
 
+def _writable_here(t: torch.Tensor) -> bool:
+    """Whether ``t`` may be written in place now: not an inference tensor (made under ``torch.inference_mode()``) while
+    outside inference mode."""
+    return torch.is_inference_mode_enabled() or not t.is_inference()
+
+
 def _static_buffer(old: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """``old`` if it has this shape and ``like``'s dtype and device, else a new zero tensor at a fixed address that
     torch.compile treats as static (compiled decoding with CUDA graphs reads it in place, no copy per step). Also new
     when ``old`` was made under ``torch.inference_mode()`` and this call is not (an inference tensor cannot be written
     outside it)."""
     if (old is not None and tuple(old.shape) == tuple(shape) and old.dtype == like.dtype and old.device == like.device
-            and (torch.is_inference_mode_enabled() or not old.is_inference())):
+            and _writable_here(old)):
         return old
     buf = like.new_zeros(shape)
     torch._dynamo.mark_static_address(buf)
