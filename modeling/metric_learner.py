@@ -886,17 +886,20 @@ if triton is not None:
     @triton.jit
     def _power_law_fwd_kernel(A, W, B, PW, CA, BA, A_LM, G, H, D: tl.constexpr, EPS: tl.constexpr,
                               PREC: tl.constexpr):
-        # One program per (batch entry, head): two d x d x d products and the elementwise steps between.
+        # One program per (batch entry, head): two d x d x d products and the elementwise steps between. 16-bit inputs
+        # are widened to float32 as they are read (exactly; see power_law_forward).
         pid = tl.program_id(0)
         r = tl.arange(0, D)
         offs = r[:, None] * D + r[None, :]
         own = pid * D * D + offs
         par = (pid % H) * D * D + offs
-        z = tl.dot(tl.load(W + par), tl.load(A + own), input_precision=PREC) + tl.load(B + par)
+        f32 = tl.float32
+        z = (tl.dot(tl.load(W + par).to(f32), tl.load(A + own).to(f32), input_precision=PREC)
+             + tl.load(B + par).to(f32))
         alm = z * (z * tl.sigmoid(z)) + EPS
         tl.store(A_LM + own, alm)
-        pw = tl.exp2(tl.load(PW + par) * tl.log2(alm))  # A_LM ** p (A_LM > 0)
-        tl.store(G + own, tl.dot(tl.load(CA + par), pw, input_precision=PREC) + tl.load(BA + par))
+        pw = tl.exp2(tl.load(PW + par).to(f32) * tl.log2(alm))  # A_LM ** p (A_LM > 0)
+        tl.store(G + own, tl.dot(tl.load(CA + par).to(f32), pw, input_precision=PREC) + tl.load(BA + par).to(f32))
 
     @triton.jit
     def _power_law_bwd_kernel(GAL, GG, A, W, B, PW, CA, GA, PART, H, D: tl.constexpr, EPS: tl.constexpr,
@@ -955,12 +958,17 @@ if triton is not None:
             tl.store(out + 3 * step + offs, g_a)
 
 
-def _power_law_kernels(A: torch.Tensor, W: torch.Tensor) -> bool:
-    """Whether the power law's Triton kernels take this call: CUDA (or the interpreter on CPU), float32,
-    A [..., H, d, d] with the parameters' [H, d, d] and d a power of two in [16, 128], offsets within 32 bits."""
+_NARROW = (torch.bfloat16, torch.float16)
+
+
+def _power_law_kernels(A: torch.Tensor, W: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether the power law's Triton kernels take this call: CUDA (or the interpreter on CPU), float32 (the forward
+    also takes 16-bit A and ``params``, the five parameters), A [..., H, d, d] with the parameters' [H, d, d] and d a
+    power of two in [16, 128], offsets within 32 bits."""
     if triton is None or not (A.device.type == "cuda" or (A.device.type == "cpu" and _KERNELS_ON_CPU)):
         return False
-    return (A.dtype == torch.float32 and W.dtype == torch.float32 and A.dim() >= 3 and W.dim() == 3
+    floats = (torch.float32, *_NARROW) if params else (torch.float32,)
+    return (all(t.dtype in floats for t in (A, W, *params)) and A.dim() >= 3 and W.dim() == 3
             and tuple(A.shape[-3:]) == tuple(W.shape) and W.shape[-1] == W.shape[-2]
             and W.shape[-1] in (16, 32, 64, 128)
             and 5 * A.numel() < 2**31)
@@ -974,15 +982,16 @@ def _check_power_law(A, params):
 
 
 def power_law_forward(A, W, b, p, a, ba, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_LM, G_LM) of A [..., H, d, d] (float32 in, float32 out): one Triton kernel where :func:`_power_law_kernels`
-    says so, else :func:`power_law_reference`."""
+    """(A_LM, G_LM) of A [..., H, d, d] in float32: one Triton kernel where :func:`_power_law_kernels` says so, else
+    :func:`power_law_reference` (in A's dtype, float64 included). 16-bit inputs are computed as their float32 values
+    (the kernel widens them as it reads them, which is exact: no cast kernels before it)."""
     _check_power_law(A, (W, b, p, a, ba))
-    if not _power_law_kernels(A, W):
-        _, A_LM, _, G_LM = power_law_reference(A, W, b, p, a, ba)
+    if not _power_law_kernels(A, W, b, p, a, ba):
+        _, A_LM, _, G_LM = power_law_reference(*(t.float() if t.dtype in _NARROW else t for t in (A, W, b, p, a, ba)))
         return A_LM, G_LM
     x = A.contiguous()
     params = [t.contiguous() for t in (W, b, p, a, ba)]
-    A_LM, G_LM = torch.empty_like(x), torch.empty_like(x)
+    A_LM, G_LM = torch.empty_like(x, dtype=torch.float32), torch.empty_like(x, dtype=torch.float32)
     H, d = W.shape[0], W.shape[-1]
     programs = x.numel() // (d * d)
     if programs:
@@ -1304,6 +1313,12 @@ def plain_linears(*linears: nn.Module) -> bool:
     gives what calling them gives: not PEFT adapters, quantised or parametrised layers, nor modules with (module or
     global) hooks such as offloading or ZeRO-3."""
     return not _global_hooks() and all(type(lin) is nn.Linear and not _has_hooks(lin) for lin in linears)
+
+
+def plain_layer_norms(*norms: nn.Module) -> bool:
+    """Whether these are plain ``nn.LayerNorm`` modules with weights and without hooks (see :func:`plain_linears`)."""
+    return not _global_hooks() and all(type(ln) is nn.LayerNorm and ln.elementwise_affine and not _has_hooks(ln)
+                                       for ln in norms)
 
 
 def learner_tensors(units: nn.ModuleList):

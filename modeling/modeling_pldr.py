@@ -48,8 +48,10 @@ from .metric_learner import (  # noqa: F401  (A_LM_EPSILON: re-exported)
     A_LM_EPSILON,
     fused_metric_learner,
     joint_swiglu,
+    plain_layer_norms,
     plain_linears,
     power_law,
+    power_law_forward,
     stacked_metric_learner,
 )
 from .packing import (
@@ -384,12 +386,16 @@ def _joint_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
 def _decode_copyable(linears: tuple[nn.Linear, ...], on_cpu: bool) -> bool:
     """Whether copies of these linears' weights may stand in for them while decoding: plain ``nn.Linear`` modules
     without hooks (not PEFT adapters, quantised layers, offloading), all with or all without biases, whose parameters
-    are plain tensors (not FSDP2's sharded DTensors or quantised tensor subclasses) on an accelerator (on CPU only when
-    ``on_cpu``; the copies gain nothing there, the tests use it)."""
+    are plain tensors (not FSDP2's sharded DTensors or quantised tensor subclasses) of one dtype on one accelerator (on
+    CPU only when ``on_cpu``; the copies gain nothing there, the tests use it)."""
     params = [t for lin in linears for t in (lin.weight, lin.bias) if t is not None]
-    device = linears[0].weight.device
     return (plain_linears(*linears) and len({lin.bias is None for lin in linears}) == 1
-            and all(type(t) is nn.Parameter for t in params)
+            and _copyable_tensors(params, on_cpu))
+
+
+def _copyable_tensors(params: list[torch.Tensor], on_cpu: bool) -> bool:
+    device = params[0].device
+    return (all(type(t) is nn.Parameter and t.dtype == params[0].dtype and t.device == device for t in params)
             and device.type != "meta" and (device.type != "cpu" or on_cpu))
 
 
@@ -399,22 +405,44 @@ def _writable_here(t: torch.Tensor) -> bool:
     return torch.is_inference_mode_enabled() or not t.is_inference()
 
 
-def _static_buffer(old: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """``old`` if it has this shape and ``like``'s dtype and device, else a new zero tensor at a fixed address that
-    torch.compile treats as static (compiled decoding with CUDA graphs reads it in place, no copy per step). Also new
-    when ``old`` was made under ``torch.inference_mode()`` and this call is not (an inference tensor cannot be written
-    outside it)."""
-    if (old is not None and tuple(old.shape) == tuple(shape) and old.dtype == like.dtype and old.device == like.device
-            and _writable_here(old)):
-        return old
-    buf = like.new_zeros(shape)
-    torch._dynamo.mark_static_address(buf)
-    return buf
-
-
 class _DecodeWeightCopies:
-    """Switching of the weight copies that :meth:`PldrForCausalLM.generate` makes for decoding (``arm_decode_weights``
-    of each class fills ``_decode_weights`` and sets ``_decode_armed``)."""
+    """A module whose decoding steps may compute with copies of its weights, made at the start of each ``generate()``
+    (:meth:`PldrForCausalLM.generate`): the copies' shapes (:meth:`_decode_segments`), how the parameters fill them
+    (:meth:`_decode_sources`), and their switching. The copies are views into one flat buffer (:class:`_DecodePack`):
+    the model's for all its layers inside generate(), or the module's own after :meth:`arm_decode_weights`."""
+
+    def _decode_segments(self) -> list[tuple[int, ...] | None] | None:
+        """The shapes of the copies (None for one that is absent, e.g. a bias), or None when copies may not stand in
+        for the module (see :func:`_decode_copyable`)."""
+        raise NotImplementedError
+
+    def _decode_sources(self, copies: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(part of a copy, parameter) pairs that fill the copies from the current parameters. Parts never written
+        (zero padding) stay zero."""
+        raise NotImplementedError
+
+    def _decode_like(self) -> torch.Tensor:
+        """A parameter with the copies' dtype and device."""
+        raise NotImplementedError
+
+    def _armed_weights(self, given: tuple | None) -> tuple | None:
+        """The copies a no-grad forward computes with: those the caller passes (the decoder, from the model's buffer),
+        else this module's own while armed; None with gradients (the parameters must get them) or when unarmed."""
+        if torch.is_grad_enabled():
+            return None
+        if given is not None:
+            return given
+        return self._decode_weights if self._decode_armed else None
+
+    @torch.no_grad()
+    def arm_decode_weights(self) -> bool:
+        """Copies the current weights into this module's own decoding copies (allocated on first use or when the
+        parameters' shapes, dtype or device changed) and turns their use on for no-grad forwards; returns whether it
+        did (not where :meth:`_decode_segments` says no)."""
+        pack = self.__dict__.get("_own_decode_pack")
+        if pack is None:
+            pack = self.__dict__["_own_decode_pack"] = _DecodePack()
+        return pack.arm([self])[0]
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cpu(), .half(), ...: the copies are plain attributes, which these leave where they are; they would keep
@@ -429,6 +457,85 @@ class _DecodeWeightCopies:
         """Turns the copies off and frees their memory."""
         self._decode_armed = False
         self._decode_weights = None
+        self.__dict__.pop("_own_decode_pack", None)
+
+
+_PACK_ALIGN = 64  # elements: every copy in a _DecodePack starts at a multiple of 128 bytes (256 in float32)
+
+
+class _DecodePack:
+    """The decoding copies of several modules (:class:`_DecodeWeightCopies`) as views into one flat buffer per device
+    and dtype, kept at fixed addresses between ``generate()`` calls (compiled decoding with CUDA graphs reads them in
+    place) and refreshed at the start of each.
+
+    One buffer rather than a tensor per copy, because a compiled decoding step pays host time for every tensor it
+    reads from a module attribute (guards and the runtime's per-input work): about 0.45 us each on one CPU core of
+    the test machine, for some 12 weights a layer beside the cache's 4. The compiled step slices the copies out of the
+    buffer inside its graph (:meth:`sliced`); eager steps take the views made here (slicing anew would cost host time
+    every step)."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+        self.keys: list[tuple[torch.device, torch.dtype]] = []
+        # per module: None, or (buffer index, per copy None or (offset, shape))
+        self.layout: tuple = ()
+        self.views: list[tuple | None] = []
+
+    @torch.no_grad()
+    def arm(self, modules: list) -> list[bool]:
+        """Fills the copies of ``modules`` from their parameters (one ``torch._foreach_copy_``) and arms them; returns
+        which ones were armed. The buffers are kept when the layout, dtypes and devices are those of the last call."""
+        sizes: dict = {}
+        entries = []
+        for module in modules:
+            module._decode_armed = False
+            shapes = module._decode_segments()
+            if shapes is None:
+                entries.append(None)
+                continue
+            like = module._decode_like()
+            key = (like.device, like.dtype)
+            index = list(sizes).index(key) if key in sizes else len(sizes)
+            offset = sizes.setdefault(key, 0)
+            spans = []
+            for shape in shapes:
+                if shape is None:
+                    spans.append(None)
+                    continue
+                spans.append((offset, tuple(shape)))
+                offset += -(-math.prod(shape) // _PACK_ALIGN) * _PACK_ALIGN
+            sizes[key] = offset
+            entries.append((index, tuple(spans)))
+        layout, keys = tuple(entries), list(sizes)
+        if layout != self.layout or keys != self.keys or not all(_writable_here(b) for b in self.buffers):
+            self.buffers = []
+            for device, dtype in keys:
+                buf = torch.zeros(sizes[(device, dtype)], dtype=dtype, device=device)
+                torch._dynamo.mark_static_address(buf)
+                self.buffers.append(buf)
+            self.keys, self.layout = keys, layout
+            self.views = self._slice(self.buffers, layout)
+        pairs = [pair for module, copies in zip(modules, self.views) if copies is not None
+                 for pair in module._decode_sources(copies)]
+        if pairs:
+            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+        for module, copies in zip(modules, self.views):
+            module._decode_weights = copies
+            module._decode_armed = copies is not None
+        return [copies is not None for copies in self.views]
+
+    @staticmethod
+    def _slice(buffers: list[torch.Tensor], layout: tuple) -> list[tuple | None]:
+        return [None if entry is None else tuple(
+            None if span is None else buffers[entry[0]][span[0]:span[0] + math.prod(span[1])].view(span[1])
+            for span in entry[1]) for entry in layout]
+
+    def sliced(self) -> list[tuple | None]:
+        """The copies per module: sliced out of the buffers under torch.compile (inside the graph), else the kept
+        views."""
+        if torch.compiler.is_compiling():
+            return self._slice(self.buffers, self.layout)
+        return self.views
 
 
 # (activation names whose SwiGLUs the fused kernels compute: the metric learner's operator, the FFN's joint_swiglu)
@@ -453,9 +560,10 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
       gluw2 as one GEMM. With SiLU, the activation and product on that GEMM's output are one operator
       (``metric_learner.joint_swiglu``: one Triton kernel forward and one backward on CUDA, eager and compiled).
     * Decoding steps would pay that copy every step, so inside ``generate()`` (:meth:`PldrForCausalLM.generate`) the
-      FFN uses padded copies of its weights made once per call (:meth:`arm_decode_weights`), with gluw1 and gluw2 as
-      one GEMM. They stay allocated at fixed addresses between calls (refreshed from the parameters at the start of
-      each), which compiled decoding with CUDA graphs reads in place: extra memory of one FFN's weights per layer.
+      FFN uses padded copies of its weights (and its biases) made once per call (see :class:`_DecodePack`), with gluw1
+      and gluw2 as one GEMM. They stay allocated at fixed addresses between calls (refreshed from the parameters at the
+      start of each), which compiled decoding with CUDA graphs reads in place: extra memory of one FFN's weights per
+      layer.
     * Neither applies unless gluw1, gluw2 and gluw3 are plain ``nn.Linear`` modules without hooks (not PEFT adapters,
       quantised layers, offloading): those are always called as modules.
     """
@@ -473,17 +581,20 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
         self.act_fn = ACT2FN[act]
         self.silu = act in _SILU_ACTS
         self.hidden_pad = (-hidden_features) % self.ALIGN if align_hidden and hidden_features % 8 else 0
-        # (padded W1|W2, b1|b2 or None, padded W3) for decoding; used while armed (inside generate)
-        self._decode_weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
+        # (padded W1|W2, b1|b2 or None, padded W3, b3 or None) for decoding; used while armed (inside generate)
+        self._decode_weights: tuple[torch.Tensor | None, ...] | None = None
         self._decode_armed = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode_weights: tuple | None = None) -> torch.Tensor:
+        """``decode_weights``: the decoding copies (see :meth:`_decode_segments`) given by the decoder layer inside
+        generate(); used without gradients only."""
         pad = self.hidden_pad
         if pad and (x.device.type != "cpu" or self.PAD_ON_CPU) and plain_linears(self.gluw1, self.gluw2, self.gluw3):
-            if self._decode_armed and not torch.is_grad_enabled():
-                w12, b12, w3 = self._decode_weights
+            copies = self._armed_weights(decode_weights)
+            if copies is not None:
+                w12, b12, w3, b3 = copies
                 h1, h2 = _linear_bias_apart_if_compiled(x, w12, b12).chunk(2, dim=-1)
-                return F.linear(self.act_fn(h1) * h2, w3, self.gluw3.bias)
+                return F.linear(self.act_fn(h1) * h2, w3, b3)
             lin1, lin2 = self.gluw1, self.gluw2
             if x.numel() >= self.MIN_PADDED_ROWS * x.shape[-1] and (lin1.bias is None) == (lin2.bias is None):
                 # [W1; 0; W2; 0] as one stack and one pad (and so b1|b2): fewer kernels and autograd nodes than
@@ -504,29 +615,28 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
                 return F.linear(hidden, F.pad(self.gluw3.weight, (0, pad)), self.gluw3.bias)
         return self.gluw3(self.act_fn(self.gluw1(x)) * self.gluw2(x))
 
-    @torch.no_grad()
-    def arm_decode_weights(self) -> bool:
-        """Copies the current weights into the padded decoding weights (allocated on first use or when the parameters'
-        shapes, dtype or device changed) and turns their use on for no-grad forwards; returns whether it did. Off for
-        an FFN without padding and where :func:`_decode_copyable` says no."""
+    def _decode_segments(self):
+        """Padded W1|W2 [2H, in], b1|b2 [2H], padded W3 [out, H] and b3 [out] (H the padded hidden width): none for an
+        FFN without padding, or where :func:`_decode_copyable` says no."""
+        lin1, lin3 = self.gluw1, self.gluw3
+        if not self.hidden_pad or not _decode_copyable((lin1, self.gluw2, lin3), self.PAD_ON_CPU):
+            return None
+        H = lin1.out_features + self.hidden_pad
+        bias = lin1.bias is not None
+        return [(2 * H, lin1.in_features), (2 * H,) if bias else None, (lin3.out_features, H),
+                (lin3.out_features,) if bias else None]
+
+    def _decode_sources(self, copies):
         lin1, lin2, lin3 = self.gluw1, self.gluw2, self.gluw3
-        self._decode_armed = False
-        if not self.hidden_pad or not _decode_copyable((lin1, lin2, lin3), self.PAD_ON_CPU):
-            return False
+        w12, b12, w3, b3 = copies
         h, H = lin1.out_features, lin1.out_features + self.hidden_pad
-        old = self._decode_weights or (None, None, None)
-        w12 = _static_buffer(old[0], (2 * H, lin1.in_features), lin1.weight)
-        b12 = None if lin1.bias is None else _static_buffer(old[1], (2 * H,), lin1.bias)
-        w3 = _static_buffer(old[2], (lin3.out_features, H), lin3.weight)
-        self._decode_weights = (w12, b12, w3)
-        w12[:h].copy_(lin1.weight)
-        w12[H:H + h].copy_(lin2.weight)
+        pairs = [(w12[:h], lin1.weight), (w12[H:H + h], lin2.weight), (w3[:, :h], lin3.weight)]
         if b12 is not None:
-            b12[:h].copy_(lin1.bias)
-            b12[H:H + h].copy_(lin2.bias)
-        w3[:, :h].copy_(lin3.weight)
-        self._decode_armed = True
-        return True
+            pairs += [(b12[:h], lin1.bias), (b12[H:H + h], lin2.bias), (b3, lin3.bias)]
+        return pairs
+
+    def _decode_like(self):
+        return self.gluw1.weight
 
 
 class PldrResidualMetricUnit(nn.Module):
@@ -826,8 +936,11 @@ class PldrPowerLaw(nn.Module):
 
     def forward(self, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # One operator (metric_learner.power_law): one Triton kernel forward and one backward on CUDA.
-        return power_law(A.float(), self.Wlst.float(), self.blst.float(), self.pwlst.float(), self.alst.float(),
-                         self.balst.float())
+        params = (self.Wlst, self.blst, self.pwlst, self.alst, self.balst)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # (e.g. a 16-bit model's prefill: the kernel reads the 16-bit tensors as float32 itself, six casts fewer)
+            return power_law_forward(A, *params)
+        return power_law(A.float(), *(t.float() for t in params))
 
 
 def rotary_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
@@ -927,8 +1040,9 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
             else:  # the operator computes SwiGLUs only: other activations keep the modules
                 self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
             self.plgatt_layer = PldrPowerLaw(config)
-        # (stacked W_q|W_k|W_v and its bias for decoding; used while armed, inside generate)
-        self._decode_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # (stacked W_q|W_k|W_v, its bias, the dense projection's weight and bias, each None where absent or not copied)
+        # for decoding; used while armed, inside generate
+        self._decode_weights: tuple[torch.Tensor | None, ...] | None = None
         self._decode_armed = False
 
     # On accelerators q, k and v are projected as one GEMM with the three weights stacked, when wq, wk and wv are plain
@@ -936,21 +1050,24 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
     # on there.
     # * Large inputs (training, prefill: at least MIN_JOINT_ROWS rows) stack the weights on the fly (_joint_linear).
     # * Decoding steps would pay that copy every step, so inside generate() (PldrForCausalLM.generate) no-grad forwards
-    #   use a stacked copy made once per call (arm_decode_weights). It stays allocated at a fixed address between calls
-    #   (refreshed at the start of each), which compiled decoding with CUDA graphs reads in place: extra memory of the
-    #   three projections' weights per layer.
+    #   use a stacked copy made once per call (see _DecodeWeightCopies), with a copy of the dense projection beside it.
+    #   They stay allocated at fixed addresses between calls (refreshed at the start of each), which compiled decoding
+    #   with CUDA graphs reads in place: extra memory of the four projections' weights per layer.
     MIN_JOINT_ROWS = 1024
     JOINT_ON_CPU = False
 
-    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q and k side by side [B, S, 2H, d], v [B, S, H, d]) of hidden_states [B, S, D], before the rotation."""
+    def project(self, hidden_states: torch.Tensor, decode_weights: tuple | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q and k side by side [B, S, 2H, d], v [B, S, H, d]) of hidden_states [B, S, D], before the rotation.
+        ``decode_weights``: the decoding copies given by the decoder inside generate() (no-grad forwards only)."""
         B, S, _ = hidden_states.shape
         H, d = self.num_heads, self.head_dim
         lins = (self.wq, self.wk, self.wv)
         qkv = None
         if (hidden_states.device.type != "cpu" or self.JOINT_ON_CPU) and plain_linears(*lins):
-            if self._decode_armed and not torch.is_grad_enabled():
-                qkv = F.linear(hidden_states, *self._decode_weights)
+            copies = self._armed_weights(decode_weights)
+            if copies is not None and copies[0] is not None:
+                qkv = F.linear(hidden_states, copies[0], copies[1])
             elif hidden_states.numel() >= self.MIN_JOINT_ROWS * hidden_states.shape[-1]:
                 qkv = _joint_linear(hidden_states, [lin.weight for lin in lins], [lin.bias for lin in lins])
         if qkv is not None:
@@ -960,25 +1077,39 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         qk = torch.cat((self.wq(hidden_states).view(shape), self.wk(hidden_states).view(shape)), dim=2)
         return qk, self.wv(hidden_states).view(shape)
 
-    @torch.no_grad()
-    def arm_decode_weights(self) -> bool:
-        """Copies the current wq|wk|wv weights (and biases) into the stacked decoding weights (allocated on first use or
-        when the parameters' shapes, dtype or device changed) and turns their use on for no-grad forwards; returns
-        whether it did. Off where :func:`_decode_copyable` says no."""
+    def _decode_segments(self):
+        """Stacked W_q|W_k|W_v [3D, D] and its bias [3D], the dense projection's weight [D, D] and bias [D]: each pair
+        where :func:`_decode_copyable` says yes (the dense pair also needs the dtype and device of the first)."""
         lins = (self.wq, self.wk, self.wv)
-        self._decode_armed = False
-        if not _decode_copyable(lins, self.JOINT_ON_CPU):
-            return False
+        qkv = _decode_copyable(lins, self.JOINT_ON_CPU)
+        dense = _decode_copyable((self.dense,), self.JOINT_ON_CPU) and (
+            not qkv or _copyable_tensors([self.wq.weight, self.dense.weight], self.JOINT_ON_CPU))
+        if not (qkv or dense):
+            return None
         rows = sum(lin.out_features for lin in lins)
-        old = self._decode_weights or (None, None)
-        w = _static_buffer(old[0], (rows, lins[0].in_features), lins[0].weight)
-        b = None if lins[0].bias is None else _static_buffer(old[1], (rows,), lins[0].bias)
-        torch.cat([lin.weight for lin in lins], out=w)
-        if b is not None:
-            torch.cat([lin.bias for lin in lins], out=b)
-        self._decode_weights = (w, b)
-        self._decode_armed = True
-        return True
+        D = self.dense
+        return [(rows, lins[0].in_features) if qkv else None, (rows,) if qkv and lins[0].bias is not None else None,
+                (D.out_features, D.in_features) if dense else None,
+                (D.out_features,) if dense and D.bias is not None else None]
+
+    def _decode_sources(self, copies):
+        w, b, dw, db = copies
+        pairs = []
+        if w is not None:
+            row = 0
+            for lin in (self.wq, self.wk, self.wv):
+                pairs.append((w[row:row + lin.out_features], lin.weight))
+                if b is not None:
+                    pairs.append((b[row:row + lin.out_features], lin.bias))
+                row += lin.out_features
+        if dw is not None:
+            pairs.append((dw, self.dense.weight))
+            if db is not None:
+                pairs.append((db, self.dense.bias))
+        return pairs
+
+    def _decode_like(self):
+        return self.wq.weight if _decode_copyable((self.wq, self.wk, self.wv), self.JOINT_ON_CPU) else self.dense.weight
 
     def metric_tensor(
         self, q: torch.Tensor, token_mask: torch.Tensor | None, sequence_groups: SequenceGroups | None = None
@@ -1026,12 +1157,13 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         output_pldr_attentions: bool = False,
         sequence_groups: SequenceGroups | None = None,
         use_g_cache: bool | None = None,
+        decode_weights: tuple | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
         B, S, _ = hidden_states.shape
         cos, sin = cos_sin
         interleaved = self.config.reference_rope
-        qk, v = self.project(hidden_states)
+        qk, v = self.project(hidden_states, decode_weights)
         q, k = apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(self.num_heads, dim=1)
         q = q.contiguous()  # [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs
         if past_key_values is not None and not torch.is_grad_enabled():
@@ -1086,7 +1218,11 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        out = self.dense(out.reshape(B, S, -1))
+        copies = self._armed_weights(decode_weights)
+        if copies is not None and copies[2] is not None and plain_linears(self.dense):
+            out = F.linear(out.reshape(B, S, -1), copies[2], copies[3])
+        else:
+            out = self.dense(out.reshape(B, S, -1))
         deductive = None
         if output_pldr_attentions:
             power = self.plgatt_layer if self.learned_G else None
@@ -1115,8 +1251,13 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         cache.set_deductive(self.layer_idx, A, A_LM if keep_g else None, G_LM if keep_g else None, query_dtype)
 
 
-class PldrDecoderLayer(GradientCheckpointingLayer):
-    """Post-norm decoder layer: ``h = LN(x + PLGA(x))``, ``out = LN(h + FFN(h))``."""
+class PldrDecoderLayer(_DecodeWeightCopies, GradientCheckpointingLayer):
+    """Post-norm decoder layer: ``h = LN(x + PLGA(x))``, ``out = LN(h + FFN(h))``.
+
+    Inside generate() its LayerNorms' weights and biases have decoding copies too (see :class:`_DecodePack`), on
+    accelerators (on CPU with ``COPY_ON_CPU``, for the tests)."""
+
+    COPY_ON_CPU = False
 
     def __init__(self, config: PldrConfig, layer_idx: int):
         super().__init__()
@@ -1125,12 +1266,42 @@ class PldrDecoderLayer(GradientCheckpointingLayer):
                            config.hidden_act, align_hidden=True)
         self.layernorm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layernorm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # (layernorm1's and layernorm2's weights and biases for decoding; used while armed, inside generate)
+        self._decode_weights: tuple[torch.Tensor | None, ...] | None = None
+        self._decode_armed = False
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
-        attn, deductive = self.mha1(hidden_states, **kwargs)
-        hidden_states = self.layernorm1(hidden_states + attn)
-        hidden_states = self.layernorm2(hidden_states + self.ffn(hidden_states))
-        return hidden_states, deductive
+    def forward(self, hidden_states: torch.Tensor, decode_weights: tuple | None = None,
+                **kwargs) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
+        """``decode_weights``: (the attention's, the FFN's, the LayerNorms' decoding copies), given by the decoder
+        inside generate()."""
+        attn_copies, ffn_copies, norm_copies = decode_weights if decode_weights is not None else (None,) * 3
+        attn, deductive = self.mha1(hidden_states, decode_weights=attn_copies, **kwargs)
+        ln1, ln2 = self.layernorm1, self.layernorm2
+        norms = self._armed_weights(norm_copies)
+        if norms is None or not plain_layer_norms(ln1, ln2):
+            hidden_states = ln1(hidden_states + attn)
+            return ln2(hidden_states + self.ffn(hidden_states, decode_weights=ffn_copies)), deductive
+        w1, b1, w2, b2 = norms
+        hidden_states = F.layer_norm(hidden_states + attn, ln1.normalized_shape, w1, b1, ln1.eps)
+        hidden_states = hidden_states + self.ffn(hidden_states, decode_weights=ffn_copies)
+        return F.layer_norm(hidden_states, ln2.normalized_shape, w2, b2, ln2.eps), deductive
+
+    def _decode_segments(self):
+        """layernorm1's weight and bias, layernorm2's weight and bias [D] (plain LayerNorms of one dtype and device)."""
+        ln1, ln2 = self.layernorm1, self.layernorm2
+        if not plain_layer_norms(ln1, ln2):
+            return None
+        params = [t for ln in (ln1, ln2) for t in (ln.weight, ln.bias) if t is not None]
+        if not _copyable_tensors(params, self.COPY_ON_CPU):
+            return None
+        return [tuple(t.shape) if t is not None else None for ln in (ln1, ln2) for t in (ln.weight, ln.bias)]
+
+    def _decode_sources(self, copies):
+        params = [t for ln in (self.layernorm1, self.layernorm2) for t in (ln.weight, ln.bias)]
+        return [(c, t) for c, t in zip(copies, params) if t is not None]
+
+    def _decode_like(self):
+        return self.layernorm1.weight
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1234,13 +1405,43 @@ class PldrModel(PldrPreTrainedModel):
             self.past_G_values = None
         self.gradient_checkpointing = False
         self._static_cache_buffers = _StaticCacheBuffers()
+        # the layers' decoding weight copies, in one buffer (see _DecodePack); used while armed, inside generate
+        self._decode_pack = _DecodePack()
+        self._decode_armed = False
         self.post_init()
 
     def _apply(self, fn, *args, **kwargs):
-        # (.to(), .cpu(), .half(), ...: the static caches' kept buffers would stay on the old device, holding its memory)
+        # (.to(), .cpu(), .half(), ...: the static caches' kept buffers and the decoding weight copies would stay on the
+        # old device, holding its memory)
         if getattr(self, "_static_cache_buffers", None) is not None:
             self._static_cache_buffers.release()
+        if getattr(self, "_decode_pack", None) is not None:
+            self.release_decode_weights()
         return super()._apply(fn, *args, **kwargs)
+
+    def _decode_copiers(self) -> list | None:
+        """Per layer its attention, FFN and the layer itself (its LayerNorms): the modules with decoding copies."""
+        modules = [m for layer in self.dec_layers for m in (layer.mha1, layer.ffn, layer)]
+        return modules if all(isinstance(m, _DecodeWeightCopies) for m in modules) else None
+
+    def arm_decode_weights(self) -> bool:
+        """Fills the layers' decoding weight copies from the current parameters, in one buffer kept between calls
+        (see :class:`_DecodePack`), and turns their use on for no-grad forwards; returns whether any was made."""
+        modules = self._decode_copiers()
+        self._decode_armed = modules is not None and any(self._decode_pack.arm(modules))
+        return self._decode_armed
+
+    def disarm_decode_weights(self):
+        self._decode_armed = False
+        for module in self._decode_copiers() or ():
+            module.disarm_decode_weights()
+
+    def release_decode_weights(self):
+        """Turns the copies off and frees their memory."""
+        self._decode_armed = False
+        self._decode_pack = _DecodePack()
+        for module in self._decode_copiers() or ():
+            module.release_decode_weights()
 
     def initial_fixed_G(self) -> torch.Tensor:
         """[A, A_LM, G_LM] per layer for a fixed-G model: zeros, zeros, and identity (or random for "random")."""
@@ -1379,6 +1580,9 @@ class PldrModel(PldrPreTrainedModel):
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         all_deductive = () if output_pldr_attentions else None
+        copies = None
+        if self._decode_armed and not torch.is_grad_enabled():
+            copies = self._decode_pack.sliced()  # (per layer: attention, FFN, LayerNorms)
         for i, layer in enumerate(self.dec_layers):
             fixed = None
             if self.past_G_values is not None:
@@ -1393,6 +1597,7 @@ class PldrModel(PldrPreTrainedModel):
                 output_pldr_attentions=output_pldr_attentions or output_attentions,
                 sequence_groups=groups,
                 use_g_cache=use_g_cache,
+                **({} if copies is None else {"decode_weights": tuple(copies[3 * i:3 * i + 3])}),
                 **attention_kwargs,
             )
             if output_hidden_states:
@@ -1557,20 +1762,19 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, decode_weight_copies: bool = True, **kwargs):
         """``GenerationMixin.generate``. On accelerators the decoding steps use copies of some weights made at the start
-        of each call: the FFNs' padded W1|W2 and W3 (see :class:`PldrGLU`) and the attentions' stacked W_q|W_k|W_v
-        (see :meth:`PldrAttention.project`). They cost memory: about the FFNs' and q, k, v projections' weights once
-        more (90 MB in bf16 for the papers' 110M model). A static cache also borrows the model's buffers for its keys,
-        values and deductive tensors, kept between calls (see :class:`_StaticCacheBuffers`; 330 MB at batch 32 with 384
-        positions for the 110M model in bf16), so that the compiled decoding steps' CUDA graphs find them at the same
-        addresses in every call.
+        of each call: the FFNs' padded W1|W2 and W3 (see :class:`PldrGLU`), the attentions' stacked W_q|W_k|W_v (see
+        :meth:`PldrAttention.project`) and dense projections, and the layers' biases and LayerNorm weights, all in one
+        buffer (see :class:`_DecodePack`). They cost memory: about the decoder layers' weights once more (98 MB in bf16
+        for the papers' 110M model). A static cache also borrows the model's buffers for its keys, values and deductive
+        tensors, kept between calls (see :class:`_StaticCacheBuffers`; 330 MB at batch 32 with 384 positions for the
+        110M model in bf16), so that the compiled decoding steps' CUDA graphs find them at the same addresses in every
+        call.
         ``decode_weight_copies=False`` decodes with the modules themselves and a static cache with its own buffers, and
         frees the copies and buffers that earlier calls kept (as :meth:`release_decode_buffers` does)."""
         if not decode_weight_copies:
             self.release_decode_buffers()
-        modules = [m for m in self.modules() if isinstance(m, _DecodeWeightCopies)]
         if decode_weight_copies:
-            for module in modules:
-                module.arm_decode_weights()
+            self.decoder.arm_decode_weights()
         kept = self.decoder._static_cache_buffers
         kept.enabled = decode_weight_copies
         _GENERATING.depth += 1
@@ -1579,15 +1783,12 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         finally:
             _GENERATING.depth -= 1
             kept.enabled = True
-            for module in modules:
-                module.disarm_decode_weights()
+            self.decoder.disarm_decode_weights()
 
     def release_decode_buffers(self):
         """Frees what :meth:`generate` keeps between calls: the decoding weight copies and the static caches' buffers
         (a static cache that is still held keeps its own tensors). The next ``generate()`` makes them again."""
-        for module in self.modules():
-            if isinstance(module, _DecodeWeightCopies):
-                module.release_decode_weights()
+        self.decoder.release_decode_weights()
         self.decoder._static_cache_buffers.release()
 
     def _assisted_decoding(self, input_ids, *args, **kwargs):

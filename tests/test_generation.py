@@ -12,7 +12,7 @@ from transformers import CompileConfig, DynamicCache, StaticCache
 
 import pldr_hf  # noqa: F401  (registers the model)
 from pldr_hf import PldrConfig, PldrDynamicCache, PldrForCausalLM
-from pldr_hf.modeling.modeling_pldr import CACHE_FIELD, PldrGLU
+from pldr_hf.modeling.modeling_pldr import CACHE_FIELD, PldrDecoderLayer, PldrGLU
 from pldr_hf.gfile import (
     GTensors,
     apply_g_to_model,
@@ -361,6 +361,39 @@ def test_generate_autocompiles_static_decode_step(model):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
 
 
+def test_compiled_decode_step_reads_the_layers_weights_from_one_buffer(model, monkeypatch):
+    # Inside generate() the decoding copies of the layers' weights (q|k|v, dense, FFN, biases, LayerNorms) are views
+    # into one buffer, and a compiled decoding step slices them out of it inside its graph: one graph input instead of
+    # some 12 per layer (each tensor a compiled call reads from a module costs host time at every step).
+    monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", True)
+    monkeypatch.setattr(type(model.decoder.dec_layers[0].mha1), "JOINT_ON_CPU", True)
+    monkeypatch.setattr(PldrDecoderLayer, "COPY_ON_CPU", True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([t for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    cfg = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    cfg._compile_all_devices = True
+    p = prompt(23, 7)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=N, min_new_tokens=N,
+                             do_sample=False, cache_implementation="static", compile_config=cfg)
+    torch._dynamo.reset()
+    assert torch.equal(out, gen(model, p))
+    assert len(graphs) == 1
+    inputs = {t.data_ptr() for t in graphs[0]}
+    (buffer,) = model.decoder._decode_pack.buffers
+    storage = buffer.untyped_storage().data_ptr()
+    assert [t.data_ptr() for t in graphs[0] if t.untyped_storage().data_ptr() == storage] == [buffer.data_ptr()]
+    layer_params = {t.data_ptr() for layer in model.decoder.dec_layers
+                    for m in (layer.mha1.wq, layer.mha1.wk, layer.mha1.wv, layer.mha1.dense, layer.ffn,
+                              layer.layernorm1, layer.layernorm2) for t in m.parameters()}
+    assert not inputs & layer_params
+
+
 def test_static_cache_keeps_deductive_tensors_at_fixed_addresses(model):
     # Compiled decoding with CUDA graphs reads the G-cache in place only if its tensors keep their addresses, also when
     # generate() reuses the cache (reset) for the next prompt.
@@ -578,16 +611,21 @@ def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu, bias)
         armed, calls = _linear_calls(ffn, small)
     assert calls == 2  # W1|W2 as one padded GEMM, then W3
     torch.testing.assert_close(armed, _ffn_reference(ffn, small), rtol=1e-5, atol=1e-6)
-    w12, b12, w3 = ffn._decode_weights
+    w12, b12, w3, b3 = ffn._decode_weights
     assert w12.shape == (128, 16) and w3.shape == (16, 64)
     assert not w12[42:64].any() and not w12[106:].any() and not w3[:, 42:].any()
     assert (b12 is None) if not bias else (not b12[42:64].any() and not b12[106:].any())
+    assert (b3 is None) if not bias else torch.equal(b3, ffn.gluw3.bias)
+    # (views into one buffer: a compiled decoding step reads one tensor, not one per copy)
+    assert len({t.untyped_storage().data_ptr() for t in ffn._decode_weights if t is not None}) == 1
     # With gradients on, the armed copies are not used: the parameters get their gradients.
     assert _linear_calls(ffn, small)[1] == 3
     # Re-arming refreshes the copies in place from changed parameters.
     with torch.no_grad():
         ffn.gluw2.weight.mul_(-0.5)
         ffn.gluw3.weight.add_(0.1)
+        if bias:
+            ffn.gluw3.bias.add_(1.0)
     ptr = w12.data_ptr()
     assert ffn.arm_decode_weights() and ffn._decode_weights[0].data_ptr() == ptr
     with torch.no_grad():
@@ -664,32 +702,41 @@ def test_generate_with_decoding_weight_copies_equals_the_modules(model, monkeypa
     kw = dict(cache_implementation=cache_implementation, return_dict_in_generate=True, output_scores=True)
     plain = gen(model, p, **kw)
     attention = type(model.decoder.dec_layers[0].mha1)
-    monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", True)
-    monkeypatch.setattr(attention, "JOINT_ON_CPU", True)
-    copiers = [m for layer in model.decoder.dec_layers for m in (layer.ffn, layer.mha1)]
+
+    def copies_on_cpu(on: bool):
+        monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", on)
+        monkeypatch.setattr(attention, "JOINT_ON_CPU", on)
+        monkeypatch.setattr(PldrDecoderLayer, "COPY_ON_CPU", on)
+
+    copies_on_cpu(True)
+    copiers = [m for layer in model.decoder.dec_layers for m in (layer.ffn, layer.mha1, layer)]
     copied = gen(model, p, **kw)
     assert torch.equal(copied.sequences, plain.sequences)
     for a, b in zip(copied.scores, plain.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert all(m._decode_weights is not None and not m._decode_armed for m in copiers)  # made, off after generate
+    # every copy of every layer (FFN, q|k|v and dense projections, biases, LayerNorms) is a view into one buffer
+    copies = [t for m in copiers for t in m._decode_weights]
+    assert len(copies) == 12 * model.config.num_hidden_layers and all(t is not None for t in copies)
+    assert len({t.untyped_storage().data_ptr() for t in copies}) == 1
     ptrs = [m._decode_weights[0].data_ptr() for m in copiers]
     layer0 = model.decoder.dec_layers[0]
+    changes = (layer0.ffn.gluw1.weight, layer0.ffn.gluw3.bias, layer0.mha1.wk.weight, layer0.mha1.dense.weight,
+               layer0.mha1.dense.bias, layer0.layernorm1.weight, layer0.layernorm2.bias)
     with torch.no_grad():  # generate must use the weights as they are now
-        layer0.ffn.gluw1.weight.mul_(3.0)
-        layer0.mha1.wk.weight.mul_(3.0)
+        for t in changes:
+            t.mul_(3.0)
     try:
         changed = gen(model, p, **kw)
-        monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", False)
-        monkeypatch.setattr(attention, "JOINT_ON_CPU", False)
+        assert [m._decode_weights[0].data_ptr() for m in copiers] == ptrs  # refreshed in place
+        copies_on_cpu(False)
         expected = gen(model, p, **kw)
     finally:
         with torch.no_grad():
-            layer0.ffn.gluw1.weight.div_(3.0)
-            layer0.mha1.wk.weight.div_(3.0)
-    assert [m._decode_weights[0].data_ptr() for m in copiers] == ptrs
+            for t in changes:
+                t.div_(3.0)
     # decode_weight_copies=False: the modules themselves, and the copies' memory is given back.
-    monkeypatch.setattr(PldrGLU, "PAD_ON_CPU", True)
-    monkeypatch.setattr(attention, "JOINT_ON_CPU", True)
+    copies_on_cpu(True)
     without = gen(model, p, decode_weight_copies=False, **kw)
     assert all(m._decode_weights is None for m in copiers)
     assert torch.equal(without.sequences, plain.sequences)
@@ -770,8 +817,9 @@ def test_stacked_qkv_copy_for_decoding(monkeypatch):
         (qk, v), calls = _linear_calls(attn.project, x)
     assert calls == 1  # the stacked copy: one GEMM for a decoding step
     check(qk, v)
-    w, b = attn._decode_weights
+    w, b, dw, db = attn._decode_weights
     assert w.shape == (3 * attn.wq.out_features, attn.wq.in_features) and b.shape == (3 * attn.wq.out_features,)
+    assert torch.equal(dw, attn.dense.weight) and torch.equal(db, attn.dense.bias)
     assert _linear_calls(attn.project, x)[1] == 3  # with gradients on: the modules (the parameters get gradients)
     with torch.no_grad():  # re-arming refreshes the copy in place from changed parameters
         attn.wv.weight.mul_(-0.5)
@@ -783,9 +831,12 @@ def test_stacked_qkv_copy_for_decoding(monkeypatch):
     attn.disarm_decode_weights()
     with torch.no_grad():
         assert _linear_calls(attn.project, x)[1] == 3
-    # A hook (or adapter) on one projection: no copy, the modules run.
+    # A hook (or adapter) on one projection: no stacked copy, the modules run (the dense projection keeps its copy).
     handle = attn.wk.register_forward_hook(lambda mod, inp, out: out + 1.0)
+    assert attn.arm_decode_weights() and attn._decode_weights[:2] == (None, None)
+    handle_dense = attn.dense.register_forward_hook(lambda mod, inp, out: out + 1.0)
     assert not attn.arm_decode_weights()
+    handle_dense.remove()
     with torch.no_grad():
         qk, v = attn.project(x)
     assert torch.allclose(qk[..., H:, :].flatten(-2), attn.wk(x))

@@ -794,6 +794,17 @@ for batch, d, config in (((3,), 16, (64, 8)), ((2, 2), 16, (64, 8)), ((), 16, (6
                 errs.append(None if want is None else _rel(got, want))
             row["kernel" if kernels else "reference"] = errs
         results[f"{batch} d={d} {case}"] = row
+# Without gradients the forward kernel takes 16-bit A and parameters and widens them as it reads them: the float32
+# values' results, bit for bit, with no cast before it.
+ML._KERNELS_ON_CPU = True
+inputs = _power_law_inputs((2,), d=16)
+for dtype in (torch.bfloat16, torch.float16):
+    narrow = [t.to(dtype) for t in inputs]
+    launched.clear()
+    outs = ML.power_law_forward(*narrow)
+    assert launched == ["_power_law_fwd_kernel"], launched
+    wide = ML.power_law_forward(*[t.float() for t in narrow])
+    results[f"widened {dtype}"] = [o.dtype == torch.float32 and torch.equal(o, w) for o, w in zip(outs, wide)]
 print(json.dumps(results))
 '''
 
@@ -803,6 +814,8 @@ def test_power_law_kernels_in_the_interpreter():
     # float32 kernels (one forward, one backward launch) against the float64 power law, as close as the float32
     # reference path, for losses on both outputs, on G_LM alone and on A_LM alone (p, a, ba then get no gradient)
     results = _interpreted(_POWER_LAW_INTERPRETER_SCRIPT)
+    assert results.pop("widened torch.bfloat16") == [True, True]
+    assert results.pop("widened torch.float16") == [True, True]
     assert len(results) == 12
     for case, row in results.items():
         assert len(row["kernel"]) == 2 + 6
