@@ -982,12 +982,16 @@ def _check_power_law(A, params):
 
 
 def power_law_forward(A, W, b, p, a, ba, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_LM, G_LM) of A [..., H, d, d] in float32: one Triton kernel where :func:`_power_law_kernels` says so, else
-    :func:`power_law_reference` (in A's dtype, float64 included). 16-bit inputs are computed as their float32 values
-    (the kernel widens them as it reads them, which is exact: no cast kernels before it)."""
+    """(A_LM, G_LM) of A [..., H, d, d]: one Triton kernel where :func:`_power_law_kernels` says so, else
+    :func:`power_law_reference`. In float32, or in the inputs' dtype when they share a wider one (float64): 16-bit or
+    mixed inputs are computed as their float32 values (the kernel widens 16-bit ones as it reads them, which is exact:
+    no cast kernels before it)."""
     _check_power_law(A, (W, b, p, a, ba))
     if not _power_law_kernels(A, W, b, p, a, ba):
-        _, A_LM, _, G_LM = power_law_reference(*(t.float() if t.dtype in _NARROW else t for t in (A, W, b, p, a, ba)))
+        tensors = (A, W, b, p, a, ba)
+        if len({t.dtype for t in tensors}) > 1 or A.dtype in _NARROW:
+            tensors = tuple(t.float() for t in tensors)
+        _, A_LM, _, G_LM = power_law_reference(*tensors)
         return A_LM, G_LM
     x = A.contiguous()
     params = [t.contiguous() for t in (W, b, p, a, ba)]

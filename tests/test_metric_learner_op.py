@@ -594,6 +594,22 @@ def _reference_outputs(*inputs):
     return ML.power_law_reference(*inputs)[1::2]
 
 
+def test_power_law_forward_computes_16_bit_and_mixed_inputs_in_float32():
+    # Without gradients a 16-bit model's power law takes its tensors as they are (no casts before it): the result must
+    # be that of their float32 values, also for mixed dtypes; float64 stays float64.
+    inputs = _power_law_inputs((2,))
+    for dtypes in ([torch.bfloat16] * 6, [torch.float16] * 6, [torch.float32] + [torch.bfloat16] * 5,
+                   [torch.float64] + [torch.float32] * 5):
+        given = [t.to(dt) for t, dt in zip(inputs, dtypes)]
+        outs = ML.power_law_forward(*given)
+        want = _reference_outputs(*[t.float() for t in given])
+        for o, w in zip(outs, want):
+            assert o.dtype == torch.float32 and torch.equal(o, w), dtypes
+    wide = [t.double() for t in inputs]
+    for o, w in zip(ML.power_law_forward(*wide), _reference_outputs(*wide)):
+        assert o.dtype == torch.float64 and torch.equal(o, w)
+
+
 def _power_law_grads(fn, inputs, g_A_LM, g_G):
     """Outputs and input gradients of fn for output gradients g_A_LM and g_G (either None: that output unused)."""
     x = [t.detach().clone().requires_grad_() for t in inputs]
