@@ -483,7 +483,7 @@ class _DecodePack:
 
     @torch.no_grad()
     def arm(self, modules: list) -> list[bool]:
-        """Fills the copies of ``modules`` from their parameters (one ``torch._foreach_copy_``) and arms them; returns
+        """Fills the copies of ``modules`` from their parameters (``torch._foreach_copy_``) and arms them; returns
         which ones were armed. The buffers are kept when the layout, dtypes and devices are those of the last call."""
         sizes: dict = {}
         entries = []
@@ -517,8 +517,14 @@ class _DecodePack:
             self.views = self._slice(self.buffers, layout)
         pairs = [pair for module, copies in zip(modules, self.views) if copies is not None
                  for pair in module._decode_sources(copies)]
-        if pairs:
-            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+        # (pairs of contiguous tensors take foreach's multi-tensor kernels, a few launches for all; a list with any
+        # other pair would copy each pair by itself)
+        dense = [(d, s) for d, s in pairs if d.is_contiguous() and s.is_contiguous()]
+        if dense:
+            torch._foreach_copy_([d for d, _ in dense], [s for _, s in dense])
+        for d, s in pairs:
+            if not (d.is_contiguous() and s.is_contiguous()):
+                d.copy_(s)
         for module, copies in zip(modules, self.views):
             module._decode_weights = copies
             module._decode_armed = copies is not None
