@@ -408,21 +408,21 @@ def _writable_here(t: torch.Tensor) -> bool:
 class _DecodeWeightCopies:
     """A module whose decoding steps may compute with copies of its weights, made at the start of each ``generate()``
     (:meth:`PldrForCausalLM.generate`): the copies' shapes (:meth:`_decode_segments`), how the parameters fill them
-    (:meth:`_decode_sources`), and their switching. The copies are views into one flat buffer (:class:`_DecodePack`):
-    the model's for all its layers inside generate(), or the module's own after :meth:`arm_decode_weights`."""
+    (:meth:`_decode_params`, :meth:`_decode_targets`), and their switching. The copies are views into one flat buffer
+    (:class:`_DecodePack`): the model's for all its layers inside generate(), or the module's own after
+    :meth:`arm_decode_weights`."""
 
-    def _decode_segments(self) -> list[tuple[int, ...] | None] | None:
-        """The shapes of the copies (None for one that is absent, e.g. a bias), or None when copies may not stand in
-        for the module (see :func:`_decode_copyable`)."""
+    def _decode_segments(self) -> tuple[torch.Tensor, list[tuple[int, ...] | None]] | None:
+        """(a parameter with the copies' dtype and device, the shapes of the copies: None for one that is absent, e.g. a
+        bias), or None when copies may not stand in for the module (see :func:`_decode_copyable`)."""
         raise NotImplementedError
 
-    def _decode_sources(self, copies: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(part of a copy, parameter) pairs that fill the copies from the current parameters. Parts never written
-        (zero padding) stay zero."""
+    def _decode_params(self, copies: tuple) -> list[torch.Tensor]:
+        """The parameters that fill the copies, in the order of :meth:`_decode_targets`."""
         raise NotImplementedError
 
-    def _decode_like(self) -> torch.Tensor:
-        """A parameter with the copies' dtype and device."""
+    def _decode_targets(self, copies: tuple) -> list[torch.Tensor]:
+        """The parts of the copies that the parameters fill. Parts never written (zero padding) stay zero."""
         raise NotImplementedError
 
     def _armed_weights(self, given: tuple | None) -> tuple | None:
@@ -480,20 +480,23 @@ class _DecodePack:
         # per module: None, or (buffer index, per copy None or (offset, shape))
         self.layout: tuple = ()
         self.views: list[tuple | None] = []
+        self.targets: list[torch.Tensor] = []  # the parts of the views the parameters fill, module by module
+        self.module_ids: tuple = ()
 
     @torch.no_grad()
     def arm(self, modules: list) -> list[bool]:
         """Fills the copies of ``modules`` from their parameters (``torch._foreach_copy_``) and arms them; returns
-        which ones were armed. The buffers are kept when the layout, dtypes and devices are those of the last call."""
+        which ones were armed. The buffers are kept when the layout, dtypes and devices are those of the last call.
+        (Runs at the start of every generate(): its host time counts as the prefill's.)"""
         sizes: dict = {}
         entries = []
         for module in modules:
-            module._decode_armed = False
-            shapes = module._decode_segments()
-            if shapes is None:
+            module.__dict__["_decode_armed"] = False
+            found = module._decode_segments()
+            if found is None:
                 entries.append(None)
                 continue
-            like = module._decode_like()
+            like, shapes = found
             key = (like.device, like.dtype)
             index = list(sizes).index(key) if key in sizes else len(sizes)
             offset = sizes.setdefault(key, 0)
@@ -506,7 +509,7 @@ class _DecodePack:
                 offset += -(-math.prod(shape) // _PACK_ALIGN) * _PACK_ALIGN
             sizes[key] = offset
             entries.append((index, tuple(spans)))
-        layout, keys = tuple(entries), list(sizes)
+        layout, keys, module_ids = tuple(entries), list(sizes), tuple(map(id, modules))
         if layout != self.layout or keys != self.keys or not all(_writable_here(b) for b in self.buffers):
             self.buffers = []
             for device, dtype in keys:
@@ -515,19 +518,28 @@ class _DecodePack:
                 self.buffers.append(buf)
             self.keys, self.layout = keys, layout
             self.views = self._slice(self.buffers, layout)
-        pairs = [pair for module, copies in zip(modules, self.views) if copies is not None
-                 for pair in module._decode_sources(copies)]
+            self.module_ids = ()
+        if module_ids != self.module_ids:
+            self.targets = [t for module, copies in zip(modules, self.views) if copies is not None
+                            for t in module._decode_targets(copies)]
+            self.module_ids = module_ids
+        params = [t for module, copies in zip(modules, self.views) if copies is not None
+                  for t in module._decode_params(copies)]
         # (pairs of contiguous tensors take foreach's multi-tensor kernels, a few launches for all; a list with any
         # other pair would copy each pair by itself)
-        dense = [(d, s) for d, s in pairs if d.is_contiguous() and s.is_contiguous()]
-        if dense:
-            torch._foreach_copy_([d for d, _ in dense], [s for _, s in dense])
-        for d, s in pairs:
-            if not (d.is_contiguous() and s.is_contiguous()):
+        targets, sources = [], []
+        for d, s in zip(self.targets, params):
+            if d.is_contiguous() and s.is_contiguous():
+                targets.append(d)
+                sources.append(s)
+            else:
                 d.copy_(s)
+        if targets:
+            torch._foreach_copy_(targets, sources)
         for module, copies in zip(modules, self.views):
-            module._decode_weights = copies
-            module._decode_armed = copies is not None
+            # (the module's __dict__ directly: nn.Module.__setattr__'s checks took most of the time here)
+            module.__dict__["_decode_weights"] = copies
+            module.__dict__["_decode_armed"] = copies is not None
         return [copies is not None for copies in self.views]
 
     @staticmethod
@@ -629,20 +641,19 @@ class PldrGLU(_DecodeWeightCopies, nn.Module):
             return None
         H = lin1.out_features + self.hidden_pad
         bias = lin1.bias is not None
-        return [(2 * H, lin1.in_features), (2 * H,) if bias else None, (lin3.out_features, H),
-                (lin3.out_features,) if bias else None]
+        return lin1.weight, [(2 * H, lin1.in_features), (2 * H,) if bias else None, (lin3.out_features, H),
+                             (lin3.out_features,) if bias else None]
 
-    def _decode_sources(self, copies):
+    def _decode_params(self, copies):
         lin1, lin2, lin3 = self.gluw1, self.gluw2, self.gluw3
-        w12, b12, w3, b3 = copies
-        h, H = lin1.out_features, lin1.out_features + self.hidden_pad
-        pairs = [(w12[:h], lin1.weight), (w12[H:H + h], lin2.weight), (w3[:, :h], lin3.weight)]
-        if b12 is not None:
-            pairs += [(b12[:h], lin1.bias), (b12[H:H + h], lin2.bias), (b3, lin3.bias)]
-        return pairs
+        params = [lin1.weight, lin2.weight, lin3.weight]
+        return params if copies[1] is None else params + [lin1.bias, lin2.bias, lin3.bias]
 
-    def _decode_like(self):
-        return self.gluw1.weight
+    def _decode_targets(self, copies):
+        w12, b12, w3, b3 = copies
+        h, H = self.gluw1.out_features, self.gluw1.out_features + self.hidden_pad
+        targets = [w12[:h], w12[H:H + h], w3[:, :h]]
+        return targets if b12 is None else targets + [b12[:h], b12[H:H + h], b3]
 
 
 class PldrResidualMetricUnit(nn.Module):
@@ -1087,35 +1098,41 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         """Stacked W_q|W_k|W_v [3D, D] and its bias [3D], the dense projection's weight [D, D] and bias [D]: each pair
         where :func:`_decode_copyable` says yes (the dense pair also needs the dtype and device of the first)."""
         lins = (self.wq, self.wk, self.wv)
+        D = self.dense
         qkv = _decode_copyable(lins, self.JOINT_ON_CPU)
-        dense = _decode_copyable((self.dense,), self.JOINT_ON_CPU) and (
-            not qkv or _copyable_tensors([self.wq.weight, self.dense.weight], self.JOINT_ON_CPU))
+        dense = _decode_copyable((D,), self.JOINT_ON_CPU) and (
+            not qkv or _copyable_tensors([self.wq.weight, D.weight], self.JOINT_ON_CPU))
         if not (qkv or dense):
             return None
         rows = sum(lin.out_features for lin in lins)
-        D = self.dense
-        return [(rows, lins[0].in_features) if qkv else None, (rows,) if qkv and lins[0].bias is not None else None,
-                (D.out_features, D.in_features) if dense else None,
-                (D.out_features,) if dense and D.bias is not None else None]
+        return (self.wq.weight if qkv else D.weight,
+                [(rows, lins[0].in_features) if qkv else None, (rows,) if qkv and lins[0].bias is not None else None,
+                 (D.out_features, D.in_features) if dense else None,
+                 (D.out_features,) if dense and D.bias is not None else None])
 
-    def _decode_sources(self, copies):
+    def _decode_params(self, copies):
         w, b, dw, db = copies
-        pairs = []
+        params = []
         if w is not None:
-            row = 0
-            for lin in (self.wq, self.wk, self.wv):
-                pairs.append((w[row:row + lin.out_features], lin.weight))
-                if b is not None:
-                    pairs.append((b[row:row + lin.out_features], lin.bias))
-                row += lin.out_features
+            params += [self.wq.weight, self.wk.weight, self.wv.weight]
+            if b is not None:
+                params += [self.wq.bias, self.wk.bias, self.wv.bias]
         if dw is not None:
-            pairs.append((dw, self.dense.weight))
+            params.append(self.dense.weight)
             if db is not None:
-                pairs.append((db, self.dense.bias))
-        return pairs
+                params.append(self.dense.bias)
+        return params
 
-    def _decode_like(self):
-        return self.wq.weight if _decode_copyable((self.wq, self.wk, self.wv), self.JOINT_ON_CPU) else self.dense.weight
+    def _decode_targets(self, copies):
+        w, b, dw, db = copies
+        targets = []
+        for full in (w, b) if w is not None else ():
+            if full is not None:
+                row = 0
+                for lin in (self.wq, self.wk, self.wv):
+                    targets.append(full[row:row + lin.out_features])
+                    row += lin.out_features
+        return targets + [t for t in (dw, db) if t is not None]
 
     def metric_tensor(
         self, q: torch.Tensor, token_mask: torch.Tensor | None, sequence_groups: SequenceGroups | None = None
@@ -1300,14 +1317,13 @@ class PldrDecoderLayer(_DecodeWeightCopies, GradientCheckpointingLayer):
         params = [t for ln in (ln1, ln2) for t in (ln.weight, ln.bias) if t is not None]
         if not _copyable_tensors(params, self.COPY_ON_CPU):
             return None
-        return [tuple(t.shape) if t is not None else None for ln in (ln1, ln2) for t in (ln.weight, ln.bias)]
+        return ln1.weight, [tuple(t.shape) if t is not None else None for ln in (ln1, ln2) for t in (ln.weight, ln.bias)]
 
-    def _decode_sources(self, copies):
-        params = [t for ln in (self.layernorm1, self.layernorm2) for t in (ln.weight, ln.bias)]
-        return [(c, t) for c, t in zip(copies, params) if t is not None]
+    def _decode_params(self, copies):
+        return [t for ln in (self.layernorm1, self.layernorm2) for t in (ln.weight, ln.bias) if t is not None]
 
-    def _decode_like(self):
-        return self.layernorm1.weight
+    def _decode_targets(self, copies):
+        return [c for c in copies if c is not None]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -630,6 +630,11 @@ def test_padded_ffn_equals_the_modules_in_values_and_gradients(pad_on_cpu, bias)
     assert ffn.arm_decode_weights() and ffn._decode_weights[0].data_ptr() == ptr
     with torch.no_grad():
         torch.testing.assert_close(ffn(small), _ffn_reference(ffn, small), rtol=1e-5, atol=1e-6)
+    # ... and from a parameter that was replaced by a new one
+    ffn.gluw1.weight = torch.nn.Parameter(torch.randn_like(ffn.gluw1.weight))
+    assert ffn.arm_decode_weights() and ffn._decode_weights[0].data_ptr() == ptr
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(small), _ffn_reference(ffn, small), rtol=1e-5, atol=1e-6)
     ffn.disarm_decode_weights()
     with torch.no_grad():
         assert _linear_calls(ffn, small)[1] == 3
