@@ -451,7 +451,7 @@ class _DecodeWeightCopies:
         return super()._apply(fn, *args, **kwargs)
 
     def disarm_decode_weights(self):
-        self._decode_armed = False
+        self.__dict__["_decode_armed"] = False  # (at the end of every generate(): without nn.Module.__setattr__)
 
     def release_decode_weights(self):
         """Turns the copies off and frees their memory."""
