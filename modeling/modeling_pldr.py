@@ -481,13 +481,13 @@ class _DecodePack:
         self.layout: tuple = ()
         self.views: list[tuple | None] = []
         self.targets: list[torch.Tensor] = []  # the parts of the views the parameters fill, module by module
-        self.module_ids: tuple = ()
+        self.module_ids: tuple = ()  # (the modules the views and targets were made for)
 
     @torch.no_grad()
     def arm(self, modules: list) -> list[bool]:
         """Fills the copies of ``modules`` from their parameters (``torch._foreach_copy_``) and arms them; returns
-        which ones were armed. The buffers are kept when the layout, dtypes and devices are those of the last call.
-        (Runs at the start of every generate(): its host time counts as the prefill's.)"""
+        which ones were armed. The buffers are kept when the modules, layout, dtypes and devices are those of the last
+        call. (Runs at the start of every generate(): its host time counts as the prefill's.)"""
         sizes: dict = {}
         entries = []
         for module in modules:
@@ -510,19 +510,17 @@ class _DecodePack:
             sizes[key] = offset
             entries.append((index, tuple(spans)))
         layout, keys, module_ids = tuple(entries), list(sizes), tuple(map(id, modules))
-        if layout != self.layout or keys != self.keys or not all(_writable_here(b) for b in self.buffers):
+        if ((layout, keys, module_ids) != (self.layout, self.keys, self.module_ids)
+                or not all(_writable_here(b) for b in self.buffers)):
             self.buffers = []
             for device, dtype in keys:
                 buf = torch.zeros(sizes[(device, dtype)], dtype=dtype, device=device)
                 torch._dynamo.mark_static_address(buf)
                 self.buffers.append(buf)
-            self.keys, self.layout = keys, layout
+            self.keys, self.layout, self.module_ids = keys, layout, module_ids
             self.views = self._slice(self.buffers, layout)
-            self.module_ids = ()
-        if module_ids != self.module_ids:
             self.targets = [t for module, copies in zip(modules, self.views) if copies is not None
                             for t in module._decode_targets(copies)]
-            self.module_ids = module_ids
         params = [t for module, copies in zip(modules, self.views) if copies is not None
                   for t in module._decode_params(copies)]
         # (pairs of contiguous tensors take foreach's multi-tensor kernels, a few launches for all; a list with any
