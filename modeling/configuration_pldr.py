@@ -40,6 +40,11 @@ class PldrConfig(PreTrainedConfig):
             first batch row's serve every row (only they are cached), as in the published port.
         use_g_cache: With ``use_cache=True``, cache A_LM and G_LM (the G-cache) besides k, v and A. Without it, the
             power law step is recomputed from the cached A at every decoding step (same numbers, slower).
+        deduction_cuda_graphs: In eager mode on CUDA, run each layer's deduction from the metric sum (the LayerNorm of
+            A, the metric learner and the power law, forward and backward) as recorded CUDA graphs once a batch shape
+            recurs: the same kernels and numbers with a fraction of the host (CPU) time, which sets the pace of small
+            batches. ``False`` runs it operator by operator. Not used under ``torch.compile``, with gradient
+            checkpointing, or with adapters or hooks on the deduction's modules.
         output_pldr_attentions: Return the deductive outputs (A, A_LM, exponents, G_LM...) of every layer.
         attention_dropout: Dropout on the attention probabilities.
         initializer_range: Kept for compatibility with the published configs (the original's init is used).
@@ -76,6 +81,7 @@ class PldrConfig(PreTrainedConfig):
     custom_G_type: str | None = None
     cache_first_G: bool = False
     use_g_cache: bool = True
+    deduction_cuda_graphs: bool = True
     output_pldr_attentions: bool = False
 
     def __post_init__(self, **kwargs):

@@ -17,6 +17,7 @@ kept frozen while decoding, as in the original implementation.
 This file depends only on torch and transformers, so that it can travel with a saved model as remote code.
 """
 
+import functools
 import inspect
 import math
 import threading
@@ -44,8 +45,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_pldr import PldrConfig
+from .deduction_graphs import DeductionGraphs
 from .metric_learner import (  # noqa: F401  (A_LM_EPSILON: re-exported)
     A_LM_EPSILON,
+    _has_hooks,
     fused_metric_learner,
     joint_swiglu,
     plain_layer_norms,
@@ -950,12 +953,32 @@ class PldrPowerLaw(nn.Module):
         self.balst = nn.Parameter(torch.empty(shape))
 
     def forward(self, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # One operator (metric_learner.power_law): one Triton kernel forward and one backward on CUDA.
-        params = (self.Wlst, self.blst, self.pwlst, self.alst, self.balst)
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # (e.g. a 16-bit model's prefill: the kernel reads the 16-bit tensors as float32 itself, six casts fewer)
-            return power_law_forward(A, *params)
-        return power_law(A.float(), *(t.float() for t in params))
+        return _power_law_step(A, self.Wlst, self.blst, self.pwlst, self.alst, self.balst)
+
+
+def _power_law_step(A, W, b, p, a, ba) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`PldrPowerLaw`'s math: one operator (metric_learner.power_law), one Triton kernel each way on CUDA."""
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # (e.g. a 16-bit model's prefill: the kernel reads the 16-bit tensors as float32 itself, six casts fewer)
+        return power_law_forward(A, W, b, p, a, ba)
+    return power_law(A.float(), *(t.float() for t in (W, b, p, a, ba)))
+
+
+def _normed_metric(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """The LayerNorm of the float32 metric sum A (``layernorm1`` of the attention), in the LayerNorm's dtype."""
+    if weight.dtype == torch.float32:
+        return F.layer_norm(A, weight.shape, weight, bias, eps)
+    # A float16/bfloat16 model normalises the float32 sum before casting it: the raw sum grows with the sequence
+    # length and |q|^2 and overflows float16 (65504) on long or large-norm inputs (inf, then NaN).
+    return F.layer_norm(A, weight.shape, weight.float(), bias.float(), eps).to(weight.dtype)
+
+
+def _deduce(A, ln_weight, ln_bias, w12, w3, b12, b3, lnA_weight, lnA_bias, W, b, p, a, ba, *, eps: float):
+    """A layer's deduction from its metric sum A: ``(A, A_LM, G_LM)`` after the LayerNorm, the stacked metric learner
+    (:class:`PldrMetricLearner`'s parameters) and the power law. What the modules compute, as a function of tensors, so
+    that :class:`DeductionGraphs` can record it."""
+    A = stacked_metric_learner(_normed_metric(A, ln_weight, ln_bias, eps), w12, w3, b12, b3, lnA_weight, lnA_bias, eps)
+    return (A, *_power_law_step(A, W, b, p, a, ba))
 
 
 def rotary_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
@@ -1055,6 +1078,7 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
             else:  # the operator computes SwiGLUs only: other activations keep the modules
                 self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
             self.plgatt_layer = PldrPowerLaw(config)
+            self._deduction_graphs = DeductionGraphs(functools.partial(_deduce, eps=config.layer_norm_eps))
         # (stacked W_q|W_k|W_v, its bias, the dense projection's weight and bias, each None where absent or not copied)
         # for decoding; used while armed, inside generate
         self._decode_weights: tuple[torch.Tensor | None, ...] | None = None
@@ -1140,21 +1164,23 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         The sum is taken in float32 (also under autocast): it runs over the whole sequence. With ``sequence_groups``
         (rows holding several sequences) it runs over each sequence and A has one entry per sequence, [groups, H, d, d].
         """
+        return self._learned_metric(self._metric_sum(q, token_mask, sequence_groups))
+
+    def _metric_sum(self, q: torch.Tensor, token_mask: torch.Tensor | None,
+                    sequence_groups: SequenceGroups | None) -> torch.Tensor:
+        """``sum over non-padding positions s of q_s^T q_s`` in float32 (per sequence with ``sequence_groups``)."""
         if sequence_groups is not None:
             with torch.autocast(device_type=q.device.type, enabled=False):
-                A = sequence_groups.metric_sum(q)
-        else:
-            mask = None if token_mask is None else token_mask[:, None, :, None].to(torch.float32)
-            # (without gradients, e.g. a prefill, the autograd function's own host cost is saved)
-            gram = _GramFunction.apply if torch.is_grad_enabled() else _gram
-            A = gram(q, mask, torch.float32)
+                return sequence_groups.metric_sum(q)
+        mask = None if token_mask is None else token_mask[:, None, :, None].to(torch.float32)
+        # (without gradients, e.g. a prefill, the autograd function's own host cost is saved)
+        gram = _GramFunction.apply if torch.is_grad_enabled() else _gram
+        return gram(q, mask, torch.float32)
+
+    def _learned_metric(self, A: torch.Tensor) -> torch.Tensor:
+        """The LayerNorm of the metric sum A, then the metric learner."""
         ln = self.layernorm1
-        if ln.weight.dtype == torch.float32:
-            A = ln(A)
-        else:
-            # A float16/bfloat16 model normalises the float32 sum before casting it: the raw sum grows with the
-            # sequence length and |q|^2 and overflows float16 (65504) on long or large-norm inputs (inf, then NaN).
-            A = F.layer_norm(A, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(ln.weight.dtype)
+        A = ln(A) if ln.weight.dtype == torch.float32 else _normed_metric(A, ln.weight, ln.bias, ln.eps)
         # The metric learner as one operator per layer (Triton kernels on GPU), in training, inference and under
         # torch.compile. Learners kept as modules (use_metric_learner_modules) run through the same operator unless
         # they are not plain (adapters, hooks): then the modules themselves run.
@@ -1166,6 +1192,27 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         for unit in self.reslayerAs:
             A = unit(A)
         return A
+
+    def _deduction(self, A: torch.Tensor, graphs_allowed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, A_LM, G_LM)`` from the metric sum A: the LayerNorm, the metric learner and the power law, through
+        recorded CUDA graphs (:class:`DeductionGraphs`) where they apply, else operator by operator."""
+        graphs = self._deduction_graphs
+        if (graphs_allowed and not torch.compiler.is_compiling() and self.config.deduction_cuda_graphs
+                and graphs.applies_to(A) and isinstance(self.reslayerAs, PldrMetricLearner)
+                and type(self.plgatt_layer) is PldrPowerLaw and plain_layer_norms(self.layernorm1)
+                and not _has_hooks(self.reslayerAs) and not _has_hooks(self.plgatt_layer)):
+            ln, learner, power = self.layernorm1, self.reslayerAs, self.plgatt_layer
+            found = graphs.run((A, ln.weight, ln.bias, *(getattr(learner, k) for k in learner.KINDS), power.Wlst,
+                                power.blst, power.pwlst, power.alst, power.balst))
+            if found is not None:
+                return found
+        A = self._learned_metric(A)
+        return (A, *self.plgatt_layer(A))
+
+    def _apply(self, fn, *args, **kwargs):
+        if self.learned_G:  # (recorded graphs hold tensors of the old device and dtype)
+            self._deduction_graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(
         self,
@@ -1179,8 +1226,11 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         sequence_groups: SequenceGroups | None = None,
         use_g_cache: bool | None = None,
         decode_weights: tuple | None = None,
+        deduction_graphs: bool = True,
         **kwargs,
     ) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
+        """``deduction_graphs=False`` (the decoder layer's, under gradient checkpointing) keeps the deduction out of
+        CUDA graphs."""
         B, S, _ = hidden_states.shape
         cos, sin = cos_sin
         interleaved = self.config.reference_rope
@@ -1212,8 +1262,10 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
             else:
                 if A is None:
                     grouped = sequence_groups is not None
-                    A = self.metric_tensor(q, token_mask, sequence_groups if grouped else None)
-                A_LM, G_LM = self.plgatt_layer(A)
+                    A, A_LM, G_LM = self._deduction(
+                        self._metric_sum(q, token_mask, sequence_groups if grouped else None), deduction_graphs)
+                else:
+                    A_LM, G_LM = self.plgatt_layer(A)
                 if past_key_values is not None:
                     self._cache_deductive(past_key_values, A, A_LM, G_LM, sequence_groups if grouped else None,
                                           use_g_cache, q.dtype)
@@ -1296,7 +1348,8 @@ class PldrDecoderLayer(_DecodeWeightCopies, GradientCheckpointingLayer):
         """``decode_weights``: (the attention's, the FFN's, the LayerNorms' decoding copies), given by the decoder
         inside generate()."""
         attn_copies, ffn_copies, norm_copies = decode_weights if decode_weights is not None else (None,) * 3
-        attn, deductive = self.mha1(hidden_states, decode_weights=attn_copies, **kwargs)
+        attn, deductive = self.mha1(hidden_states, decode_weights=attn_copies,
+                                    deduction_graphs=not (self.gradient_checkpointing and self.training), **kwargs)
         ln1, ln2 = self.layernorm1, self.layernorm2
         norms = self._armed_weights(norm_copies)
         if norms is None or not plain_layer_norms(ln1, ln2):

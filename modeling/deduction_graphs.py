@@ -1,0 +1,288 @@
+"""A PLGA layer's deduction as captured CUDA graphs in eager mode.
+
+From the metric sum A of a layer (``sum_s q_s^T q_s``, [batch, heads, d, d]) the deduction computes the LayerNorm of
+A, the metric learner and the power law: (A, A_LM, G_LM). Its tensors are tiny and their shape does not depend on
+the sequence length, but in eager mode it is some 20 operators forward and as many backward a layer, each paying
+PyTorch's and Triton's host (CPU) time: on an H200 host 1.8-2.3 ms a layer for a forward and backward whose kernels
+take 0.33 ms of GPU time. A small training batch (4 x 1024 tokens at the 110M sizes) is then paced by the host.
+
+:class:`DeductionGraphs` records the deduction of one layer as CUDA graphs, a forward graph and, with gradients, a
+backward graph, and replays them: per call, one copy of the inputs into the graphs' own tensors, one graph launch and
+one copy of the outputs (the same again backward). The graphs run the same kernels on the same numbers as the
+operators one by one, so the results are the same bit for bit.
+
+* Keys: everything that decides the kernels and the tensors' shapes: each input's shape, dtype and ``requires_grad``,
+  the device, whether gradients are taken, inference mode, and the autocast state. A key is recorded at its
+  ``CAPTURE_AT``-th call (earlier calls run one by one: shapes seen once cost no recording); a layer keeps at most
+  ``MAX_KEYS`` recorded keys (least recently used dropped first, with their memory).
+* Parameters are inputs like A: copied into the graph's tensors at every call, so an optimiser's in-place step, a
+  replaced parameter or parameters at new addresses (FSDP's unsharded ones) are read as they are now.
+* Gradients: a forward replay leaves the saved activations in the graphs' memory. The backward of a call replays the
+  backward graph if no other forward of that key has run since; otherwise (two forwards before their backwards,
+  e.g. a preference loss, or a second backward with ``retain_graph``) it replays that call's forward first, from its
+  saved inputs. A backward that builds a graph (``create_graph=True``) differentiates the operators instead.
+* Not used (the caller runs the operators): under ``torch.compile`` (inductor has its own graphs), while a CUDA graph
+  is being captured, and by the model with gradient checkpointing, adapters or hooks on the deduction's modules, or
+  ``deduction_cuda_graphs=False`` in the config. A key is not recorded inside a backward pass, and a failed recording
+  turns the layer's graphs off with a warning.
+
+Memory: each recorded key keeps its own memory pool, holding what the operators would hold between a forward and
+its backward (the learner's saved activations) plus its backward's temporaries.
+
+This file imports only torch: it travels with saved models as remote code.
+"""
+
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DeductionGraphs"]
+
+_forward_ids = itertools.count(1)
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """New tensors equal bit for bit to these (x * 1 is exact, also for NaN and -0), as one multi-tensor operator
+    rather than one clone each: each operator call costs host time, which is what the graphs save."""
+    return list(torch._foreach_mul(tensors, 1.0)) if tensors else []
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class _EmulatedGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` on CPU, for the tests: ``replay()`` runs the recorded function again,
+    reading and writing the same tensors a captured graph would."""
+
+    def __init__(self, run: Callable[[], None]):
+        self.replay = run
+
+
+class _Recorded:
+    """One recorded key: the graphs' input tensors, a forward graph, and with gradients a backward graph."""
+
+    def __init__(self, fn: Callable, inputs: tuple, grad: bool, autocast: tuple, emulate: bool):
+        self.fn = fn
+        self.grad = grad
+        self.autocast = autocast
+        self.static = tuple(None if t is None else t.detach().clone() for t in inputs)
+        if grad:
+            for s, t in zip(self.static, inputs):
+                if s is not None:
+                    s.requires_grad_(t.requires_grad)
+        self.targets = [s for s in self.static if s is not None]
+        self.wanted_mask = [s is not None and s.requires_grad for s in self.static]
+        self.wanted = [s for s, w in zip(self.static, self.wanted_mask) if w]
+        self.state = None  # the id of the forward whose saved activations the graphs' memory holds
+        self.zeroed: list[bool] = []  # per output: its gradient buffer holds zeros
+        (self._record_emulated if emulate else self._record)()
+
+    # -- recording -----------------------------------------------------------------------------------------------------
+    def modes(self):
+        device_type, enabled, dtype = self.autocast
+        return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
+
+    def _differentiable(self, outs):
+        return [(i, o) for i, o in enumerate(outs) if o.requires_grad]
+
+    def _record(self):
+        device = self.targets[0].device
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.set_grad_enabled(self.grad), self.modes():
+            # one run on the recording stream first (lazy initialisations, e.g. library workspaces, happen outside)
+            outs = self.fn(*self.static)
+            if self.grad:
+                diff = self._differentiable(outs)
+                torch.autograd.grad([o for _, o in diff], self.wanted, [torch.zeros_like(o) for _, o in diff],
+                                    allow_unused=True)
+            del outs
+        torch.cuda.current_stream(device).wait_stream(stream)
+        pool = torch.cuda.graph_pool_handle()
+        self.forward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, pool=pool, stream=stream):
+            with torch.set_grad_enabled(self.grad), self.modes():
+                outs = self.fn(*self.static)
+        self.outputs = [o.detach() for o in outs]
+        if self.grad:
+            diff = self._differentiable(outs)
+            self.output_grads = [torch.zeros_like(o) for o in self.outputs]
+            self.zeroed = [True] * len(self.outputs)
+            self.backward_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.backward_graph, pool=pool, stream=stream):
+                grads = torch.autograd.grad([o for _, o in diff], self.wanted,
+                                            [self.output_grads[i] for i, _ in diff], allow_unused=True)
+            self.input_grads = [None if g is None else g.detach() for g in grads]
+
+    def _record_emulated(self):
+        held = {}
+
+        def forward():
+            with torch.set_grad_enabled(self.grad), self.modes():
+                outs = self.fn(*self.static)
+            with torch.no_grad():
+                for dst, src in zip(self.outputs, outs):
+                    dst.copy_(src)
+            held["outs"] = outs
+
+        def backward():
+            outs = held.pop("outs", None)  # (the graph's saved activations are overwritten by its backward)
+            if outs is None:
+                raise RuntimeError("deduction graphs: backward replayed without its forward")
+            diff = self._differentiable(outs)
+            grads = torch.autograd.grad([o for _, o in diff], self.wanted, [self.output_grads[i] for i, _ in diff],
+                                        allow_unused=True)
+            with torch.no_grad():
+                for dst, src in zip(self.input_grads, grads):
+                    if dst is not None:
+                        dst.copy_(src)
+
+        with torch.set_grad_enabled(self.grad), self.modes():
+            outs = self.fn(*self.static)
+        self.outputs = [o.detach().clone() for o in outs]
+        if self.grad:
+            diff = self._differentiable(outs)
+            self.output_grads = [torch.zeros_like(o) for o in self.outputs]
+            self.zeroed = [True] * len(self.outputs)
+            grads = torch.autograd.grad([o for _, o in diff], self.wanted, [self.output_grads[i] for i, _ in diff],
+                                        allow_unused=True)
+            self.input_grads = [None if g is None else g.detach().clone() for g in grads]
+            self.backward_graph = _EmulatedGraph(backward)
+        self.forward_graph = _EmulatedGraph(forward)
+
+    # -- replaying -----------------------------------------------------------------------------------------------------
+    def replay_forward(self, inputs: tuple) -> int:
+        with torch.no_grad():
+            torch._foreach_copy_(self.targets, [t for t in inputs if t is not None])
+        self.forward_graph.replay()
+        self.state = next(_forward_ids)
+        return self.state
+
+    def replay_backward(self, output_grads: tuple) -> list:
+        """The gradients of the inputs that require them, in order (None for those the deduction does not use).
+        ``output_grads``: None for an output that got no gradient (in training usually A and A_LM): its buffer is
+        zeroed once and then left as it is, rather than autograd making and copying a tensor of zeros each call."""
+        given = [(dst, g) for dst, g in zip(self.output_grads, output_grads) if g is not None]
+        with torch.no_grad():
+            for i, g in enumerate(output_grads):
+                if g is None and not self.zeroed[i]:
+                    self.output_grads[i].zero_()
+                self.zeroed[i] = g is None
+            if given:
+                torch._foreach_copy_([d for d, _ in given], [g for _, g in given])
+        self.backward_graph.replay()
+        self.state = None
+        found = iter(_copies([g for g in self.input_grads if g is not None]))
+        return [None if g is None else next(found) for g in self.input_grads]
+
+
+class _Replayed(torch.autograd.Function):
+    """A recorded key's forward and backward graphs as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, graphs, recorded, *inputs):
+        ctx.set_materialize_grads(False)  # (outputs without gradients come to backward as None)
+        ctx.graphs, ctx.recorded = graphs, recorded
+        ctx.state = recorded.replay_forward(inputs)
+        ctx.save_for_backward(*inputs)
+        return tuple(_copies(recorded.outputs))
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        recorded, graphs = ctx.recorded, ctx.graphs
+        inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        if torch.is_grad_enabled():  # a backward with create_graph=True: the operators, differentiably
+            wanted = [t for t, need in zip(inputs, needs) if need]
+            with torch.enable_grad(), recorded.modes():
+                outs = [(o, g) for o, g in zip(recorded.fn(*inputs), output_grads) if g is not None]
+                found = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs],
+                                                 create_graph=True, allow_unused=True))
+            return None, None, *(next(found) if need else None for need in needs)
+        if recorded.state != ctx.state:  # another forward of this key ran since this one: this one's again first
+            recorded.replay_forward(inputs)
+            graphs.recomputed += 1
+        grads = iter(recorded.replay_backward(output_grads))
+        out = [next(grads) if wanted else None for wanted in recorded.wanted_mask]
+        return None, None, *(g if need else None for g, need in zip(out, needs))
+
+
+class DeductionGraphs:
+    """Recorded CUDA graphs of one layer's deduction ``fn(*inputs) -> tuple of tensors`` (see the module's text).
+
+    :meth:`run` returns fn's outputs through the graphs, or None where the caller must run fn itself. ``replays``,
+    ``recorded_keys`` and ``recomputed`` count what happened (tests and benchmarks read them)."""
+
+    CAPTURE_AT = 3  # the call of a key that records it
+    MAX_KEYS = 4  # recorded keys kept per layer
+    EMULATE_ON_CPU = False  # replay by rerunning on CPU tensors (the tests, which have no GPU)
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.clear()
+
+    def clear(self):
+        """Drops every recorded key (and the graphs' memory) and the counts of keys not yet recorded."""
+        self._recorded: OrderedDict = OrderedDict()
+        self._seen: dict = {}
+        self.disabled: str | None = None
+        self.replays = 0
+        self.recomputed = 0
+
+    @property
+    def recorded_keys(self) -> int:
+        return len(self._recorded)
+
+    def applies_to(self, A: torch.Tensor) -> bool:
+        """Whether a call on A may use graphs (a CUDA tensor, not while a CUDA graph is being captured)."""
+        if self.disabled is not None:
+            return False
+        if A.is_cuda:
+            return not torch.cuda.is_current_stream_capturing()
+        return A.device.type == "cpu" and self.EMULATE_ON_CPU
+
+    def run(self, inputs: tuple) -> tuple | None:
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        device_type = inputs[0].device.type
+        autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        key = (tuple(None if t is None else (t.shape, t.dtype, t.requires_grad, t.device) for t in inputs), grad,
+               torch.is_inference_mode_enabled(), autocast)
+        recorded = self._recorded.get(key)
+        if recorded is None:
+            seen = self._seen.get(key, 0) + 1
+            if seen < self.CAPTURE_AT or _in_backward():
+                if len(self._seen) > 64:  # (shapes that never recur, e.g. packed rows' sequence counts)
+                    self._seen.clear()
+                self._seen[key] = seen
+                return None
+            self._seen.pop(key, None)
+            try:
+                recorded = _Recorded(self.fn, inputs, grad, autocast, emulate=not inputs[0].is_cuda)
+            except Exception as e:  # noqa: BLE001  (any failure to record: the operators run, as without graphs)
+                self.disabled = f"{type(e).__name__}: {e}"
+                logger.warning("PLDR-LLM: recording a CUDA graph of the deduction failed (%s); this layer runs it "
+                               "operator by operator from now on", self.disabled)
+                return None
+            self._recorded[key] = recorded
+            while len(self._recorded) > self.MAX_KEYS:
+                self._recorded.popitem(last=False)
+        else:
+            self._recorded.move_to_end(key)
+        self.replays += 1
+        if grad:
+            return _Replayed.apply(self, recorded, *inputs)
+        recorded.replay_forward(inputs)
+        return tuple(_copies(recorded.outputs))
+
+    # A model copied (deepcopy: e.g. a reference model) or pickled gets its own, empty graphs.
+    def __deepcopy__(self, memo):
+        return DeductionGraphs(self.fn)
+
+    def __reduce__(self):
+        return DeductionGraphs, (self.fn,)
