@@ -15,7 +15,9 @@ token ids. Models, built in the same process:
 * ``llama_same_ffn``: ``LlamaForCausalLM`` with PLDR's sizes, FFN width 2389 included (odd widths put cuBLAS on slow
   kernels, so this one is handicapped);
 * ``llama_aligned``: the same Llama with the FFN width rounded up to a multiple of 64 (2432): the setting a user would
-  pick, and the one PLDR-LLM is compared with.
+  pick, and the one PLDR-LLM is compared with;
+* ``pldr_no_graphs`` (only when named in ``--models``): PLDR-LLM with ``deduction_cuda_graphs=False``, its deduction
+  operator by operator in eager mode, to see what the recorded CUDA graphs gain (the same model under compile).
 
 With ``--packed_mean_doc_len``, every row packs documents of random (exponential) length with position ids restarting
 at each (as DataCollatorWithFlattening or document-masked pretraining give them; a new layout every step, from a pool
@@ -60,7 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import pldr_hf  # noqa: E402,F401  (registers the model)
 from pldr_hf import PldrConfig, PldrForCausalLM  # noqa: E402
 
-MODELS = ("pldr", "llama_same_ffn", "llama_aligned")
+MODELS = ("pldr", "llama_same_ffn", "llama_aligned", "pldr_no_graphs")
+DEFAULT_MODELS = MODELS[:3]
 MODES = ("eager", "compile")
 
 
@@ -72,7 +75,7 @@ class BenchArguments:
     seq_len: int = field(default=1024, metadata={"help": "tokens per row; above 1024 raises max_position_embeddings"})
     shapes: str = field(default="", metadata={"help": "comma list of BATCHxSEQ, e.g. 16x1024,4x1024,8x2048"})
     modes: str = field(default="eager,compile", metadata={"help": f"comma list of {', '.join(MODES)}"})
-    models: str = field(default=",".join(MODELS), metadata={"help": f"comma list of {', '.join(MODELS)}"})
+    models: str = field(default=",".join(DEFAULT_MODELS), metadata={"help": f"comma list of {', '.join(MODELS)}"})
     steps: int = field(default=10, metadata={"help": "timed optimizer steps per round"})
     rounds: int = field(default=3, metadata={"help": "timing rounds, alternating between the models; best round"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (allocator, autotuning, compilation)"})
@@ -121,7 +124,8 @@ def model_configs(tiny: bool, seq_len: int) -> dict:
         pldr = PldrConfig()
     pldr.max_position_embeddings = max(pldr.max_position_embeddings, seq_len)
     align = 8 if tiny else 64
-    configs = {"pldr": (PldrForCausalLM, pldr)}
+    configs = {"pldr": (PldrForCausalLM, pldr),
+               "pldr_no_graphs": (PldrForCausalLM, PldrConfig(**{**pldr.to_dict(), "deduction_cuda_graphs": False}))}
     for name, ffn in (("llama_same_ffn", pldr.intermediate_size),
                       ("llama_aligned", math.ceil(pldr.intermediate_size / align) * align)):
         configs[name] = (LlamaForCausalLM, LlamaConfig(
@@ -255,6 +259,8 @@ class TrainRun:
             _sync(device)
             self.peak_mem = torch.cuda.max_memory_allocated() - base_mem
         self.tokens = batch * seq
+        self.deduction_graphs = [m._deduction_graphs for m in model.modules()
+                                 if getattr(m, "_deduction_graphs", None) is not None]
         self.round_s: list[float] = []
         self.out = {
             "model": name,
@@ -290,6 +296,10 @@ class TrainRun:
         out.update(host_ms_by_phase=phases, host_ms=round(sum(phases.values()), 2))
         if self.peak_mem is not None:
             out["peak_mem_GiB"] = round(self.peak_mem / 2**30, 2)
+        if self.deduction_graphs:  # (PLDR-LLM: its layers' recorded CUDA graphs of the deduction, eager mode)
+            out["deduction_graphs"] = {"recorded_keys": sum(g.recorded_keys for g in self.deduction_graphs),
+                                       "replays": sum(g.replays for g in self.deduction_graphs),
+                                       "disabled": sorted({g.disabled for g in self.deduction_graphs if g.disabled})}
         return out
 
 
