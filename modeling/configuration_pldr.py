@@ -44,7 +44,8 @@ class PldrConfig(PreTrainedConfig):
             A, the metric learner and the power law, forward and backward) as recorded CUDA graphs once a batch shape
             recurs: the same kernels and numbers with a fraction of the host (CPU) time, which sets the pace of small
             batches. ``False`` runs it operator by operator. Not used under ``torch.compile``, with gradient
-            checkpointing, or with adapters or hooks on the deduction's modules.
+            checkpointing, with adapters or hooks on the deduction's modules, or where the metric learner runs on
+            cuBLAS rather than its Triton kernels (float32 without autocast).
         output_pldr_attentions: Return the deductive outputs (A, A_LM, exponents, G_LM...) of every layer.
         attention_dropout: Dropout on the attention probabilities.
         initializer_range: Kept for compatibility with the published configs (the original's init is used).

@@ -22,8 +22,10 @@ operators one by one, so the results are the same bit for bit.
   e.g. a preference loss, or a second backward with ``retain_graph``) it replays that call's forward first, from its
   saved inputs. A backward that builds a graph (``create_graph=True``) differentiates the operators instead.
 * Not used (the caller runs the operators): under ``torch.compile`` (inductor has its own graphs), while a CUDA graph
-  is being captured, and by the model with gradient checkpointing, adapters or hooks on the deduction's modules, or
-  ``deduction_cuda_graphs=False`` in the config. A key is not recorded inside a backward pass, and a failed recording
+  is being captured, where the caller's ``recordable`` says no (the model: where the deduction would run library
+  GEMMs such as cuBLAS rather than its Triton kernels, e.g. a float32 learner without autocast), and by the model
+  with gradient checkpointing, adapters or hooks on the deduction's modules, or ``deduction_cuda_graphs=False`` in
+  the config. A key is not recorded inside a backward pass, and a failed recording
   turns the layer's graphs off with a warning.
 
 Memory: each recorded key keeps its own memory pool, holding what the operators would hold between a forward and
@@ -223,14 +225,17 @@ class DeductionGraphs:
     MAX_KEYS = 4  # recorded keys kept per layer
     EMULATE_ON_CPU = False  # replay by rerunning on CPU tensors (the tests, which have no GPU)
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, recordable: Callable | None = None):
+        """``recordable(*inputs)``: whether a key may be recorded at all (asked once per key, at its recording)."""
         self.fn = fn
+        self.recordable = recordable
         self.clear()
 
     def clear(self):
         """Drops every recorded key (and the graphs' memory) and the counts of keys not yet recorded."""
         self._recorded: OrderedDict = OrderedDict()
         self._seen: dict = {}
+        self._never: set = set()  # keys that recordable() turned down
         self.disabled: str | None = None
         self.replays = 0
         self.recomputed = 0
@@ -255,6 +260,8 @@ class DeductionGraphs:
                torch.is_inference_mode_enabled(), autocast)
         recorded = self._recorded.get(key)
         if recorded is None:
+            if key in self._never:
+                return None
             seen = self._seen.get(key, 0) + 1
             if seen < self.CAPTURE_AT or _in_backward():
                 if len(self._seen) > 64:  # (shapes that never recur, e.g. packed rows' sequence counts)
@@ -262,6 +269,9 @@ class DeductionGraphs:
                 self._seen[key] = seen
                 return None
             self._seen.pop(key, None)
+            if self.recordable is not None and not self.recordable(*inputs):
+                self._never.add(key)
+                return None
             try:
                 recorded = _Recorded(self.fn, inputs, grad, autocast, emulate=not inputs[0].is_cuda)
             except Exception as e:  # noqa: BLE001  (any failure to record: the operators run, as without graphs)
@@ -282,7 +292,7 @@ class DeductionGraphs:
 
     # A model copied (deepcopy: e.g. a reference model) or pickled gets its own, empty graphs.
     def __deepcopy__(self, memo):
-        return DeductionGraphs(self.fn)
+        return DeductionGraphs(self.fn, self.recordable)
 
     def __reduce__(self):
-        return DeductionGraphs, (self.fn,)
+        return DeductionGraphs, (self.fn, self.recordable)

@@ -1474,6 +1474,22 @@ def stacked_metric_learner(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, eps: f
     return _run(A, w12, w3, b12, b3, ln_w, ln_b, eps, *dtypes)
 
 
+def runs_kernels_only(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, power_params: tuple) -> bool:
+    """Whether the stacked learner on A [..., d] (after its LayerNorm) and then the power law with ``power_params``
+    (W, b, p, a, ba) run their Triton kernels alone, with no cuBLAS or other library GEMM, under the present autocast
+    state: where a layer's deduction is recorded as CUDA graphs (the tested case; float32 learners without
+    autocast run on cuBLAS, see FLOAT32_KERNELS)."""
+    dtypes = _dtypes(A, w12.dtype)
+    if dtypes is None:
+        return False
+    x = A.reshape(-1, A.shape[-1])
+    try:
+        layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
+    except ValueError:
+        return False
+    return _use_kernels(x, w12, layout, dtypes[0]) and _power_law_kernels(A.float(), *(t.float() for t in power_params))
+
+
 def fused_metric_learner(units: nn.ModuleList, A: torch.Tensor) -> torch.Tensor | None:
     """Runs the metric learner ``units`` (a ModuleList of PldrResidualMetricUnit) on the rows of A [..., d] as one
     operator; returns a tensor of A's shape with the dtype the modules would give, or None when the modules

@@ -55,6 +55,7 @@ from .metric_learner import (  # noqa: F401  (A_LM_EPSILON: re-exported)
     plain_linears,
     power_law,
     power_law_forward,
+    runs_kernels_only,
     stacked_metric_learner,
 )
 from .packing import (
@@ -973,6 +974,14 @@ def _normed_metric(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     return F.layer_norm(A, weight.shape, weight.float(), bias.float(), eps).to(weight.dtype)
 
 
+def _deduction_runs_kernels(A, ln_weight, ln_bias, w12, w3, b12, b3, lnA_weight, lnA_bias, *power_params, eps: float):
+    """Whether :func:`_deduce` on these tensors runs Triton kernels and no library GEMM (what its CUDA graphs record;
+    asked once per shape, dtype and autocast state)."""
+    with torch.no_grad():
+        normed = _normed_metric(A, ln_weight, ln_bias, eps)
+    return runs_kernels_only(normed, w12, w3, b12, b3, lnA_weight, lnA_bias, power_params)
+
+
 def _deduce(A, ln_weight, ln_bias, w12, w3, b12, b3, lnA_weight, lnA_bias, W, b, p, a, ba, *, eps: float):
     """A layer's deduction from its metric sum A: ``(A, A_LM, G_LM)`` after the LayerNorm, the stacked metric learner
     (:class:`PldrMetricLearner`'s parameters) and the power law. What the modules compute, as a function of tensors, so
@@ -1078,7 +1087,9 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
             else:  # the operator computes SwiGLUs only: other activations keep the modules
                 self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
             self.plgatt_layer = PldrPowerLaw(config)
-            self._deduction_graphs = DeductionGraphs(functools.partial(_deduce, eps=config.layer_norm_eps))
+            eps = config.layer_norm_eps
+            self._deduction_graphs = DeductionGraphs(functools.partial(_deduce, eps=eps),
+                                                     functools.partial(_deduction_runs_kernels, eps=eps))
         # (stacked W_q|W_k|W_v, its bias, the dense projection's weight and bias, each None where absent or not copied)
         # for decoding; used while armed, inside generate
         self._decode_weights: tuple[torch.Tensor | None, ...] | None = None

@@ -16,6 +16,8 @@ from torch import nn
 
 from pldr_hf import PldrConfig, PldrForCausalLM
 from pldr_hf.modeling import deduction_graphs as dg
+from pldr_hf.modeling import metric_learner as ml
+from pldr_hf.modeling import modeling_pldr as mp
 
 TINY = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, head_dim=16, num_hidden_layers=2,
             intermediate_size=40, A_dff=24, num_reslayerA=2, num_denseA=2, max_position_embeddings=64)
@@ -24,6 +26,8 @@ TINY = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, head_dim=16, n
 @pytest.fixture
 def emulated(monkeypatch):
     monkeypatch.setattr(dg.DeductionGraphs, "EMULATE_ON_CPU", True)
+    # (on CPU the deduction runs its PyTorch reference, which the model would not record on a GPU)
+    monkeypatch.setattr(mp, "_deduction_runs_kernels", lambda *tensors, eps: True)
 
 
 def pair(seed=0, device="cpu", **overrides):
@@ -242,6 +246,38 @@ def test_a_failed_recording_turns_the_layers_graphs_off(emulated, monkeypatch, c
     assert "recording a CUDA graph of the deduction failed" in caplog.text
 
 
+def test_recorded_only_where_the_deduction_runs_its_kernels(monkeypatch):
+    # CUDA graphs record the learner's and the power law's Triton kernels; a float32 learner without autocast runs
+    # cuBLAS GEMMs instead (metric_learner.FLOAT32_KERNELS), and is left to run operator by operator
+    monkeypatch.setattr(ml, "_KERNELS_ON_CPU", True)  # (the kernels' conditions, as on a GPU; nothing is launched)
+    on, _ = pair()
+    attn = on.decoder.dec_layers[0].mha1
+    ln, learner, power = attn.layernorm1, attn.reslayerAs, attn.plgatt_layer
+    tensors = (torch.randn(2, 2, 16, 16), ln.weight, ln.bias, *(getattr(learner, k) for k in learner.KINDS),
+               power.Wlst, power.blst, power.pwlst, power.alst, power.balst)
+    recordable = attn._deduction_graphs.recordable
+    assert not recordable(*tensors)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert recordable(*tensors)
+    assert recordable(*(t.bfloat16() for t in tensors))  # (a bfloat16 model)
+    monkeypatch.setattr(ml, "_KERNELS_ON_CPU", False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not recordable(*tensors)
+
+
+def test_a_key_turned_down_is_not_asked_again(monkeypatch):
+    monkeypatch.setattr(dg.DeductionGraphs, "EMULATE_ON_CPU", True)
+    asked = []
+    monkeypatch.setattr(mp, "_deduction_runs_kernels", lambda *tensors, eps: asked.append(1) is None and False)
+    on, off = pair()
+    x = ids(2, (2, 8))
+    with torch.no_grad():
+        for _ in range(6):
+            assert torch.equal(on(x).logits, off(x).logits)
+    assert all(g.recorded_keys == 0 and g.replays == 0 for g in graphs(on))
+    assert len(asked) == 2  # once per layer
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_train_and_generate_as_the_operators_do():
     # the kernels' sizes (head_dim 64, A_dff 170), bf16 autocast, fused AdamW; real CUDA graphs
@@ -273,6 +309,13 @@ def test_cuda_graphs_train_and_generate_as_the_operators_do():
     on.eval(), off.eval()
     p = ids(7, (3, 16), "cuda")
     for _ in range(4):
-        assert torch.equal(on.generate(p, max_new_tokens=8, do_sample=False),
-                           off.generate(p, max_new_tokens=8, do_sample=False))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.equal(on.generate(p, max_new_tokens=8, do_sample=False),
+                               off.generate(p, max_new_tokens=8, do_sample=False))
     assert all(g.recorded_keys == 2 for g in graphs(on))
+    # float32 without autocast: the learner runs on cuBLAS, and the graphs are turned down
+    on.train()
+    for _ in range(4):
+        x = ids(3, (2, 64), "cuda")
+        on(x, labels=x).loss.backward()
+    assert all(g.recorded_keys == 2 and len(g._never) == 1 for g in graphs(on))
