@@ -270,6 +270,8 @@ class DeductionGraphs:
                 return None
             self._seen.pop(key, None)
             if self.recordable is not None and not self.recordable(*inputs):
+                if len(self._never) > 64:  # (as _seen)
+                    self._never.clear()
                 self._never.add(key)
                 return None
             try:

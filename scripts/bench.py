@@ -46,6 +46,7 @@ silently cut).
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -124,8 +125,9 @@ def model_configs(tiny: bool, seq_len: int) -> dict:
         pldr = PldrConfig()
     pldr.max_position_embeddings = max(pldr.max_position_embeddings, seq_len)
     align = 8 if tiny else 64
-    configs = {"pldr": (PldrForCausalLM, pldr),
-               "pldr_no_graphs": (PldrForCausalLM, PldrConfig(**{**pldr.to_dict(), "deduction_cuda_graphs": False}))}
+    no_graphs = copy.deepcopy(pldr)
+    no_graphs.deduction_cuda_graphs = False
+    configs = {"pldr": (PldrForCausalLM, pldr), "pldr_no_graphs": (PldrForCausalLM, no_graphs)}
     for name, ffn in (("llama_same_ffn", pldr.intermediate_size),
                       ("llama_aligned", math.ceil(pldr.intermediate_size / align) * align)):
         configs[name] = (LlamaForCausalLM, LlamaConfig(
