@@ -16,7 +16,12 @@ operators one by one, so the results are the same bit for bit.
   ``CAPTURE_AT``-th call (earlier calls run one by one: shapes seen once cost no recording); a layer keeps at most
   ``MAX_KEYS`` recorded keys (least recently used dropped first, with their memory).
 * Parameters are inputs like A: copied into the graph's tensors at every call, so an optimiser's in-place step, a
-  replaced parameter or parameters at new addresses (FSDP's unsharded ones) are read as they are now.
+  replaced parameter or parameters at new addresses (FSDP's unsharded ones) are read as they are now. A caller may
+  instead have inputs read where they are (``run(..., in_place=n)``: the decoder stack's graph, whose parameters are
+  the whole model's): their addresses are then part of the key, and a backward whose parameters moved since the
+  forward differentiates the operators.
+* cuBLAS's workspaces are dropped before and after each recording, so that a recorded GEMM's workspace lies in the
+  graph's own memory (see :func:`_clear_library_workspaces`).
 * Gradients: a forward replay leaves the saved activations in the graphs' memory. The backward of a call replays the
   backward graph if no other forward of that key has run since; otherwise (two forwards before their backwards,
   e.g. a preference loss, or a second backward with ``retain_graph``) it replays that call's forward first, from its
@@ -58,6 +63,31 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_suspended = [0]  # (> 0 while a recorded function runs: graphs of its parts are not used inside the recording)
+
+
+class suspended:
+    """A context in which no :class:`DeductionGraphs` is used: the body of a recording that contains other recorded
+    parts (the decoder stack's graph holds the layers' deductions) runs their operators."""
+
+    def __enter__(self):
+        _suspended[0] += 1
+
+    def __exit__(self, *exc):
+        _suspended[0] -= 1
+
+
+def _clear_library_workspaces():
+    """Drops cuBLAS's workspaces (PyTorch keeps one per handle and stream, made at a stream's first GEMM). Called
+    before and after recording, as inductor's CUDA graph trees do: a GEMM recorded in a graph keeps its workspace's
+    address, so that workspace must come from the graph's own memory pool. One made before the recording, outside the
+    pool, is freed when anything (compiled generation's CUDA graph trees do, at each recording) clears the workspaces,
+    and the graph would then write into memory that other tensors hold (seen as "unspecified launch failure")."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
 class _EmulatedGraph:
     """Stands in for ``torch.cuda.CUDAGraph`` on CPU, for the tests: ``replay()`` runs the recorded function again,
     reading and writing the same tensors a captured graph would."""
@@ -69,16 +99,23 @@ class _EmulatedGraph:
 class _Recorded:
     """One recorded key: the graphs' input tensors, a forward graph, and with gradients a backward graph."""
 
-    def __init__(self, fn: Callable, inputs: tuple, grad: bool, autocast: tuple, emulate: bool):
+    def __init__(self, fn: Callable, inputs: tuple, grad: bool, autocast: tuple, emulate: bool, in_place: int = 0):
         self.fn = fn
         self.grad = grad
         self.autocast = autocast
-        self.static = tuple(None if t is None else t.detach().clone() for t in inputs)
+        copied = len(inputs) - in_place  # (the last in_place inputs are read where they are: parameters)
+        self.copied = copied
+        # Inputs read in place are new leaves on the same memory: differentiating the recorded function with respect
+        # to them keeps autograd away from the parameters' own gradient accumulators, which an earlier step's graph
+        # still alive (or DDP) may tie to the default stream, a synchronisation that breaks the recording.
+        self.static = (tuple(None if t is None else t.detach().clone() for t in inputs[:copied])
+                       + tuple(t.detach() for t in inputs[copied:]))
         if grad:
             for s, t in zip(self.static, inputs):
                 if s is not None:
                     s.requires_grad_(t.requires_grad)
-        self.targets = [s for s in self.static if s is not None]
+        self.targets = [s for s in self.static[:copied] if s is not None]
+        self.addresses = [t.data_ptr() for t in inputs[copied:]]
         self.wanted_mask = [s is not None and s.requires_grad for s in self.static]
         self.wanted = [s for s, w in zip(self.static, self.wanted_mask) if w]
         self.state = None  # the id of the forward whose saved activations the graphs' memory holds
@@ -98,7 +135,7 @@ class _Recorded:
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.set_grad_enabled(self.grad), self.modes():
-            # one run on the recording stream first (lazy initialisations, e.g. library workspaces, happen outside)
+            # one run on the recording stream first (lazy initialisations, e.g. Triton's compilations, happen outside)
             outs = self.fn(*self.static)
             if self.grad:
                 diff = self._differentiable(outs)
@@ -106,9 +143,16 @@ class _Recorded:
                                     allow_unused=True)
             del outs
         torch.cuda.current_stream(device).wait_stream(stream)
+        try:
+            _clear_library_workspaces()
+            self._capture(stream, device)
+        finally:
+            _clear_library_workspaces()
+
+    def _capture(self, stream, device):
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, pool=pool, stream=stream):
+        with torch.cuda.graph(self.forward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             with torch.set_grad_enabled(self.grad), self.modes():
                 outs = self.fn(*self.static)
         self.outputs = [o.detach() for o in outs]
@@ -117,7 +161,7 @@ class _Recorded:
             self.output_grads = [torch.zeros_like(o) for o in self.outputs]
             self.zeroed = [True] * len(self.outputs)
             self.backward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.backward_graph, pool=pool, stream=stream):
+            with torch.cuda.graph(self.backward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 grads = torch.autograd.grad([o for _, o in diff], self.wanted,
                                             [self.output_grads[i] for i, _ in diff], allow_unused=True)
             self.input_grads = [None if g is None else g.detach() for g in grads]
@@ -159,9 +203,14 @@ class _Recorded:
         self.forward_graph = _EmulatedGraph(forward)
 
     # -- replaying -----------------------------------------------------------------------------------------------------
+    def moved(self, inputs: tuple) -> bool:
+        """Whether an input read in place is no longer where the graphs read it (e.g. a parameter that FSDP gathered
+        again at another address for the backward)."""
+        return any(t.data_ptr() != a for t, a in zip(inputs[self.copied:], self.addresses))
+
     def replay_forward(self, inputs: tuple) -> int:
         with torch.no_grad():
-            torch._foreach_copy_(self.targets, [t for t in inputs if t is not None])
+            torch._foreach_copy_(self.targets, [t for t in inputs[:self.copied] if t is not None])
         self.forward_graph.replay()
         self.state = next(_forward_ids)
         return self.state
@@ -200,12 +249,15 @@ class _Replayed(torch.autograd.Function):
         recorded, graphs = ctx.recorded, ctx.graphs
         inputs = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
-        if torch.is_grad_enabled():  # a backward with create_graph=True: the operators, differentiably
+        create_graph = torch.is_grad_enabled()
+        if create_graph or recorded.moved(inputs):
+            # A backward with create_graph=True (differentiably), or parameters no longer where the graphs read them:
+            # the operators
             wanted = [t for t, need in zip(inputs, needs) if need]
             with torch.enable_grad(), recorded.modes():
                 outs = [(o, g) for o, g in zip(recorded.fn(*inputs), output_grads) if g is not None]
                 found = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs],
-                                                 create_graph=True, allow_unused=True))
+                                                 create_graph=create_graph, allow_unused=True))
             return None, None, *(next(found) if need else None for need in needs)
         if recorded.state != ctx.state:  # another forward of this key ran since this one: this one's again first
             recorded.replay_forward(inputs)
@@ -225,10 +277,16 @@ class DeductionGraphs:
     MAX_KEYS = 4  # recorded keys kept per layer
     EMULATE_ON_CPU = False  # replay by rerunning on CPU tensors (the tests, which have no GPU)
 
-    def __init__(self, fn: Callable, recordable: Callable | None = None):
-        """``recordable(*inputs)``: whether a key may be recorded at all (asked once per key, at its recording)."""
+    def __init__(self, fn: Callable | None, recordable: Callable | None = None, max_keys: int | None = None,
+                 max_recordings: int | None = None, name: str = "the deduction"):
+        """``fn``: the recorded function (or None: each :meth:`run` passes its own). ``recordable(*inputs)``: whether a
+        key may be recorded at all (asked once per key, at its recording). ``max_keys``: recorded keys kept (default
+        ``MAX_KEYS``); ``max_recordings``: recordings after which no new key is recorded (default: no limit)."""
         self.fn = fn
         self.recordable = recordable
+        self.max_keys = self.MAX_KEYS if max_keys is None else max_keys
+        self.max_recordings = max_recordings
+        self.name = name  # (what the warning of a failed recording names)
         self.clear()
 
     def clear(self):
@@ -239,6 +297,7 @@ class DeductionGraphs:
         self.disabled: str | None = None
         self.replays = 0
         self.recomputed = 0
+        self.recordings = 0
 
     @property
     def recorded_keys(self) -> int:
@@ -246,24 +305,32 @@ class DeductionGraphs:
 
     def applies_to(self, A: torch.Tensor) -> bool:
         """Whether a call on A may use graphs (a CUDA tensor, not while a CUDA graph is being captured)."""
-        if self.disabled is not None:
+        if self.disabled is not None or _suspended[0]:
             return False
         if A.is_cuda:
             return not torch.cuda.is_current_stream_capturing()
         return A.device.type == "cpu" and self.EMULATE_ON_CPU
 
-    def run(self, inputs: tuple) -> tuple | None:
+    def run(self, inputs: tuple, fn: Callable | None = None, extra_key: tuple = (), in_place: int = 0
+            ) -> tuple | None:
+        """``fn``: the function for this call (with ``extra_key``, which must tell its variants apart), else the
+        one given at construction. The last ``in_place`` inputs (parameters) are read where they are rather than
+        copied: the key holds their addresses, and a call whose parameters moved uses (or records) another key."""
+        fn = self.fn if fn is None else fn
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         device_type = inputs[0].device.type
         autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        key = (tuple(None if t is None else (t.shape, t.dtype, t.requires_grad, t.device) for t in inputs), grad,
-               torch.is_inference_mode_enabled(), autocast)
+        copied = len(inputs) - in_place
+        key = (tuple(None if t is None else (t.shape, t.dtype, t.requires_grad, t.device) for t in inputs[:copied]),
+               tuple((t.data_ptr(), t.dtype, t.requires_grad) for t in inputs[copied:]), grad,
+               torch.is_inference_mode_enabled(), autocast, extra_key)
         recorded = self._recorded.get(key)
         if recorded is None:
             if key in self._never:
                 return None
             seen = self._seen.get(key, 0) + 1
-            if seen < self.CAPTURE_AT or _in_backward():
+            if seen < self.CAPTURE_AT or _in_backward() or (
+                    self.max_recordings is not None and self.recordings >= self.max_recordings):
                 if len(self._seen) > 64:  # (shapes that never recur, e.g. packed rows' sequence counts)
                     self._seen.clear()
                 self._seen[key] = seen
@@ -274,15 +341,16 @@ class DeductionGraphs:
                     self._never.clear()
                 self._never.add(key)
                 return None
+            self.recordings += 1
             try:
-                recorded = _Recorded(self.fn, inputs, grad, autocast, emulate=not inputs[0].is_cuda)
+                recorded = _Recorded(fn, inputs, grad, autocast, emulate=not inputs[0].is_cuda, in_place=in_place)
             except Exception as e:  # noqa: BLE001  (any failure to record: the operators run, as without graphs)
                 self.disabled = f"{type(e).__name__}: {e}"
-                logger.warning("PLDR-LLM: recording a CUDA graph of the deduction failed (%s); this layer runs it "
-                               "operator by operator from now on", self.disabled)
+                logger.warning("PLDR-LLM: recording a CUDA graph of %s failed (%s); it runs operator by operator "
+                               "from now on", self.name, self.disabled)
                 return None
             self._recorded[key] = recorded
-            while len(self._recorded) > self.MAX_KEYS:
+            while len(self._recorded) > self.max_keys:
                 self._recorded.popitem(last=False)
         else:
             self._recorded.move_to_end(key)
@@ -294,7 +362,7 @@ class DeductionGraphs:
 
     # A model copied (deepcopy: e.g. a reference model) or pickled gets its own, empty graphs.
     def __deepcopy__(self, memo):
-        return DeductionGraphs(self.fn, self.recordable)
+        return DeductionGraphs(self.fn, self.recordable, self.max_keys, self.max_recordings, self.name)
 
     def __reduce__(self):
-        return DeductionGraphs, (self.fn, self.recordable)
+        return DeductionGraphs, (self.fn, self.recordable, self.max_keys, self.max_recordings, self.name)

@@ -45,9 +45,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_pldr import PldrConfig
-from .deduction_graphs import DeductionGraphs
+from .deduction_graphs import DeductionGraphs, suspended
 from .metric_learner import (  # noqa: F401  (A_LM_EPSILON: re-exported)
     A_LM_EPSILON,
+    _global_hooks,
     _has_hooks,
     fused_metric_learner,
     joint_swiglu,
@@ -1238,10 +1239,12 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         use_g_cache: bool | None = None,
         decode_weights: tuple | None = None,
         deduction_graphs: bool = True,
+        kv_out: list | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, PldrDeductiveOutputs | None]:
         """``deduction_graphs=False`` (the decoder layer's, under gradient checkpointing) keeps the deduction out of
-        CUDA graphs."""
+        CUDA graphs. ``kv_out``: a list that gets this layer's (k, v) [B, H, S, d] appended (the decoder stack's
+        recorded graph, which fills the cache after its replay)."""
         B, S, _ = hidden_states.shape
         cos, sin = cos_sin
         interleaved = self.config.reference_rope
@@ -1281,6 +1284,8 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
                     self._cache_deductive(past_key_values, A, A_LM, G_LM, sequence_groups if grouped else None,
                                           use_g_cache, q.dtype)
 
+        if kv_out is not None:
+            kv_out.append((k, v))
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
@@ -1307,21 +1312,23 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
             out = F.linear(out.reshape(B, S, -1), copies[2], copies[3])
         else:
             out = self.dense(out.reshape(B, S, -1))
-        deductive = None
-        if output_pldr_attentions:
-            power = self.plgatt_layer if self.learned_G else None
-            # Copies, not the parameters themselves: under FSDP a parameter's unsharded storage is freed after the
-            # layer's forward, and a loss on the deductive outputs (e.g. the DAG regulariser) must not read it.
-            deductive = PldrDeductiveOutputs(
-                A=A,
-                A_LM=A_LM,
-                power_exponents=power.pwlst.clone() if power is not None else None,
-                coupling=power.alst.clone() if power is not None else None,
-                coupling_bias=power.balst.clone() if power is not None else None,
-                G_LM=G_LM,
-                attention_weights=weights,
-            )
+        deductive = self.deductive_outputs(A, A_LM, G_LM, weights) if output_pldr_attentions else None
         return out, deductive
+
+    def deductive_outputs(self, A, A_LM, G_LM, weights=None) -> PldrDeductiveOutputs:
+        """This layer's deductive outputs, with copies of the power law's exponents and coupling."""
+        power = self.plgatt_layer if self.learned_G else None
+        # Copies, not the parameters themselves: under FSDP a parameter's unsharded storage is freed after the
+        # layer's forward, and a loss on the deductive outputs (e.g. the DAG regulariser) must not read it.
+        return PldrDeductiveOutputs(
+            A=A,
+            A_LM=A_LM,
+            power_exponents=power.pwlst.clone() if power is not None else None,
+            coupling=power.alst.clone() if power is not None else None,
+            coupling_bias=power.balst.clone() if power is not None else None,
+            G_LM=G_LM,
+            attention_weights=weights,
+        )
 
     def _cache_deductive(self, cache, A, A_LM, G_LM, sequence_groups: SequenceGroups | None, use_g_cache, query_dtype):
         """Stores this forward's deductive tensors for the next steps: per row (the row's last sequence when a row
@@ -1488,6 +1495,9 @@ class PldrModel(PldrPreTrainedModel):
         else:
             self.past_G_values = None
         self.gradient_checkpointing = False
+        # the decoder stack's recorded CUDA graphs (see _graphed_stack)
+        self._stack_graphs = DeductionGraphs(None, max_keys=self.GRAPHED_STACK_KEYS,
+                                             max_recordings=self.GRAPHED_STACK_RECORDINGS, name="the decoder stack")
         self._static_cache_buffers = _StaticCacheBuffers()
         # the layers' decoding weight copies, in one buffer (see _DecodePack); used while armed, inside generate
         self._decode_pack = _DecodePack()
@@ -1496,7 +1506,9 @@ class PldrModel(PldrPreTrainedModel):
 
     def _apply(self, fn, *args, **kwargs):
         # (.to(), .cpu(), .half(), ...: the static caches' kept buffers and the decoding weight copies would stay on the
-        # old device, holding its memory)
+        # old device, holding its memory; the recorded graphs read the old parameters)
+        if getattr(self, "_stack_graphs", None) is not None:
+            self._stack_graphs.clear()
         if getattr(self, "_static_cache_buffers", None) is not None:
             self._static_cache_buffers.release()
         if getattr(self, "_decode_pack", None) is not None:
@@ -1667,7 +1679,15 @@ class PldrModel(PldrPreTrainedModel):
         copies = None
         if self._decode_armed and not torch.is_grad_enabled():
             copies = self._decode_pack.sliced()  # (per layer: attention, FFN, LayerNorms)
-        for i, layer in enumerate(self.dec_layers):
+        graphed = None
+        if (c.decoder_cuda_graphs and copies is None and fresh_input and groups is None and not attention_kwargs
+                and not (output_attentions or output_hidden_states) and self.past_G_values is None
+                and (past_key_values is None or type(past_key_values) is PldrDynamicCache)):
+            graphed = self._graphed_stack(hidden_states, cos, sin, causal_mask, token_mask, past_key_values,
+                                          output_pldr_attentions, use_g_cache)
+        if graphed is not None:
+            hidden_states, all_deductive = graphed
+        for i, layer in enumerate(self.dec_layers if graphed is None else ()):
             fixed = None
             if self.past_G_values is not None:
                 fixed = (self.past_G_values[i, 0], self.past_G_values[i, 1], self.past_G_values[i, 2])
@@ -1701,6 +1721,82 @@ class PldrModel(PldrPreTrainedModel):
             pldr_attentions=all_deductive,
         )
 
+    # The decoder stack as recorded CUDA graphs in eager training (see _graphed_stack): at most this many elements of
+    # hidden states (batch x positions x hidden size; 4 x 1024 x 896 at the 110M sizes), recorded shapes kept, and
+    # recordings per model (against shapes that keep changing, each recording holding a pool of activations).
+    GRAPHED_STACK_MAX_ELEMENTS = 1 << 22
+    GRAPHED_STACK_KEYS = 2
+    GRAPHED_STACK_RECORDINGS = 8
+
+    def _stack_is_plain(self) -> bool:
+        """Whether every module of the decoder layers is PLDR-LLM's own or a plain torch one, without hooks, and no
+        layer checkpoints its gradients: what the recorded stack computes is then what the modules compute."""
+        if _global_hooks() or self.gradient_checkpointing:
+            return False
+        for module in self.dec_layers.modules():
+            if (type(module) not in _GRAPHED_STACK_TYPES and type(module).__module__ not in _ACTIVATION_MODULES) or (
+                    _has_hooks(module) or getattr(module, "gradient_checkpointing", False)):
+                return False
+        return True
+
+    def _graphed_stack(self, hidden, cos, sin, mask, token_mask, cache, output_pldr_attentions, use_g_cache):
+        """The decoder layers' forward (and backward) through recorded CUDA graphs, or None where the layers must run
+        one by one.
+
+        On CUDA in eager training, a small batch's step is paced by the host's (CPU's) time for each of the layers'
+        operators, not by the GPU. With gradients, no cache to continue from, batches of at most
+        GRAPHED_STACK_MAX_ELEMENTS hidden-state elements, SDPA attention without dropout and plain modules, the whole
+        stack is recorded as one forward and one backward CUDA graph when a batch shape recurs
+        (:class:`DeductionGraphs`: keyed by shapes, dtypes, autocast and the parameters' addresses; the parameters are
+        read where they are, so optimiser steps are seen). A new cache is then filled from the graph's keys, values
+        and deductive tensors."""
+        graphs, c = self._stack_graphs, self.config
+        if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not graphs.applies_to(hidden)
+                or hidden.numel() > self.GRAPHED_STACK_MAX_ELEMENTS or c._attn_implementation != "sdpa"
+                or (self.training and c.attention_dropout) or not self._stack_is_plain()):
+            return None
+        params = list(self.dec_layers.parameters())
+        if not (hidden.requires_grad or any(p.requires_grad for p in params)):
+            return None
+        want_cache = cache is not None
+        want_deductive = want_cache or bool(output_pldr_attentions)
+        outs = graphs.run((hidden, cos, sin, mask, token_mask, *params),
+                          fn=functools.partial(self._stack_body, want_cache, want_deductive),
+                          extra_key=(want_cache, want_deductive), in_place=len(params))
+        if outs is None:
+            return None
+        layers = len(self.dec_layers)
+        kv = outs[1:1 + 2 * layers] if want_cache else ()
+        found = outs[1 + len(kv):]
+        all_deductive = () if output_pldr_attentions else None
+        for i, layer in enumerate(self.dec_layers if want_deductive else ()):
+            A, A_LM, G_LM = found[3 * i:3 * i + 3]
+            if want_cache:
+                layer.mha1._cache_deductive(cache, A, A_LM, G_LM, None, use_g_cache, kv[2 * i].dtype)
+                cache.update(kv[2 * i], kv[2 * i + 1], i)
+            if output_pldr_attentions:
+                all_deductive += (layer.mha1.deductive_outputs(A, A_LM, G_LM),)
+        return outs[0], all_deductive
+
+    def _stack_body(self, want_cache, want_deductive, hidden, cos, sin, mask, token_mask, *params):
+        """What :meth:`_graphed_stack` records: the layers on hidden states, without a cache, computing with ``params``
+        in place of their parameters (in ``dec_layers.parameters()``'s order). Returns the last hidden states, with ``want_cache`` each
+        layer's k and v, and with ``want_deductive`` each layer's A, A_LM and G_LM."""
+        kv = [] if want_cache else None
+        deductive = []
+        given = iter(params)
+        with suspended():  # (the layers' own deduction graphs: not inside this one)
+            for layer in self.dec_layers:
+                # the layer computing with the given tensors in place of its parameters (the recording passes new
+                # leaves on the parameters' memory)
+                layer_params = {name: next(given) for name, _ in layer.named_parameters()}
+                hidden, found = torch.func.functional_call(
+                    layer, layer_params, (hidden,), dict(cos_sin=(cos, sin), attention_mask=mask, token_mask=token_mask,
+                                                         output_pldr_attentions=want_deductive, kv_out=kv))
+                if want_deductive:
+                    deductive += [found.A, found.A_LM, found.G_LM]
+        return (hidden, *(t for pair in kv or () for t in pair), *deductive)
+
     def _sequence_groups(
         self, attention_mask, position_ids, token_mask, cache, past_seen, embeds, kwargs
     ) -> tuple[SequenceGroups | None, torch.Tensor | None]:
@@ -1724,6 +1820,10 @@ class PldrModel(PldrPreTrainedModel):
 
 
 _ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# The decoder layers' module types that the recorded stack (PldrModel._graphed_stack) takes, and activation modules
+_GRAPHED_STACK_TYPES = frozenset((PldrDecoderLayer, PldrAttention, PldrGLU, PldrMetricLearner, PldrResidualMetricUnit,
+                                  PldrPowerLaw, nn.Linear, nn.LayerNorm, nn.ModuleList))
+_ACTIVATION_MODULES = ("transformers.activations", "torch.nn.modules.activation")
 
 
 class _GenerateDepth(threading.local):

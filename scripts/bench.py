@@ -16,8 +16,10 @@ token ids. Models, built in the same process:
   kernels, so this one is handicapped);
 * ``llama_aligned``: the same Llama with the FFN width rounded up to a multiple of 64 (2432): the setting a user would
   pick, and the one PLDR-LLM is compared with;
-* ``pldr_no_graphs`` (only when named in ``--models``): PLDR-LLM with ``deduction_cuda_graphs=False``, its deduction
-  operator by operator in eager mode, to see what the recorded CUDA graphs gain (the same model under compile).
+* ``pldr_no_graphs`` and ``pldr_no_stack_graphs`` (only when named in ``--models``): PLDR-LLM without recorded CUDA
+  graphs in eager mode (``deduction_cuda_graphs=False``, ``decoder_cuda_graphs=False``), and with its layers'
+  deductions recorded but not the whole decoder stack (``decoder_cuda_graphs=False``), to see what the graphs gain
+  (the same model under compile).
 
 With ``--packed_mean_doc_len``, every row packs documents of random (exponential) length with position ids restarting
 at each (as DataCollatorWithFlattening or document-masked pretraining give them; a new layout every step, from a pool
@@ -63,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import pldr_hf  # noqa: E402,F401  (registers the model)
 from pldr_hf import PldrConfig, PldrForCausalLM  # noqa: E402
 
-MODELS = ("pldr", "llama_same_ffn", "llama_aligned", "pldr_no_graphs")
+MODELS = ("pldr", "llama_same_ffn", "llama_aligned", "pldr_no_graphs", "pldr_no_stack_graphs")
 DEFAULT_MODELS = MODELS[:3]
 MODES = ("eager", "compile")
 
@@ -125,9 +127,10 @@ def model_configs(tiny: bool, seq_len: int) -> dict:
         pldr = PldrConfig()
     pldr.max_position_embeddings = max(pldr.max_position_embeddings, seq_len)
     align = 8 if tiny else 64
-    no_graphs = copy.deepcopy(pldr)
-    no_graphs.deduction_cuda_graphs = False
-    configs = {"pldr": (PldrForCausalLM, pldr), "pldr_no_graphs": (PldrForCausalLM, no_graphs)}
+    no_graphs, no_stack_graphs = copy.deepcopy(pldr), copy.deepcopy(pldr)
+    no_graphs.deduction_cuda_graphs = no_graphs.decoder_cuda_graphs = no_stack_graphs.decoder_cuda_graphs = False
+    configs = {"pldr": (PldrForCausalLM, pldr), "pldr_no_graphs": (PldrForCausalLM, no_graphs),
+               "pldr_no_stack_graphs": (PldrForCausalLM, no_stack_graphs)}
     for name, ffn in (("llama_same_ffn", pldr.intermediate_size),
                       ("llama_aligned", math.ceil(pldr.intermediate_size / align) * align)):
         configs[name] = (LlamaForCausalLM, LlamaConfig(
@@ -263,6 +266,7 @@ class TrainRun:
         self.tokens = batch * seq
         self.deduction_graphs = [m._deduction_graphs for m in model.modules()
                                  if getattr(m, "_deduction_graphs", None) is not None]
+        self.stack_graphs = [m._stack_graphs for m in model.modules() if getattr(m, "_stack_graphs", None) is not None]
         self.round_s: list[float] = []
         self.out = {
             "model": name,
@@ -302,6 +306,9 @@ class TrainRun:
             out["deduction_graphs"] = {"recorded_keys": sum(g.recorded_keys for g in self.deduction_graphs),
                                        "replays": sum(g.replays for g in self.deduction_graphs),
                                        "disabled": sorted({g.disabled for g in self.deduction_graphs if g.disabled})}
+        for g in self.stack_graphs:  # (PLDR-LLM: the decoder stack's recorded CUDA graphs, eager mode)
+            out["decoder_graphs"] = {"recorded_keys": g.recorded_keys, "recordings": g.recordings,
+                                     "replays": g.replays, "disabled": g.disabled}
         return out
 
 

@@ -1,0 +1,279 @@
+"""The whole decoder stack through recorded CUDA graphs in eager training (PldrModel._graphed_stack, config
+``decoder_cuda_graphs``).
+
+On CPU the graphs are emulated as in test_deduction_graphs.py (a replay reruns the recorded function on the same
+tensors; a backward replayed without its forward raises). Every test compares with the same model without graphs,
+exactly: losses, gradients, parameters after optimiser steps, the cache a training forward returns, the deductive
+outputs. The CUDA test (run on a GPU machine) checks real graphs against the operators bit for bit."""
+
+import copy
+
+import pytest
+import torch
+
+from pldr_hf import PldrConfig, PldrForCausalLM
+from pldr_hf.modeling import deduction_graphs as dg
+from pldr_hf.modeling import modeling_pldr as mp
+
+TINY = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, head_dim=16, num_hidden_layers=2,
+            intermediate_size=40, A_dff=24, num_reslayerA=2, num_denseA=2, max_position_embeddings=64)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(dg.DeductionGraphs, "EMULATE_ON_CPU", True)
+    monkeypatch.setattr(mp, "_deduction_runs_kernels", lambda *tensors, eps: True)
+
+
+def pair(seed=0, device="cpu", **overrides):
+    """The same weights twice: with the recorded stack, and without any graphs."""
+    torch.manual_seed(seed)
+    on = PldrForCausalLM(PldrConfig(**{**TINY, **overrides})).to(device)
+    off = copy.deepcopy(on)
+    off.config = copy.deepcopy(on.config)
+    off.config.decoder_cuda_graphs = off.config.deduction_cuda_graphs = False
+    off.decoder.config = off.config  # (the copy's decoder kept the copied config of the original)
+    for layer in off.decoder.dec_layers:
+        layer.mha1.config = off.config
+    return on, off
+
+
+def stack(model):
+    return model.decoder._stack_graphs
+
+
+def ids(seed, shape, device="cpu"):
+    return torch.randint(4, 64, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def assert_same_grads(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+
+
+def assert_same_cache(a, b, layers):
+    for i in range(layers):
+        assert torch.equal(a.layers[i].keys, b.layers[i].keys)
+        assert torch.equal(a.layers[i].values, b.layers[i].values)
+        for x, y in zip(a.get_deductive(i), b.get_deductive(i)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert torch.equal(x, y)
+
+
+def test_training_steps_through_the_recorded_stack_equal_the_layers(emulated):
+    on, off = pair()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (on, off)]
+    for step in range(6):
+        x = ids(step, (2, 12))
+        outs = []
+        for model, opt in zip((on, off), opts):
+            opt.zero_grad()
+            out = model(x, labels=x)
+            out.loss.backward()
+            outs.append(out)
+            opt.step()
+        assert torch.equal(outs[0].loss, outs[1].loss)
+        assert torch.equal(outs[0].logits, outs[1].logits)
+        assert_same_grads(on, off)
+        # the cache of a training forward (use_cache is on by default) is filled from the graph's outputs
+        assert_same_cache(outs[0].past_key_values, outs[1].past_key_values, on.config.num_hidden_layers)
+    for p, q in zip(on.parameters(), off.parameters()):
+        assert torch.equal(p, q)
+    assert stack(on).recorded_keys == 1 and stack(on).replays == 4  # recorded at the third call, then replayed
+    # the layers' own deduction graphs stay out of it: not recorded inside the stack's recording
+    assert all(layer.mha1._deduction_graphs.recorded_keys == 0 for layer in on.decoder.dec_layers)
+
+
+def test_a_loss_on_the_deductive_outputs_and_padded_rows(emulated):
+    on, off = pair(1)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    for step in range(5):
+        x = ids(10 + step, (2, 10))
+        losses = []
+        for model in (on, off):
+            model.zero_grad()
+            out = model(x, attention_mask=mask, labels=x, output_pldr_attentions=True, use_cache=False)
+            # a DAG-style term: A_LM, G_LM and the copies of the power law's exponents
+            loss = out.loss + sum((d.A_LM - d.G_LM).pow(2).mean() + d.power_exponents.pow(2).mean()
+                                  for d in out.pldr_attentions)
+            loss.backward()
+            losses.append(loss)
+        assert torch.equal(losses[0], losses[1])
+        assert_same_grads(on, off)
+    assert stack(on).replays == 3
+
+
+def test_two_forwards_before_their_backwards_and_a_second_backward(emulated):
+    on, off = pair(2)
+    x, y = ids(20, (2, 8)), ids(21, (2, 8))
+    for model in (on, off):
+        for _ in range(2):  # (to the recording)
+            model(x, labels=x, use_cache=False).loss.backward()
+        model.zero_grad()
+        a = model(x, labels=x, use_cache=False).loss
+        b = model(y, labels=y, use_cache=False).loss  # overwrites the graph's activations of a's forward
+        (a + 3 * b).backward(retain_graph=True)
+        a.backward()  # a second backward of a: its forward replayed again first
+    assert_same_grads(on, off)
+    assert stack(on).recomputed >= 2
+
+
+def test_second_derivatives_through_the_recorded_stack(emulated):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    on, off = pair(3)
+    x = ids(30, (2, 8))
+    results = []
+    for model in (on, off):
+        for _ in range(3):
+            model(x, labels=x, use_cache=False)
+        embeds = model.decoder.embedding(x).detach().requires_grad_(True)
+        with sdpa_kernel(SDPBackend.MATH):  # (SDPA's other CPU kernel has no second derivative)
+            loss = model(inputs_embeds=embeds, labels=x, use_cache=False).loss
+            (g,) = torch.autograd.grad(loss, embeds, create_graph=True)
+            results.append(torch.autograd.grad(g.pow(2).sum(), embeds)[0])
+    assert stack(on).replays >= 1
+    # (the operators differentiated again inside the graphs' backward: the same math, sums in another order)
+    err = ((results[0] - results[1]).abs().max() / results[1].abs().max()).item()
+    assert err < 1e-6, err
+
+
+def test_parameters_at_new_addresses_frozen_ones_and_moved_models(emulated):
+    on, off = pair(4)
+    x = ids(40, (2, 8))
+
+    def step():
+        for model in (on, off):
+            model.zero_grad()
+            model(x, labels=x, use_cache=False).loss.backward()
+        assert_same_grads(on, off)
+
+    for _ in range(3):
+        step()
+    assert stack(on).recorded_keys == 1
+    for model in (on, off):  # a replaced parameter: another address, so another key (the old graph never reads it)
+        model.decoder.dec_layers[0].mha1.wq.weight = torch.nn.Parameter(model.decoder.dec_layers[0].mha1.wq.weight * 2)
+        model.decoder.dec_layers[1].ffn.gluw3.weight.requires_grad_(False)
+    for _ in range(3):
+        step()
+    assert stack(on).recorded_keys == 2
+    on.to(torch.float64)
+    off.to(torch.float64)
+    assert stack(on).recorded_keys == 0
+    step()
+
+
+def test_shapes_that_keep_changing_stop_being_recorded(emulated, monkeypatch):
+    monkeypatch.setattr(mp.PldrModel, "GRAPHED_STACK_RECORDINGS", 3)
+    on, off = pair(5)
+    lengths = [4, 5, 6, 7]
+    for length in lengths * 3:
+        x = ids(length, (2, length))
+        for model in (on, off):
+            model.zero_grad()
+            model(x, labels=x, use_cache=False).loss.backward()
+        assert_same_grads(on, off)
+    g = stack(on)
+    assert g.recordings == 3 and g.recorded_keys == 2  # (GRAPHED_STACK_KEYS)
+
+
+@pytest.mark.parametrize("case", ["eval", "no_grad", "large", "packed", "hidden_states", "checkpointing", "hook",
+                                  "eager_attention", "dropout", "config_off", "cache_given"])
+def test_left_out_where_the_layers_must_run(emulated, monkeypatch, case):
+    overrides = {"attention_dropout": 0.1} if case == "dropout" else {}
+    on, off = pair(6, **overrides)
+    x = ids(60, (2, 8))
+    kwargs = dict(labels=x)
+    if case == "large":
+        monkeypatch.setattr(mp.PldrModel, "GRAPHED_STACK_MAX_ELEMENTS", 2 * 8 * TINY["hidden_size"] - 1)
+    if case == "packed":
+        kwargs["position_ids"] = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2)
+    if case == "hidden_states":
+        kwargs["output_hidden_states"] = True
+    if case == "checkpointing":
+        on.gradient_checkpointing_enable()
+        off.gradient_checkpointing_enable()
+    if case == "hook":
+        on.decoder.dec_layers[1].ffn.gluw1.register_forward_hook(lambda *args: None)
+    if case == "eager_attention":
+        on.set_attn_implementation("eager")
+    if case == "config_off":
+        on.config.decoder_cuda_graphs = False
+    if case == "dropout":
+        torch.manual_seed(0)
+    for _ in range(4):
+        if case == "eval":
+            on.eval()
+            with torch.no_grad():
+                on(x)
+        elif case == "no_grad":
+            with torch.no_grad():
+                on(x, labels=x)
+        elif case == "cache_given":
+            with torch.no_grad():
+                out = on(x[:, :4], use_cache=True)
+            on(x[:, 4:], past_key_values=out.past_key_values, labels=x[:, 4:]).loss.backward()
+        else:
+            on(**{"input_ids": x, **kwargs}).loss.backward()
+    assert stack(on).replays == 0 and stack(on).recorded_keys == 0
+
+
+def test_the_layers_given_at_construction_still_match_after_the_stack_ran(emulated):
+    """Evaluation and generation after training through the recorded stack use the layers (no-grad forwards are not
+    recorded) and give the tokens of the model without graphs."""
+    on, off = pair(7)
+    x = ids(70, (2, 8))
+    for _ in range(4):
+        for model in (on, off):
+            model(x, labels=x).loss.backward()
+    assert stack(on).replays == 2
+    tokens = [m.generate(x[:, :5], max_new_tokens=6, do_sample=False) for m in (on, off)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
+def test_cuda_recorded_stack_trains_as_the_layers_do():
+    """Real graphs: the forward replays the same kernels (the recording step's loss is bit-identical); the backward's
+    GEMMs may take other cuBLAS algorithms inside a graph (its own workspace), so gradients agree to rounding: on an
+    H200 at the 110M sizes within the spread of two runs of the operators themselves."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    on, off = pair(8, device="cuda", hidden_size=128, num_attention_heads=2, head_dim=64, intermediate_size=170,
+                   A_dff=170)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (on, off)]
+    # (the math attention: flash attention's backward is not deterministic, so two runs of the same operators differ)
+    with sdpa_kernel(SDPBackend.MATH):
+        for step in range(6):
+            x = ids(80 + step, (2, 64), "cuda")
+            outs = []
+            for model, opt in zip((on, off), opts):
+                opt.zero_grad()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = model(x, labels=x)
+                out.loss.backward()
+                outs.append(out)  # (kept alive: an earlier step's graph must not break the recording)
+                opt.step()
+            assert torch.allclose(outs[0].loss, outs[1].loss, rtol=1e-3)
+            if step <= 2:  # up to the recording step the parameters are the same (later AdamW amplifies rounding)
+                assert torch.equal(outs[0].loss, outs[1].loss)
+                for (name, p), q in zip(on.named_parameters(), off.parameters()):
+                    err = ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)).item()
+                    assert err < 0.05, (step, name, err)
+    assert stack(on).disabled is None and stack(on).replays == 4
+    # compiled static-cache generation afterwards (its CUDA graph trees clear cuBLAS's workspaces), then training again
+    tokens = []
+    for model in (on, off):
+        model.eval()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(2):
+                tokens.append(model.generate(ids(90, (2, 16), "cuda"), max_new_tokens=8, do_sample=False,
+                                             cache_implementation="static"))
+        model.train()
+        x = ids(99, (2, 64), "cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x, labels=x).loss.backward()
+    assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[2], tokens[3]) and stack(on).replays == 5
