@@ -266,7 +266,7 @@ class TrainRun:
         self.tokens = batch * seq
         self.deduction_graphs = [m._deduction_graphs for m in model.modules()
                                  if getattr(m, "_deduction_graphs", None) is not None]
-        self.stack_graphs = [m._stack_graphs for m in model.modules() if getattr(m, "_stack_graphs", None) is not None]
+        self.stack_graphs = getattr(getattr(model, "decoder", None), "_stack_graphs", None)  # (PLDR-LLM only)
         self.round_s: list[float] = []
         self.out = {
             "model": name,
@@ -306,7 +306,8 @@ class TrainRun:
             out["deduction_graphs"] = {"recorded_keys": sum(g.recorded_keys for g in self.deduction_graphs),
                                        "replays": sum(g.replays for g in self.deduction_graphs),
                                        "disabled": sorted({g.disabled for g in self.deduction_graphs if g.disabled})}
-        for g in self.stack_graphs:  # (PLDR-LLM: the decoder stack's recorded CUDA graphs, eager mode)
+        g = self.stack_graphs
+        if g is not None:  # (PLDR-LLM: the decoder stack's recorded CUDA graphs, eager mode)
             out["decoder_graphs"] = {"recorded_keys": g.recorded_keys, "recordings": g.recordings,
                                      "replays": g.replays, "disabled": g.disabled}
         return out

@@ -11,18 +11,10 @@ import copy
 import pytest
 import torch
 
+from test_deduction_graphs import TINY, assert_same_grads, emulated, ids  # noqa: F401  (emulated: a fixture)
+
 from pldr_hf import PldrConfig, PldrForCausalLM
-from pldr_hf.modeling import deduction_graphs as dg
 from pldr_hf.modeling import modeling_pldr as mp
-
-TINY = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, head_dim=16, num_hidden_layers=2,
-            intermediate_size=40, A_dff=24, num_reslayerA=2, num_denseA=2, max_position_embeddings=64)
-
-
-@pytest.fixture
-def emulated(monkeypatch):
-    monkeypatch.setattr(dg.DeductionGraphs, "EMULATE_ON_CPU", True)
-    monkeypatch.setattr(mp, "_deduction_runs_kernels", lambda *tensors, eps: True)
 
 
 def pair(seed=0, device="cpu", **overrides):
@@ -40,17 +32,6 @@ def pair(seed=0, device="cpu", **overrides):
 
 def stack(model):
     return model.decoder._stack_graphs
-
-
-def ids(seed, shape, device="cpu"):
-    return torch.randint(4, 64, shape, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def assert_same_grads(a, b):
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert (p.grad is None) == (q.grad is None), name
-        if p.grad is not None:
-            assert torch.equal(p.grad, q.grad), name
 
 
 def assert_same_cache(a, b, layers):
@@ -222,7 +203,7 @@ def test_left_out_where_the_layers_must_run(emulated, monkeypatch, case):
     assert stack(on).replays == 0 and stack(on).recorded_keys == 0
 
 
-def test_the_layers_given_at_construction_still_match_after_the_stack_ran(emulated):
+def test_generation_after_training_through_the_stack_gives_the_tokens_of_the_layers(emulated):
     """Evaluation and generation after training through the recorded stack use the layers (no-grad forwards are not
     recorded) and give the tokens of the model without graphs."""
     on, off = pair(7)
