@@ -191,7 +191,9 @@ class _Recorded:
 
         with torch.set_grad_enabled(self.grad), self.modes():
             outs = self.fn(*self.static)
-        self.outputs = [o.detach().clone() for o in outs]
+        # (with the strides of the function's outputs, as a captured graph's own tensors have them)
+        self.outputs = [torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=o.device).copy_(o.detach())
+                        for o in outs]
         if self.grad:
             diff = self._differentiable(outs)
             self.output_grads = [torch.zeros_like(o) for o in self.outputs]

@@ -1680,10 +1680,15 @@ class PldrModel(PldrPreTrainedModel):
         if self._decode_armed and not torch.is_grad_enabled():
             copies = self._decode_pack.sliced()  # (per layer: attention, FFN, LayerNorms)
         graphed = None
-        if (c.decoder_cuda_graphs and copies is None and fresh_input and groups is None and not attention_kwargs
+        if (c.decoder_cuda_graphs and not torch.compiler.is_compiling() and groups is None and not attention_kwargs
                 and not (output_attentions or output_hidden_states) and self.past_G_values is None
-                and (past_key_values is None or type(past_key_values) is PldrDynamicCache)):
-            graphed = self._graphed_stack(hidden_states, cos, sin, causal_mask, token_mask, past_key_values,
+                and (fresh_input or _starts_empty(past_key_values))):
+            stack_mask = causal_mask
+            if type(past_key_values) is PldrStaticCache:
+                # (the stack attends to this input's keys alone, not to a static cache's whole length)
+                stack_mask = functools.partial(create_causal_mask, config=c, inputs_embeds=inputs_embeds,
+                                               attention_mask=attention_mask, **{CACHE_FIELD: None}, **mask_kwargs)
+            graphed = self._graphed_stack(hidden_states, cos, sin, stack_mask, token_mask, past_key_values,
                                           output_pldr_attentions, use_g_cache)
         if graphed is not None:
             hidden_states, all_deductive = graphed
@@ -1743,21 +1748,22 @@ class PldrModel(PldrPreTrainedModel):
         """The decoder layers' forward (and backward) through recorded CUDA graphs, or None where the layers must run
         one by one.
 
-        On CUDA in eager training, a small batch's step is paced by the host's (CPU's) time for each of the layers'
-        operators, not by the GPU. With gradients, no cache to continue from, batches of at most
-        GRAPHED_STACK_MAX_ELEMENTS hidden-state elements, SDPA attention without dropout and plain modules, the whole
-        stack is recorded as one forward and one backward CUDA graph when a batch shape recurs
-        (:class:`DeductionGraphs`: keyed by shapes, dtypes, autocast and the parameters' addresses; the parameters are
-        read where they are, so optimiser steps are seen). A new cache is then filled from the graph's keys, values
-        and deductive tensors."""
+        On CUDA in eager mode, a small batch's forward (a training step, a prompt's forward in ``generate()``) is paced
+        by the host's (CPU's) time for each of the layers' operators, not by the GPU. With no cache to continue from
+        (none, or an empty one: ``mask`` is then the causal mask of this input alone, or a function that makes it),
+        batches of at most GRAPHED_STACK_MAX_ELEMENTS hidden-state elements, SDPA attention without dropout and plain
+        modules, the whole stack is recorded as one forward CUDA graph, and with gradients one backward graph, when a
+        batch shape recurs (:class:`DeductionGraphs`: keyed by shapes, dtypes, autocast and the parameters' addresses;
+        the parameters are read where they are, so optimiser steps are seen). The cache is then filled from the
+        graph's keys, values and deductive tensors."""
         graphs, c = self._stack_graphs, self.config
-        if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not graphs.applies_to(hidden)
+        if (torch.compiler.is_compiling() or not graphs.applies_to(hidden)
                 or hidden.numel() > self.GRAPHED_STACK_MAX_ELEMENTS or c._attn_implementation != "sdpa"
                 or (self.training and c.attention_dropout) or not self._stack_is_plain()):
             return None
         params = list(self.dec_layers.parameters())
-        if not (hidden.requires_grad or any(p.requires_grad for p in params)):
-            return None
+        if callable(mask):
+            mask = mask()
         want_cache = cache is not None
         want_deductive = want_cache or bool(output_pldr_attentions)
         outs = graphs.run((hidden, cos, sin, mask, token_mask, *params),
@@ -1795,6 +1801,10 @@ class PldrModel(PldrPreTrainedModel):
                                                          output_pldr_attentions=want_deductive, kv_out=kv))
                 if want_deductive:
                     deductive += [found.A, found.A_LM, found.G_LM]
+        if kv and not torch.is_grad_enabled():
+            # (contiguous, as the layers give a cache without gradients: a dynamic cache concatenates its keys every
+            # decoding step, a slow path for strided ones)
+            kv = [(k.contiguous(), v.contiguous()) for k, v in kv]
         return (hidden, *(t for pair in kv or () for t in pair), *deductive)
 
     def _sequence_groups(
@@ -1817,6 +1827,19 @@ class PldrModel(PldrPreTrainedModel):
         if position_ids is not None:
             return groups_from_position_ids(position_ids, token_mask, B), token_mask
         return None, token_mask
+
+
+def _starts_empty(cache: Cache | None) -> bool:
+    """Whether ``cache`` is one that the decoder stack's recorded graph may fill: PLDR-LLM's dynamic cache or
+    transformers' plain static one, holding nothing yet (the prompt's forward in ``generate()``). Reads no device
+    value (a static cache's length is a tensor)."""
+    if type(cache) is PldrDynamicCache:
+        empty = cache.get_seq_length() == 0
+    elif type(cache) is PldrStaticCache:
+        empty = all(type(layer) is StaticLayer and not layer.is_initialized for layer in cache.layers)
+    else:
+        return False
+    return empty and all(t is None for t in cache.get_deductive(0))
 
 
 _ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")

@@ -36,8 +36,12 @@ import pldr_hf  # noqa: E402,F401  (registers the model)
 from bench import rotating_rounds  # noqa: E402  (scripts/bench.py: the same alternating order)
 from pldr_hf import PldrConfig, PldrForCausalLM  # noqa: E402
 
-VARIANTS = ("pldr_kv_g", "pldr_kv", "pldr_nocache", "pldr_static_compiled", "llama_dynamic", "llama_static_compiled",
-            "llama_aligned_dynamic", "llama_aligned_static_compiled")
+VARIANTS = ("pldr_kv_g", "pldr_kv", "pldr_nocache", "pldr_static_compiled", "pldr_layers_kv_g",
+            "pldr_layers_static_compiled", "llama_dynamic", "llama_static_compiled", "llama_aligned_dynamic",
+            "llama_aligned_static_compiled")
+# (pldr_layers_*: the same PLDR-LLM with decoder_cuda_graphs=False, its prompt's forward run layer by layer rather than
+# as the decoder stack's recorded CUDA graph; not in the default set)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.startswith("pldr_layers"))
 
 
 @dataclass
@@ -47,7 +51,7 @@ class BenchDecodeArguments:
     prompt_len: int = field(default=128, metadata={"help": "prompt tokens per row"})
     new_tokens: int = field(default=256, metadata={"help": "generated tokens per row (exactly)"})
     batch_sizes: str = field(default="1,32", metadata={"help": "comma-separated batch sizes"})
-    variants: str = field(default=",".join(VARIANTS), metadata={"help": f"comma-separated subset of {VARIANTS}"})
+    variants: str = field(default=",".join(DEFAULT_VARIANTS), metadata={"help": f"comma-separated subset of {VARIANTS}"})
     repeats: int = field(default=3, metadata={"help": "timed runs per variant (rounds alternating between variants)"})
     warmup: int = field(default=2, metadata={"help": "untimed runs first (they compile the static variants)"})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of the static variants"})
@@ -80,7 +84,7 @@ def sync(device):
 
 def prepare_variant(name, models, args, batch, device):
     """A closure that runs one generate() of the variant and returns its seconds (checking the output length)."""
-    model = models[next(key for key in ("llama_aligned", "llama", "pldr") if name.startswith(key))]
+    model = models[next(key for key in ("llama_aligned", "llama", "pldr_layers", "pldr") if name.startswith(key))]
     g = torch.Generator().manual_seed(args.seed + batch)
     ids = torch.randint(4, model.config.vocab_size, (batch, args.prompt_len), generator=g).to(device)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
@@ -209,14 +213,21 @@ def main(argv=None):
     models = {"pldr": PldrForCausalLM(pldr_cfg).to(device, dtype).eval(),
               "llama": LlamaForCausalLM(llama_cfg).to(device, dtype).eval(),
               "llama_aligned": LlamaForCausalLM(aligned_cfg).to(device, dtype).eval()}
+    if any(v.startswith("pldr_layers") for v in variants):
+        layers = PldrConfig(**{**pldr_cfg.to_dict(), "decoder_cuda_graphs": False})
+        models["pldr_layers"] = PldrForCausalLM(layers).to(device, dtype).eval()
+        models["pldr_layers"].load_state_dict(models["pldr"].state_dict())
     for m in models.values():  # random weights: never stop early on an end-of-sequence token
         m.generation_config.eos_token_id = None
 
-    results = {}
+    results, stack_graphs = {}, {}
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for name, res in run_batch(variants, models, args, batch, device).items():
             results[f"{name}@b{batch}"] = res
             print(f"{name}@b{batch}: {res}", file=sys.stderr, flush=True)
+        g = models["pldr"].decoder._stack_graphs  # (the prompts' forwards through the recorded decoder stack)
+        stack_graphs[f"b{batch}"] = {"recorded_keys": g.recorded_keys, "recordings": g.recordings,
+                                     "replays": g.replays, "disabled": g.disabled}
         torch._dynamo.reset()
 
     report = {
@@ -228,6 +239,7 @@ def main(argv=None):
         "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
         "results": results,
         "summary": summarise(results),
+        "pldr_decoder_graphs": stack_graphs,  # (counts so far, after each batch size)
     }
     text = json.dumps(report, indent=2)
     print(text)

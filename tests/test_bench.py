@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -167,3 +168,25 @@ def test_bench_decode_rejects_zero_repeats(bench_decode):
 def test_bench_decode_names_an_unknown_option(bench_decode):
     with pytest.raises(SystemExit, match=r"bench_decode: .*\['--output_file', 'x'\]"):
         bench_decode.main(["--tiny", "--device", "cpu", "--output_file", "x"])
+
+
+def test_bench_decode_pldr_without_the_recorded_stack(bench_decode, monkeypatch):
+    """pldr_layers_* variants decode with a copy of PLDR-LLM (same weights) whose prompt's forward runs layer by layer
+    (decoder_cuda_graphs=False); the report counts the recorded stack's use by the other."""
+    made = []
+    real = bench_decode.PldrForCausalLM
+
+    def recording(config):
+        made.append(real(config))
+        return made[-1]
+
+    monkeypatch.setattr(bench_decode, "PldrForCausalLM", recording)
+    report = bench_decode.main(["--tiny", "--device", "cpu", "--variants", "pldr_kv_g,pldr_layers_kv_g",
+                                "--batch_sizes", "2", "--repeats", "1", "--warmup", "1"])
+    pldr, layers = made
+    assert pldr.config.decoder_cuda_graphs and not layers.config.decoder_cuda_graphs
+    for (name, p), q in zip(pldr.named_parameters(), layers.parameters()):
+        assert torch.equal(p, q), name
+    assert report["results"]["pldr_layers_kv_g@b2"]["tokens_per_s"] > 0
+    assert report["pldr_decoder_graphs"] == {"b2": {"recorded_keys": 0, "recordings": 0, "replays": 0,
+                                                    "disabled": None}}  # (no CUDA graphs on CPU)

@@ -162,8 +162,8 @@ def test_shapes_that_keep_changing_stop_being_recorded(emulated, monkeypatch):
     assert g.recordings == 3 and g.recorded_keys == 2  # (GRAPHED_STACK_KEYS)
 
 
-@pytest.mark.parametrize("case", ["eval", "no_grad", "large", "packed", "hidden_states", "checkpointing", "hook",
-                                  "eager_attention", "dropout", "config_off", "cache_given"])
+@pytest.mark.parametrize("case", ["large", "packed", "hidden_states", "checkpointing", "hook", "eager_attention",
+                                  "dropout", "config_off", "cache_given", "static_cache_given"])
 def test_left_out_where_the_layers_must_run(emulated, monkeypatch, case):
     overrides = {"attention_dropout": 0.1} if case == "dropout" else {}
     on, off = pair(6, **overrides)
@@ -187,25 +187,22 @@ def test_left_out_where_the_layers_must_run(emulated, monkeypatch, case):
     if case == "dropout":
         torch.manual_seed(0)
     for _ in range(4):
-        if case == "eval":
-            on.eval()
+        if case == "cache_given":  # (a cache that holds a prefix already)
             with torch.no_grad():
-                on(x)
-        elif case == "no_grad":
-            with torch.no_grad():
-                on(x, labels=x)
-        elif case == "cache_given":
-            with torch.no_grad():
-                out = on(x[:, :4], use_cache=True)
+                out = off(x[:, :4], use_cache=True)
             on(x[:, 4:], past_key_values=out.past_key_values, labels=x[:, 4:]).loss.backward()
+        elif case == "static_cache_given":
+            cache = mp.PldrStaticCache(config=on.config, max_cache_len=16)
+            with torch.no_grad():
+                off(x[:, :4], past_key_values=cache)
+                on(x[:, 4:], past_key_values=cache)
         else:
             on(**{"input_ids": x, **kwargs}).loss.backward()
     assert stack(on).replays == 0 and stack(on).recorded_keys == 0
 
 
 def test_generation_after_training_through_the_stack_gives_the_tokens_of_the_layers(emulated):
-    """Evaluation and generation after training through the recorded stack use the layers (no-grad forwards are not
-    recorded) and give the tokens of the model without graphs."""
+    """Generation after training through the recorded stack gives the tokens of the model without graphs."""
     on, off = pair(7)
     x = ids(70, (2, 8))
     for _ in range(4):
@@ -214,6 +211,51 @@ def test_generation_after_training_through_the_stack_gives_the_tokens_of_the_lay
     assert stack(on).replays == 2
     tokens = [m.generate(x[:, :5], max_new_tokens=6, do_sample=False) for m in (on, off)]
     assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_forwards_without_gradients_through_the_recorded_stack(emulated, mode):
+    """Evaluation forwards (no gradients, or none needed) run the stack as one forward graph once a shape recurs: the
+    same logits, cache (keys and values contiguous, as the layers give them) and deductive outputs."""
+    on, off = pair(9)
+    x = ids(100, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :2] = 0  # (a left-padded row)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
+    for model in (on, off):
+        model.eval()
+        if mode == "frozen":
+            model.requires_grad_(False)
+    for _ in range(4):
+        with context():
+            outs = [m(x, attention_mask=mask, output_pldr_attentions=True) for m in (on, off)]
+        assert torch.equal(outs[0].logits, outs[1].logits)
+        assert_same_cache(outs[0].past_key_values, outs[1].past_key_values, on.config.num_hidden_layers)
+        for a, b in zip(outs[0].pldr_attentions, outs[1].pldr_attentions):
+            assert torch.equal(a.G_LM, b.G_LM) and torch.equal(a.A, b.A)
+        layer = outs[0].past_key_values.layers[0]
+        assert layer.keys.is_contiguous() and layer.values.is_contiguous()
+    assert stack(on).recorded_keys == 1 and stack(on).replays == 2
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_generation_prefills_through_the_recorded_stack(emulated, cache_implementation):
+    """generate()'s prompt forward (an empty dynamic or static cache) runs through the recorded stack once its shape
+    recurs and gives the tokens of the layers; a static cache is filled from the graph's outputs (its prompt forward
+    attends to the prompt's keys alone rather than to the whole cache, so the scores agree to rounding)."""
+    on, off = pair(10)
+    x = ids(110, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    for _ in range(4):
+        outs = [m.generate(x, attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True,
+                           return_dict_in_generate=True, cache_implementation=cache_implementation) for m in (on, off)]
+        assert torch.equal(outs[0].sequences, outs[1].sequences)
+        for a, b in zip(outs[0].scores, outs[1].scores):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+            if cache_implementation == "dynamic":
+                assert torch.equal(a, b)
+    assert stack(on).recorded_keys == 1 and stack(on).replays == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
@@ -258,3 +300,34 @@ def test_cuda_recorded_stack_trains_as_the_layers_do():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(x, labels=x).loss.backward()
     assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[2], tokens[3]) and stack(on).replays == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
+def test_cuda_prefills_through_the_recorded_stack():
+    """Real graphs for generate()'s prompt forward, with a dynamic and a static (compiled) cache: the tokens of the
+    layers, a dynamic cache's keys and values contiguous, and the model trains through its stack graphs afterwards."""
+    on, off = pair(11, device="cuda", hidden_size=128, num_attention_heads=2, head_dim=64, intermediate_size=170,
+                   A_dff=170)
+    x = ids(120, (2, 32), "cuda")
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    for model in (on, off):
+        model.eval()
+    for implementation in ("dynamic", "static"):
+        for _ in range(4):
+            with torch.inference_mode():
+                outs = [m.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True, cache_implementation=implementation)
+                        for m in (on, off)]
+            assert torch.equal(outs[0].sequences, outs[1].sequences)
+            for a, b in zip(outs[0].scores, outs[1].scores):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        cache = on(x, attention_mask=mask).past_key_values
+    assert all(layer.keys.is_contiguous() and layer.values.is_contiguous() for layer in cache.layers)
+    # (both caches' prompt forwards share one key: the stack attends to the prompt alone either way)
+    assert stack(on).disabled is None and stack(on).recorded_keys == 1 and stack(on).replays == 7
+    on.train()
+    for _ in range(3):
+        on(x, labels=x).loss.backward()
+    assert stack(on).recorded_keys == 2 and stack(on).replays == 8
