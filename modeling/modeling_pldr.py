@@ -1495,9 +1495,14 @@ class PldrModel(PldrPreTrainedModel):
         else:
             self.past_G_values = None
         self.gradient_checkpointing = False
-        # the decoder stack's recorded CUDA graphs (see _graphed_stack)
+        # the decoder stack's recorded CUDA graphs (see _graphed_stack): training forwards (with their backward), and
+        # forwards without gradients (evaluation, generate()'s prompt), kept apart so that neither's shapes push the
+        # other's out of its keys or use up its recordings
         self._stack_graphs = DeductionGraphs(None, max_keys=self.GRAPHED_STACK_KEYS,
                                              max_recordings=self.GRAPHED_STACK_RECORDINGS, name="the decoder stack")
+        self._stack_forward_graphs = DeductionGraphs(None, max_keys=self.GRAPHED_STACK_KEYS,
+                                                     max_recordings=self.GRAPHED_STACK_RECORDINGS,
+                                                     name="the decoder stack (forward only)")
         self._static_cache_buffers = _StaticCacheBuffers()
         # the layers' decoding weight copies, in one buffer (see _DecodePack); used while armed, inside generate
         self._decode_pack = _DecodePack()
@@ -1507,8 +1512,9 @@ class PldrModel(PldrPreTrainedModel):
     def _apply(self, fn, *args, **kwargs):
         # (.to(), .cpu(), .half(), ...: the static caches' kept buffers and the decoding weight copies would stay on the
         # old device, holding its memory; the recorded graphs read the old parameters)
-        if getattr(self, "_stack_graphs", None) is not None:
-            self._stack_graphs.clear()
+        for graphs in (getattr(self, "_stack_graphs", None), getattr(self, "_stack_forward_graphs", None)):
+            if graphs is not None:
+                graphs.clear()
         if getattr(self, "_static_cache_buffers", None) is not None:
             self._static_cache_buffers.release()
         if getattr(self, "_decode_pack", None) is not None:
@@ -1754,14 +1760,16 @@ class PldrModel(PldrPreTrainedModel):
         batches of at most GRAPHED_STACK_MAX_ELEMENTS hidden-state elements, SDPA attention without dropout and plain
         modules, the whole stack is recorded as one forward CUDA graph, and with gradients one backward graph, when a
         batch shape recurs (:class:`DeductionGraphs`: keyed by shapes, dtypes, autocast and the parameters' addresses;
-        the parameters are read where they are, so optimiser steps are seen). The cache is then filled from the
-        graph's keys, values and deductive tensors."""
-        graphs, c = self._stack_graphs, self.config
-        if (torch.compiler.is_compiling() or not graphs.applies_to(hidden)
+        the parameters are read where they are, so optimiser steps are seen; forwards without a backward have graphs
+        of their own). The cache is then filled from the graph's keys, values and deductive tensors."""
+        c = self.config
+        if (torch.compiler.is_compiling() or not self._stack_graphs.applies_to(hidden)
                 or hidden.numel() > self.GRAPHED_STACK_MAX_ELEMENTS or c._attn_implementation != "sdpa"
                 or (self.training and c.attention_dropout) or not self._stack_is_plain()):
             return None
         params = list(self.dec_layers.parameters())
+        with_backward = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
+        graphs = self._stack_graphs if with_backward else self._stack_forward_graphs
         if callable(mask):
             mask = mask()
         want_cache = cache is not None

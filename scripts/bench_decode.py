@@ -225,7 +225,7 @@ def main(argv=None):
         for name, res in run_batch(variants, models, args, batch, device).items():
             results[f"{name}@b{batch}"] = res
             print(f"{name}@b{batch}: {res}", file=sys.stderr, flush=True)
-        g = models["pldr"].decoder._stack_graphs  # (the prompts' forwards through the recorded decoder stack)
+        g = models["pldr"].decoder._stack_forward_graphs  # (the prompts' forwards through the recorded decoder stack)
         stack_graphs[f"b{batch}"] = {"recorded_keys": g.recorded_keys, "recordings": g.recordings,
                                      "replays": g.replays, "disabled": g.disabled}
         torch._dynamo.reset()

@@ -31,7 +31,13 @@ def pair(seed=0, device="cpu", **overrides):
 
 
 def stack(model):
+    """The recorded stack of training forwards (with a backward)."""
     return model.decoder._stack_graphs
+
+
+def forward_stack(model):
+    """The recorded stack of forwards without a backward (evaluation, generate()'s prompt)."""
+    return model.decoder._stack_forward_graphs
 
 
 def assert_same_cache(a, b, layers):
@@ -198,7 +204,8 @@ def test_left_out_where_the_layers_must_run(emulated, monkeypatch, case):
                 on(x[:, 4:], past_key_values=cache)
         else:
             on(**{"input_ids": x, **kwargs}).loss.backward()
-    assert stack(on).replays == 0 and stack(on).recorded_keys == 0
+    for graphs in (stack(on), forward_stack(on)):
+        assert graphs.replays == 0 and graphs.recorded_keys == 0
 
 
 def test_generation_after_training_through_the_stack_gives_the_tokens_of_the_layers(emulated):
@@ -235,7 +242,7 @@ def test_forwards_without_gradients_through_the_recorded_stack(emulated, mode):
             assert torch.equal(a.G_LM, b.G_LM) and torch.equal(a.A, b.A)
         layer = outs[0].past_key_values.layers[0]
         assert layer.keys.is_contiguous() and layer.values.is_contiguous()
-    assert stack(on).recorded_keys == 1 and stack(on).replays == 2
+    assert forward_stack(on).recorded_keys == 1 and forward_stack(on).replays == 2 and stack(on).replays == 0
 
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
@@ -255,7 +262,29 @@ def test_generation_prefills_through_the_recorded_stack(emulated, cache_implemen
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
             if cache_implementation == "dynamic":
                 assert torch.equal(a, b)
-    assert stack(on).recorded_keys == 1 and stack(on).replays == 2
+    assert forward_stack(on).recorded_keys == 1 and forward_stack(on).replays == 2
+
+
+def test_evaluation_shapes_leave_the_training_graphs_alone(emulated):
+    """Forwards without gradients (evaluation batches of several shapes, prompts) record into graphs of their own:
+    training keeps its recorded stack however many shapes evaluation brings (each kind keeps GRAPHED_STACK_KEYS keys
+    and GRAPHED_STACK_RECORDINGS recordings)."""
+    on, off = pair(12)
+    x = ids(130, (2, 8))
+    for cycle in range(4):
+        for _ in range(3):
+            for model in (on, off):
+                model.zero_grad()
+                model(x, labels=x).loss.backward()
+            assert_same_grads(on, off)
+        with torch.no_grad():
+            for length in (5, 6, 7):
+                for _ in range(3):
+                    y = ids(140 + length, (2, length))
+                    assert torch.equal(on(y).logits, off(y).logits)
+    assert stack(on).recordings == 1 and stack(on).replays == 4 * 3 - 2
+    g = forward_stack(on)
+    assert g.recorded_keys == 2 and g.recordings == mp.PldrModel.GRAPHED_STACK_RECORDINGS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
@@ -326,8 +355,9 @@ def test_cuda_prefills_through_the_recorded_stack():
         cache = on(x, attention_mask=mask).past_key_values
     assert all(layer.keys.is_contiguous() and layer.values.is_contiguous() for layer in cache.layers)
     # (both caches' prompt forwards share one key: the stack attends to the prompt alone either way)
-    assert stack(on).disabled is None and stack(on).recorded_keys == 1 and stack(on).replays == 7
+    assert forward_stack(on).disabled is None and forward_stack(on).recorded_keys == 1
+    assert forward_stack(on).replays == 7
     on.train()
     for _ in range(3):
         on(x, labels=x).loss.backward()
-    assert stack(on).recorded_keys == 2 and stack(on).replays == 8
+    assert stack(on).recorded_keys == 1 and stack(on).replays == 1 and forward_stack(on).replays == 7
