@@ -245,18 +245,23 @@ def test_forwards_without_gradients_through_the_recorded_stack(emulated, mode):
     assert forward_stack(on).recorded_keys == 1 and forward_stack(on).replays == 2 and stack(on).replays == 0
 
 
+@pytest.mark.parametrize("option", ["", "kv_only", "first_G", "chunked"])
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
-def test_generation_prefills_through_the_recorded_stack(emulated, cache_implementation):
+def test_generation_prefills_through_the_recorded_stack(emulated, cache_implementation, option):
     """generate()'s prompt forward (an empty dynamic or static cache) runs through the recorded stack once its shape
     recurs and gives the tokens of the layers; a static cache is filled from the graph's outputs (its prompt forward
-    attends to the prompt's keys alone rather than to the whole cache, so the scores agree to rounding)."""
-    on, off = pair(10)
+    attends to the prompt's keys alone rather than to the whole cache, so the scores agree to rounding). Also with the
+    G-cache off (A cached only), the first row's G for every row, and a chunked prefill (the prompt's deductive tensors
+    first, by a forward of the whole prompt through the graph; then chunks through the layers, the cache not empty)."""
+    on, off = pair(10, cache_first_G=option == "first_G")
     x = ids(110, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, :3] = 0
+    kwargs = {"kv_only": {"use_g_cache": False}, "chunked": {"prefill_chunk_size": 3}}.get(option, {})
     for _ in range(4):
         outs = [m.generate(x, attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True,
-                           return_dict_in_generate=True, cache_implementation=cache_implementation) for m in (on, off)]
+                           return_dict_in_generate=True, cache_implementation=cache_implementation, **kwargs)
+                for m in (on, off)]
         assert torch.equal(outs[0].sequences, outs[1].sequences)
         for a, b in zip(outs[0].scores, outs[1].scores):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
