@@ -33,6 +33,11 @@ operators one by one, so the results are the same bit for bit.
   the config. A key is not recorded inside a backward pass, and a failed recording
   turns the layer's graphs off with a warning.
 
+Threads: one call at a time per :class:`DeductionGraphs` (a lock around recording, replay and the copies in and
+out, also a replayed backward); a forward replay without gradients also orders itself after the last one's copies out
+on the GPU (an event), for callers on other CUDA streams. So threads that share a model (a server's concurrent
+``generate()`` calls) each get the results of their own inputs.
+
 Memory: each recorded key keeps its own memory pool, holding what the operators would hold between a forward and
 its backward (the learner's saved activations) plus its backward's temporaries.
 
@@ -41,6 +46,7 @@ This file imports only torch: it travels with saved models as remote code.
 
 import itertools
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -63,18 +69,22 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-_suspended = [0]  # (> 0 while a recorded function runs: graphs of its parts are not used inside the recording)
+class _Suspension(threading.local):
+    depth = 0  # (> 0 while a recorded function runs in this thread: graphs of its parts are not used inside it)
+
+
+_suspension = _Suspension()
 
 
 class suspended:
-    """A context in which no :class:`DeductionGraphs` is used: the body of a recording that contains other recorded
-    parts (the decoder stack's graph holds the layers' deductions) runs their operators."""
+    """A context in which no :class:`DeductionGraphs` is used (in this thread): the body of a recording that contains
+    other recorded parts (the decoder stack's graph holds the layers' deductions) runs their operators."""
 
     def __enter__(self):
-        _suspended[0] += 1
+        _suspension.depth += 1
 
     def __exit__(self, *exc):
-        _suspended[0] -= 1
+        _suspension.depth -= 1
 
 
 def _clear_library_workspaces():
@@ -248,6 +258,11 @@ class _Replayed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *output_grads):
+        with ctx.graphs._lock:
+            return _Replayed._backward(ctx, *output_grads)
+
+    @staticmethod
+    def _backward(ctx, *output_grads):
         recorded, graphs = ctx.recorded, ctx.graphs
         inputs = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
@@ -280,15 +295,19 @@ class DeductionGraphs:
     EMULATE_ON_CPU = False  # replay by rerunning on CPU tensors (the tests, which have no GPU)
 
     def __init__(self, fn: Callable | None, recordable: Callable | None = None, max_keys: int | None = None,
-                 max_recordings: int | None = None, name: str = "the deduction"):
+                 max_recordings: int | None = None, name: str = "the deduction", lock=None):
         """``fn``: the recorded function (or None: each :meth:`run` passes its own). ``recordable(*inputs)``: whether a
         key may be recorded at all (asked once per key, at its recording). ``max_keys``: recorded keys kept (default
-        ``MAX_KEYS``); ``max_recordings``: recordings after which no new key is recorded (default: no limit)."""
+        ``MAX_KEYS``); ``max_recordings``: recordings after which no new key is recorded (default: no limit).
+        ``lock``: a ``threading.RLock`` shared with other graphs (default: one of its own; see :attr:`lock`)."""
         self.fn = fn
         self.recordable = recordable
         self.max_keys = self.MAX_KEYS if max_keys is None else max_keys
         self.max_recordings = max_recordings
         self.name = name  # (what the warning of a failed recording names)
+        # One caller at a time: a replay copies into the graphs' own input tensors and reads their output tensors, so
+        # two threads using one model (e.g. a server's concurrent generate() calls) must not interleave there.
+        self._lock = threading.RLock() if lock is None else lock
         self.clear()
 
     def clear(self):
@@ -297,9 +316,17 @@ class DeductionGraphs:
         self._seen: dict = {}
         self._never: set = set()  # keys that recordable() turned down
         self.disabled: str | None = None
+        self._done = None  # CUDA event after the last forward replay's copies out (ordering across streams)
         self.replays = 0
         self.recomputed = 0
         self.recordings = 0
+
+    @property
+    def lock(self):
+        """The lock that :meth:`run` (and a replayed backward) holds: a caller that reads what a recording changes for a
+        while (the decoder stack's recording runs the layers with other tensors in place of their parameters) holds it
+        around that read and its :meth:`run`."""
+        return self._lock
 
     @property
     def recorded_keys(self) -> int:
@@ -307,7 +334,7 @@ class DeductionGraphs:
 
     def applies_to(self, A: torch.Tensor) -> bool:
         """Whether a call on A may use graphs (a CUDA tensor, not while a CUDA graph is being captured)."""
-        if self.disabled is not None or _suspended[0]:
+        if self.disabled is not None or _suspension.depth:
             return False
         if A.is_cuda:
             return not torch.cuda.is_current_stream_capturing()
@@ -318,7 +345,10 @@ class DeductionGraphs:
         """``fn``: the function for this call (with ``extra_key``, which must tell its variants apart), else the
         one given at construction. The last ``in_place`` inputs (parameters) are read where they are rather than
         copied: the key holds their addresses, and a call whose parameters moved uses (or records) another key."""
-        fn = self.fn if fn is None else fn
+        with self._lock:
+            return self._run(inputs, self.fn if fn is None else fn, extra_key, in_place)
+
+    def _run(self, inputs: tuple, fn: Callable, extra_key: tuple, in_place: int) -> tuple | None:
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         device_type = inputs[0].device.type
         autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
@@ -359,12 +389,23 @@ class DeductionGraphs:
         self.replays += 1
         if grad:
             return _Replayed.apply(self, recorded, *inputs)
+        cuda = inputs[0].is_cuda
+        if cuda and self._done is not None:
+            # (a caller on another stream: this one's copies into the inputs wait for the last one's copies out)
+            torch.cuda.current_stream(inputs[0].device).wait_event(self._done)
         recorded.replay_forward(inputs)
-        return tuple(_copies(recorded.outputs))
+        outs = tuple(_copies(recorded.outputs))
+        if cuda:
+            self._done = self._done or torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(inputs[0].device))
+        return outs
 
     # A model copied (deepcopy: e.g. a reference model) or pickled gets its own, empty graphs.
     def __deepcopy__(self, memo):
-        return DeductionGraphs(self.fn, self.recordable, self.max_keys, self.max_recordings, self.name)
+        lock = memo.get(id(self._lock))  # (graphs that shared a lock share the copy's)
+        if lock is None:
+            lock = memo[id(self._lock)] = threading.RLock()
+        return DeductionGraphs(self.fn, self.recordable, self.max_keys, self.max_recordings, self.name, lock)
 
     def __reduce__(self):
         return DeductionGraphs, (self.fn, self.recordable, self.max_keys, self.max_recordings, self.name)

@@ -1502,7 +1502,8 @@ class PldrModel(PldrPreTrainedModel):
                                              max_recordings=self.GRAPHED_STACK_RECORDINGS, name="the decoder stack")
         self._stack_forward_graphs = DeductionGraphs(None, max_keys=self.GRAPHED_STACK_KEYS,
                                                      max_recordings=self.GRAPHED_STACK_RECORDINGS,
-                                                     name="the decoder stack (forward only)")
+                                                     name="the decoder stack (forward only)",
+                                                     lock=self._stack_graphs.lock)
         self._static_cache_buffers = _StaticCacheBuffers()
         # the layers' decoding weight copies, in one buffer (see _DecodePack); used while armed, inside generate
         self._decode_pack = _DecodePack()
@@ -1767,16 +1768,19 @@ class PldrModel(PldrPreTrainedModel):
                 or hidden.numel() > self.GRAPHED_STACK_MAX_ELEMENTS or c._attn_implementation != "sdpa"
                 or (self.training and c.attention_dropout) or not self._stack_is_plain()):
             return None
-        params = list(self.dec_layers.parameters())
-        with_backward = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
-        graphs = self._stack_graphs if with_backward else self._stack_forward_graphs
         if callable(mask):
             mask = mask()
         want_cache = cache is not None
         want_deductive = want_cache or bool(output_pldr_attentions)
-        outs = graphs.run((hidden, cos, sin, mask, token_mask, *params),
-                          fn=functools.partial(self._stack_body, want_cache, want_deductive),
-                          extra_key=(want_cache, want_deductive), in_place=len(params))
+        # (the lock of both kinds of graphs: a recording in another thread runs the layers with other tensors in place
+        # of their parameters, which must not be read as the parameters here)
+        with self._stack_graphs.lock:
+            params = list(self.dec_layers.parameters())
+            with_backward = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
+            graphs = self._stack_graphs if with_backward else self._stack_forward_graphs
+            outs = graphs.run((hidden, cos, sin, mask, token_mask, *params),
+                              fn=functools.partial(self._stack_body, want_cache, want_deductive),
+                              extra_key=(want_cache, want_deductive), in_place=len(params))
         if outs is None:
             return None
         layers = len(self.dec_layers)

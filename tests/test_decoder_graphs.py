@@ -270,6 +270,37 @@ def test_generation_prefills_through_the_recorded_stack(emulated, cache_implemen
     assert forward_stack(on).recorded_keys == 1 and forward_stack(on).replays == 2
 
 
+def test_forwards_from_several_threads_through_the_recorded_stack(emulated):
+    """Threads sharing one model (a server's concurrent requests): each forward gets the logits of its own input, and
+    every forward after the recording replays the one recorded key (a recording runs the layers with other tensors in
+    place of their parameters; a replay copies into the graph's own inputs: neither may interleave with another
+    thread's)."""
+    import threading
+
+    on, off = pair(13, hidden_size=64, num_attention_heads=4)
+    on.eval()
+    off.eval()
+    xs = [ids(200 + i, (2, 24)) for i in range(8)]
+    with torch.no_grad():
+        want = [off(x).logits for x in xs]
+    wrong = []
+
+    def work(first):
+        with torch.no_grad():
+            for r in range(30):
+                j = (first + r) % len(xs)
+                if not torch.equal(on(xs[j]).logits, want[j]):
+                    wrong.append(j)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    g = forward_stack(on)
+    assert not wrong and g.recordings == 1 and g.recorded_keys == 1 and g.replays == 4 * 30 - 2
+
+
 def test_evaluation_shapes_leave_the_training_graphs_alone(emulated):
     """Forwards without gradients (evaluation batches of several shapes, prompts) record into graphs of their own:
     training keeps its recorded stack however many shapes evaluation brings (each kind keeps GRAPHED_STACK_KEYS keys
