@@ -1508,6 +1508,7 @@ class PldrModel(PldrPreTrainedModel):
         # the layers' decoding weight copies, in one buffer (see _DecodePack); used while armed, inside generate
         self._decode_pack = _DecodePack()
         self._decode_armed = False
+        self._generate_calls = 0  # generate() calls running on this model, in any thread (see PldrForCausalLM.generate)
         self.post_init()
 
     def _apply(self, fn, *args, **kwargs):
@@ -1866,6 +1867,7 @@ class _GenerateDepth(threading.local):
 
 
 _GENERATING = _GenerateDepth()
+_GENERATE_CALLS_LOCK = threading.Lock()  # (guards PldrModel._generate_calls and the arming it decides)
 _TAKES_CACHE_POSITION: dict[type, bool] = {}
 
 
@@ -1989,20 +1991,32 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         110M model in bf16), so that the compiled decoding steps' CUDA graphs find them at the same addresses in every
         call.
         ``decode_weight_copies=False`` decodes with the modules themselves and a static cache with its own buffers, and
-        frees the copies and buffers that earlier calls kept (as :meth:`release_decode_buffers` does)."""
-        if not decode_weight_copies:
-            self.release_decode_buffers()
-        if decode_weight_copies:
-            self.decoder.arm_decode_weights()
-        kept = self.decoder._static_cache_buffers
-        kept.enabled = decode_weight_copies
+        frees the copies and buffers that earlier calls kept (as :meth:`release_decode_buffers` does).
+
+        Calls that overlap (threads sharing the model, or a generate() inside another's callback) share the first
+        one's setting: the first arms the copies (or frees them), the last to end disarms them, so that no call
+        switches another's decoding steps between the copies and the modules halfway (in 16-bit their roundings
+        differ, and so may the tokens)."""
+        decoder = self.decoder
+        kept = decoder._static_cache_buffers
+        with _GENERATE_CALLS_LOCK:
+            if decoder._generate_calls == 0:
+                if decode_weight_copies:
+                    decoder.arm_decode_weights()
+                else:
+                    self.release_decode_buffers()
+                kept.enabled = decode_weight_copies
+            decoder._generate_calls += 1
         _GENERATING.depth += 1
         try:
             return super().generate(*args, **kwargs)
         finally:
             _GENERATING.depth -= 1
-            kept.enabled = True
-            self.decoder.disarm_decode_weights()
+            with _GENERATE_CALLS_LOCK:
+                decoder._generate_calls -= 1
+                if decoder._generate_calls == 0:
+                    kept.enabled = True
+                    decoder.disarm_decode_weights()
 
     def release_decode_buffers(self):
         """Frees what :meth:`generate` keeps between calls: the decoding weight copies and the static caches' buffers

@@ -394,6 +394,34 @@ def test_compiled_decode_step_reads_the_layers_weights_from_one_buffer(model, mo
     assert not inputs & layer_params
 
 
+def test_overlapping_generate_calls_keep_the_decoding_copies_armed(monkeypatch):
+    # Two generate() calls that overlap (threads sharing a model; here one inside the other's logits processor, in one
+    # thread): the inner one ending must not switch the outer one's remaining steps from the decoding copies to the
+    # modules (different roundings in 16-bit), nor must the inner one's start refill the copies. The last call to end
+    # turns them off.
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    monkeypatch.setattr(PldrDecoderLayer, "COPY_ON_CPU", True)
+    model = make_model(3)
+    armed, fills = [], []
+    arm = type(model.decoder).arm_decode_weights
+    monkeypatch.setattr(type(model.decoder), "arm_decode_weights", lambda self: fills.append(self) or arm(self))
+    inner_prompt = prompt(31, 5)
+
+    class Inner(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == 8:  # (mid-way through the outer call)
+                inner = gen(model, inner_prompt)
+                assert torch.equal(inner, gen(make_model(3), inner_prompt))
+            armed.append(model.decoder._decode_armed)
+            return scores
+
+    outer_prompt = prompt(30, 6)
+    out = gen(model, outer_prompt, logits_processor=LogitsProcessorList([Inner()]))
+    assert torch.equal(out, gen(make_model(3), outer_prompt))
+    assert armed == [True] * N and sum(f is model.decoder for f in fills) == 1 and not model.decoder._decode_armed
+
+
 def test_static_cache_keeps_deductive_tensors_at_fixed_addresses(model):
     # Compiled decoding with CUDA graphs reads the G-cache in place only if its tensors keep their addresses, also when
     # generate() reuses the cache (reset) for the next prompt.
