@@ -1748,7 +1748,10 @@ class PldrModel(PldrPreTrainedModel):
             return False
         for module in self.dec_layers.modules():
             if (type(module) not in _GRAPHED_STACK_TYPES and type(module).__module__ not in _ACTIVATION_MODULES) or (
-                    _has_hooks(module) or getattr(module, "gradient_checkpointing", False)):
+                    _has_hooks(module) or (isinstance(module, GradientCheckpointingLayer)
+                                           and module.gradient_checkpointing)):
+                # (gradient_checkpointing only asked of the layers that have it: a missing attribute of a module
+                # costs an exception inside nn.Module.__getattr__, some 1 us each)
                 return False
         return True
 
@@ -1776,7 +1779,9 @@ class PldrModel(PldrPreTrainedModel):
         # (the lock of both kinds of graphs: a recording in another thread runs the layers with other tensors in place
         # of their parameters, which must not be read as the parameters here)
         with self._stack_graphs.lock:
-            params = list(self.dec_layers.parameters())
+            # (each layer's own, in the order _stack_body gives them back: a parameter that two layers share comes
+            # twice, and its two gradients add up in it)
+            params = [p for layer in self.dec_layers for _, p in layer.named_parameters()]
             with_backward = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
             graphs = self._stack_graphs if with_backward else self._stack_forward_graphs
             outs = graphs.run((hidden, cos, sin, mask, token_mask, *params),
@@ -1799,8 +1804,8 @@ class PldrModel(PldrPreTrainedModel):
 
     def _stack_body(self, want_cache, want_deductive, hidden, cos, sin, mask, token_mask, *params):
         """What :meth:`_graphed_stack` records: the layers on hidden states, without a cache, computing with ``params``
-        in place of their parameters (in ``dec_layers.parameters()``'s order). Returns the last hidden states, with ``want_cache`` each
-        layer's k and v, and with ``want_deductive`` each layer's A, A_LM and G_LM."""
+        in place of their parameters (each layer's ``named_parameters()`` in turn). Returns the last hidden states,
+        with ``want_cache`` each layer's k and v, and with ``want_deductive`` each layer's A, A_LM and G_LM."""
         kv = [] if want_cache else None
         deductive = []
         given = iter(params)

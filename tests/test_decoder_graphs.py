@@ -154,6 +154,28 @@ def test_parameters_at_new_addresses_frozen_ones_and_moved_models(emulated):
     step()
 
 
+def test_a_parameter_shared_by_two_layers(emulated):
+    """A weight tied between two layers is an input of the recorded stack once per layer; both layers' gradients add up
+    in it, as without graphs (before, the recording failed and turned the graphs off)."""
+    on, off = pair(14)
+    for model in (on, off):
+        layers = model.decoder.dec_layers
+        layers[1].mha1.dense.weight = layers[0].mha1.dense.weight
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (on, off)]
+    for step in range(5):
+        x = ids(150 + step, (2, 8))
+        losses = []
+        for model, opt in zip((on, off), opts):
+            opt.zero_grad()
+            out = model(x, labels=x)
+            out.loss.backward()
+            losses.append(out.loss)
+            opt.step()
+        assert torch.equal(losses[0], losses[1])
+        assert_same_grads(on, off)
+    assert stack(on).disabled is None and stack(on).replays == 3
+
+
 def test_shapes_that_keep_changing_stop_being_recorded(emulated, monkeypatch):
     monkeypatch.setattr(mp.PldrModel, "GRAPHED_STACK_RECORDINGS", 3)
     on, off = pair(5)
