@@ -1741,19 +1741,29 @@ class PldrModel(PldrPreTrainedModel):
     GRAPHED_STACK_KEYS = 2
     GRAPHED_STACK_RECORDINGS = 8
 
-    def _stack_is_plain(self) -> bool:
-        """Whether every module of the decoder layers is PLDR-LLM's own or a plain torch one, without hooks, and no
-        layer checkpoints its gradients: what the recorded stack computes is then what the modules compute."""
+    def _plain_stack_params(self) -> list[torch.Tensor] | None:
+        """The decoder layers' parameters, each layer's in its ``named_parameters()`` order (what :meth:`_stack_body`
+        takes: a parameter that two layers share comes once per layer, and its two gradients add up in it), if every
+        module of the layers is PLDR-LLM's own or a plain torch one, without hooks, and no layer checkpoints its
+        gradients (what the recorded stack computes is then what the modules compute); else None. One walk over the
+        modules for both (each generator over a model's modules costs host time at every forward)."""
         if _global_hooks() or self.gradient_checkpointing:
-            return False
-        for module in self.dec_layers.modules():
-            if (type(module) not in _GRAPHED_STACK_TYPES and type(module).__module__ not in _ACTIVATION_MODULES) or (
-                    _has_hooks(module) or (isinstance(module, GradientCheckpointingLayer)
-                                           and module.gradient_checkpointing)):
-                # (gradient_checkpointing only asked of the layers that have it: a missing attribute of a module
-                # costs an exception inside nn.Module.__getattr__, some 1 us each)
-                return False
-        return True
+            return None
+        params = []
+        for layer in self.dec_layers:
+            seen = set()
+            for module in layer.modules():
+                if (type(module) not in _GRAPHED_STACK_TYPES and type(module).__module__ not in _ACTIVATION_MODULES) or (
+                        _has_hooks(module) or (isinstance(module, GradientCheckpointingLayer)
+                                               and module.gradient_checkpointing)):
+                    # (gradient_checkpointing only asked of the layers that have it: a missing attribute of a module
+                    # costs an exception inside nn.Module.__getattr__, some 1 us each)
+                    return None
+                for p in module._parameters.values():  # (as named_parameters: in order, once per layer)
+                    if p is not None and id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+        return params
 
     def _graphed_stack(self, hidden, cos, sin, mask, token_mask, cache, output_pldr_attentions, use_g_cache):
         """The decoder layers' forward (and backward) through recorded CUDA graphs, or None where the layers must run
@@ -1770,18 +1780,18 @@ class PldrModel(PldrPreTrainedModel):
         c = self.config
         if (torch.compiler.is_compiling() or not self._stack_graphs.applies_to(hidden)
                 or hidden.numel() > self.GRAPHED_STACK_MAX_ELEMENTS or c._attn_implementation != "sdpa"
-                or (self.training and c.attention_dropout) or not self._stack_is_plain()):
+                or (self.training and c.attention_dropout)):
             return None
-        if callable(mask):
-            mask = mask()
         want_cache = cache is not None
         want_deductive = want_cache or bool(output_pldr_attentions)
         # (the lock of both kinds of graphs: a recording in another thread runs the layers with other tensors in place
         # of their parameters, which must not be read as the parameters here)
         with self._stack_graphs.lock:
-            # (each layer's own, in the order _stack_body gives them back: a parameter that two layers share comes
-            # twice, and its two gradients add up in it)
-            params = [p for layer in self.dec_layers for _, p in layer.named_parameters()]
+            params = self._plain_stack_params()
+            if params is None:
+                return None
+            if callable(mask):
+                mask = mask()
             with_backward = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
             graphs = self._stack_graphs if with_backward else self._stack_forward_graphs
             outs = graphs.run((hidden, cos, sin, mask, token_mask, *params),
