@@ -1734,9 +1734,10 @@ class PldrModel(PldrPreTrainedModel):
             pldr_attentions=all_deductive,
         )
 
-    # The decoder stack as recorded CUDA graphs in eager training (see _graphed_stack): at most this many elements of
+    # The decoder stack as recorded CUDA graphs in eager mode (see _graphed_stack): at most this many elements of
     # hidden states (batch x positions x hidden size; 4 x 1024 x 896 at the 110M sizes), recorded shapes kept, and
-    # recordings per model (against shapes that keep changing, each recording holding a pool of activations).
+    # recordings, each per kind of graphs (training; without gradients) and model (against shapes that keep changing,
+    # each recording holding a pool of memory).
     GRAPHED_STACK_MAX_ELEMENTS = 1 << 22
     GRAPHED_STACK_KEYS = 2
     GRAPHED_STACK_RECORDINGS = 8
@@ -1778,7 +1779,8 @@ class PldrModel(PldrPreTrainedModel):
         the parameters are read where they are, so optimiser steps are seen; forwards without a backward have graphs
         of their own). The cache is then filled from the graph's keys, values and deductive tensors."""
         c = self.config
-        if (torch.compiler.is_compiling() or not self._stack_graphs.applies_to(hidden)
+        if (torch.compiler.is_compiling()
+                or not (self._stack_graphs.applies_to(hidden) or self._stack_forward_graphs.applies_to(hidden))
                 or hidden.numel() > self.GRAPHED_STACK_MAX_ELEMENTS or c._attn_implementation != "sdpa"
                 or (self.training and c.attention_dropout)):
             return None
@@ -1794,6 +1796,8 @@ class PldrModel(PldrPreTrainedModel):
                 mask = mask()
             with_backward = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
             graphs = self._stack_graphs if with_backward else self._stack_forward_graphs
+            if not graphs.applies_to(hidden):  # (this kind's recording failed and turned it off)
+                return None
             outs = graphs.run((hidden, cos, sin, mask, token_mask, *params),
                               fn=functools.partial(self._stack_body, want_cache, want_deductive),
                               extra_key=(want_cache, want_deductive), in_place=len(params))

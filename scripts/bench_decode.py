@@ -20,6 +20,7 @@ Quick check on CPU with tiny models:
     python scripts/bench_decode.py --tiny --device cpu
 """
 
+import copy
 import json
 import statistics
 import sys
@@ -214,7 +215,8 @@ def main(argv=None):
               "llama": LlamaForCausalLM(llama_cfg).to(device, dtype).eval(),
               "llama_aligned": LlamaForCausalLM(aligned_cfg).to(device, dtype).eval()}
     if any(v.startswith("pldr_layers") for v in variants):
-        layers = PldrConfig(**{**pldr_cfg.to_dict(), "decoder_cuda_graphs": False})
+        layers = copy.deepcopy(pldr_cfg)
+        layers.decoder_cuda_graphs = False
         models["pldr_layers"] = PldrForCausalLM(layers).to(device, dtype).eval()
         models["pldr_layers"].load_state_dict(models["pldr"].state_dict())
     for m in models.values():  # random weights: never stop early on an end-of-sequence token

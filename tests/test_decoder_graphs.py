@@ -11,7 +11,13 @@ import copy
 import pytest
 import torch
 
-from test_deduction_graphs import TINY, assert_same_grads, emulated, ids  # noqa: F401  (emulated: a fixture)
+from test_deduction_graphs import (  # noqa: F401  (emulated: a fixture)
+    TINY,
+    assert_same_grads,
+    emulated,
+    ids,
+    step_both,
+)
 
 from pldr_hf import PldrConfig, PldrForCausalLM
 from pldr_hf.modeling import modeling_pldr as mp
@@ -54,14 +60,7 @@ def test_training_steps_through_the_recorded_stack_equal_the_layers(emulated):
     on, off = pair()
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (on, off)]
     for step in range(6):
-        x = ids(step, (2, 12))
-        outs = []
-        for model, opt in zip((on, off), opts):
-            opt.zero_grad()
-            out = model(x, labels=x)
-            out.loss.backward()
-            outs.append(out)
-            opt.step()
+        outs = step_both((on, off), opts, ids(step, (2, 12)))
         assert torch.equal(outs[0].loss, outs[1].loss)
         assert torch.equal(outs[0].logits, outs[1].logits)
         assert_same_grads(on, off)
@@ -163,15 +162,8 @@ def test_a_parameter_shared_by_two_layers(emulated):
         layers[1].mha1.dense.weight = layers[0].mha1.dense.weight
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (on, off)]
     for step in range(5):
-        x = ids(150 + step, (2, 8))
-        losses = []
-        for model, opt in zip((on, off), opts):
-            opt.zero_grad()
-            out = model(x, labels=x)
-            out.loss.backward()
-            losses.append(out.loss)
-            opt.step()
-        assert torch.equal(losses[0], losses[1])
+        outs = step_both((on, off), opts, ids(150 + step, (2, 8)))
+        assert torch.equal(outs[0].loss, outs[1].loss)
         assert_same_grads(on, off)
     assert stack(on).disabled is None and stack(on).replays == 3
 
@@ -321,6 +313,22 @@ def test_forwards_from_several_threads_through_the_recorded_stack(emulated):
         t.join()
     g = forward_stack(on)
     assert not wrong and g.recordings == 1 and g.recorded_keys == 1 and g.replays == 4 * 30 - 2
+
+
+def test_one_kind_turned_off_leaves_the_other(emulated):
+    """A failed recording turns off that kind of graphs only: the training ones off, forwards without gradients still
+    replay theirs, and the other way round."""
+    on, off = pair(15)
+    x = ids(160, (2, 8))
+    stack(on).disabled = "a failed recording"
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(on(x).logits, off(x).logits)
+    assert forward_stack(on).replays == 1
+    stack(on).disabled, forward_stack(on).disabled = None, "a failed recording"
+    for _ in range(3):
+        on(x, labels=x).loss.backward()
+    assert stack(on).replays == 1
 
 
 def test_evaluation_shapes_leave_the_training_graphs_alone(emulated):

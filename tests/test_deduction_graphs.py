@@ -64,19 +64,24 @@ def assert_same_grads(a, b):
             assert torch.equal(ga[name], gb[name]), name
 
 
+def step_both(models, opts, x):
+    """One optimiser step of each model on x (as its labels too); returns their outputs."""
+    outs = []
+    for model, opt in zip(models, opts):
+        opt.zero_grad()
+        out = model(x, labels=x)
+        out.loss.backward()
+        outs.append(out)
+        opt.step()
+    return outs
+
+
 def test_training_steps_through_graphs_equal_the_operators(emulated):
     on, off = pair()
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (on, off)]
     for step in range(6):
-        x = ids(step, (2, 12))
-        losses = []
-        for model, opt in zip((on, off), opts):
-            opt.zero_grad()
-            loss = model(x, labels=x).loss
-            loss.backward()
-            losses.append(loss)
-            opt.step()
-        assert torch.equal(losses[0], losses[1])
+        outs = step_both((on, off), opts, ids(step, (2, 12)))
+        assert torch.equal(outs[0].loss, outs[1].loss)
         assert_same_grads(on, off)
     for p, q in zip(on.parameters(), off.parameters()):
         assert torch.equal(p, q)
