@@ -929,10 +929,12 @@ class _GramFunction(torch.autograd.Function):
             # rounds the operands of every other GEMM of the backward (not float16: its range could overflow). A
             # backward that builds a graph (second derivatives) takes the float32 matmul: bmm with out_dtype has no
             # derivative.
+            # There the GEMM itself returns bfloat16 (float32 accumulation, rounded once, as the cast of a float32
+            # result was): a float32 [B, H, S, d] result would be written and read again only to be rounded.
             if q.dtype == torch.bfloat16 and _widens(q, ctx.dtype) and not torch.is_grad_enabled():
-                g = _widening_bmm(q, sym.to(q.dtype), ctx.dtype)
-            else:
-                g = torch.matmul(q.to(ctx.dtype), sym)
+                g = torch.matmul(q, sym.to(q.dtype))
+                return (g if mask is None else g * mask.to(q.dtype)), None, None
+            g = torch.matmul(q.to(ctx.dtype), sym)
             if mask is not None:
                 g = g * mask
         return g.to(q.dtype), None, None
