@@ -195,7 +195,7 @@ def _write_profile(args, tag, step) -> dict:
     with open(os.path.join(args.profile, f"profile_{tag}.txt"), "w") as f:
         f.write(line + "\n\n")
         if cuda:
-            f.write(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
+            f.write(averages.table(sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=90))
             f.write("\n\n")
         f.write(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
     return out
