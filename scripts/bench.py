@@ -31,7 +31,9 @@ of ``--steps`` steps that alternate between them; each reports its best round (`
 median round and every round's step time, and the host (CPU) time of each phase of a step (forward, backward, clip,
 optimizer, zero_grad; ``host_ms_by_phase``, taken without synchronising). With ``--profile`` each run also reports
 the GPU's busy time per profiled step (the union of its kernels' intervals) next to that step's wall time: a GPU busy
-for much less than the step means the host sets the pace. The host's speed drifts on shared GPU machines (one
+for much less than the step means the host sets the pace; and ``gpu_ms_by_kind``, the GPU time per step of each kind
+of kernel (GEMMs, attention, PLDR-LLM's learner / power law / SwiGLU operators, inductor's kernels, the optimiser's
+multi-tensor kernels, other), where two models' GPU work differs. The host's speed drifts on shared GPU machines (one
 model's back-to-back runs differ by tens of percent), and alternating spreads that drift over all models alike. Peak
 memory is measured per model above what the models built before it hold, i.e. as if it ran alone.
 
@@ -162,6 +164,43 @@ def busy_time(intervals) -> float:
     return total
 
 
+# Kinds of GPU kernels by parts of their names (first match wins), for the profile's time per kind: where two models'
+# GPU work differs. The names are those of torch.profiler's CUDA events: cuBLAS/cuBLASLt GEMMs (nvjet, cutlass, xmma,
+# gemm), cuDNN/flash attention, PLDR-LLM's own Triton operators, the optimiser's and clipping's multi-tensor kernels.
+# Inductor's generated kernels (triton_*; its GEMM templates triton_tem_*) are told apart by their prefix first, since
+# their names repeat the names of the operations they fuse.
+KERNEL_KINDS = (
+    ("attention", ("sdpa", "flash", "fmha", "attention", "dot_do_o", "convert_dq")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce", "cublas")),
+    ("metric_learner", ("_learner_",)),
+    ("power_law", ("_power_law_",)),
+    ("swiglu", ("_swiglu_",)),
+    ("multi_tensor", ("multi_tensor_apply",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel: "inductor" (or "gemm" for its GEMM templates), one of :data:`KERNEL_KINDS`, or
+    "other"."""
+    low = name.lower()
+    if low.startswith("triton_"):
+        return "gemm" if low.startswith("triton_tem") else "inductor"
+    for kind, parts in KERNEL_KINDS:
+        if any(part in low for part in parts):
+            return kind
+    return "other"
+
+
+def gpu_ms_by_kind(kernels, steps: int) -> dict:
+    """GPU time per step of each kind of kernel, from (name, start_us, end_us) events, sorted by time (the sum of the
+    kernels' own durations: kernels that overlap count each)."""
+    totals: dict = {}
+    for name, start, end in kernels:
+        kind = kernel_kind(name)
+        totals[kind] = totals.get(kind, 0.0) + (end - start)
+    return {k: round(v / steps / 1000, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def _write_profile(args, tag, step) -> dict:
     """Writes the torch.profiler table of 2 steps; returns the kernel launches and, on a GPU, the time the GPU was
     busy per step (the union of its kernels' intervals) next to the profiled steps' wall time: a step whose GPU is
@@ -186,12 +225,14 @@ def _write_profile(args, tag, step) -> dict:
     line = f"{tag}: {launches / 2:.0f} kernel launches per step"
     if cuda:
         # (GPU events less the user annotations, such as the optimizer step's, whose spans include idle gaps)
-        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
                    and e.time_range.end > e.time_range.start]
-        out["gpu_busy_ms_per_step"] = round(busy_time(kernels) / 2 / 1000, 2)  # (profiler times are in us)
+        out["gpu_busy_ms_per_step"] = round(busy_time([k[1:] for k in kernels]) / 2 / 1000, 2)  # (times are in us)
+        out["gpu_ms_by_kind"] = gpu_ms_by_kind(kernels, 2)
         line += (f", GPU busy {out['gpu_busy_ms_per_step']:.2f} ms of a {wall_ms:.2f} ms step (profiled; a GPU busy for"
-                 f" much less than the step means the host sets the pace)")
+                 f" much less than the step means the host sets the pace)\nGPU ms per step by kind of kernel: "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in out["gpu_ms_by_kind"].items()))
     with open(os.path.join(args.profile, f"profile_{tag}.txt"), "w") as f:
         f.write(line + "\n\n")
         if cuda:

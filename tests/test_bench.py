@@ -77,6 +77,34 @@ def test_busy_time_is_the_union_of_kernel_intervals(bench):
     assert bench.busy_time([(12, 13), (2, 5), (0, 4), (7, 8), (6, 10)]) == 5 + 4 + 1
 
 
+def test_gpu_time_by_kind_of_kernel(bench):
+    # kernel names as torch.profiler gave them in a compiled PLDR-LLM step on an H200
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1": "attention",
+        "void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int)": "attention",
+        "nvjet_sm90_tst_160x256_64x3_2x1_v_bz_coopA_NNN": "gemm",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float>": "gemm",
+        "triton_tem_fused_mm_0": "gemm",
+        "_learner_bwd_rows_kernel": "metric_learner",
+        "_learner_stage_kernel": "metric_learner",
+        "_power_law_bwd_kernel": "power_law",
+        "_swiglu_bwd_kernel": "swiglu",
+        "triton_red_fused__log_softmax__log_softmax_backward_data__to_copy_add_arange": "inductor",
+        "triton_poi_fused__scaled_dot_product_attention_transpose_0": "inductor",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous": "multi_tensor",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<c10::BFloat16>>": "other",
+        "Memset (Device)": "other",
+    }
+    for name, kind in names.items():
+        assert bench.kernel_kind(name) == kind, name
+    # (name, start us, end us) over 2 steps -> ms per step, largest first
+    kernels = [("_learner_fwd_kernel", 0, 300), ("nvjet_x", 300, 1300), ("_learner_bwd_rows_kernel", 1300, 1500),
+               ("nvjet_y", 1400, 2400), ("Memset (Device)", 2400, 2410)]
+    by_kind = bench.gpu_ms_by_kind(kernels, 2)
+    assert by_kind == {"gemm": 1.0, "metric_learner": 0.25, "other": 0.005}
+    assert list(by_kind) == ["gemm", "metric_learner", "other"]
+
+
 def test_bench_train_packed_rows(bench, capsys):
     pos = bench.packed_position_ids(3, 40, 6, seed=0, device="cpu")
     assert pos.shape == (3, 40) and (pos == 0).sum() > 3  # several documents a row
