@@ -1,11 +1,11 @@
 """PLDR-LLM modelling code (installed as ``pldr_hf.modeling``; also shipped as remote code with saved models)."""
 
+from .cache_pldr import PldrDynamicCache, PldrStaticCache, as_pldr_cache
 from .configuration_pldr import PldrConfig
 from .modeling_pldr import (
     CACHE_FIELD,
     PldrCausalLMOutputWithPast,
     PldrDeductiveOutputs,
-    PldrDynamicCache,
     PldrForCausalLM,
     PldrForQuestionAnswering,
     PldrForSequenceClassification,
@@ -13,8 +13,6 @@ from .modeling_pldr import (
     PldrModel,
     PldrModelOutputWithPast,
     PldrPreTrainedModel,
-    PldrStaticCache,
-    as_pldr_cache,
 )
 
 __all__ = [

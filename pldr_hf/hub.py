@@ -27,8 +27,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .checks import check_weights, has_tokenizer, read_json
 from .convert import copy_tokenizer_files, model_class_for, read_port_config
 
-REMOTE_CODE_FILES = ("configuration_pldr.py", "modeling_pldr.py", "metric_learner.py", "packing.py",
-                     "deduction_graphs.py")
+REMOTE_CODE_FILES = ("configuration_pldr.py", "modeling_pldr.py", "cache_pldr.py", "metric_learner.py",
+                     "packing.py", "deduction_graphs.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_pldr.PldrConfig",
     "AutoModel": "modeling_pldr.PldrModel",

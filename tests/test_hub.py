@@ -79,14 +79,16 @@ def dry_run(run_dir, lm_eval_json, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------------------------
 def test_dry_run_folder_contents(dry_run, run_dir):
     names = {p.name for p in dry_run.iterdir()}
-    assert names == {"README.md", "config.json", "model.safetensors", "configuration_pldr.py", "modeling_pldr.py", "metric_learner.py",
-                     "packing.py", "deduction_graphs.py", "generation_config.json", "tokenizer_config.json"}
+    assert names == {"README.md", "config.json", "model.safetensors", "configuration_pldr.py", "modeling_pldr.py",
+                     "cache_pldr.py", "metric_learner.py", "packing.py", "deduction_graphs.py", "generation_config.json",
+                     "tokenizer_config.json"}
     cfg = json.loads((dry_run / "config.json").read_text())
     assert cfg["auto_map"] == AUTO_MAP and len(AUTO_MAP) == 6
     assert cfg["model_type"] == "pldrllm" and cfg["architectures"] == ["PldrForCausalLM"]
     # remote code is the package's modeling/ source, byte for byte
     src = Path(pldr_hf.modeling.__file__).parent
-    for name in ("configuration_pldr.py", "modeling_pldr.py", "metric_learner.py", "packing.py", "deduction_graphs.py"):
+    for name in ("configuration_pldr.py", "modeling_pldr.py", "cache_pldr.py", "metric_learner.py", "packing.py",
+                 "deduction_graphs.py"):
         assert (dry_run / name).read_bytes() == (src / name).read_bytes()
     # weights are the run's weights
     a, b = load_file(str(dry_run / "model.safetensors")), load_file(str(run_dir / "model.safetensors"))
@@ -270,7 +272,7 @@ def test_upload_sends_files_and_metadata(run_dir, lm_eval_json, no_proxy, monkey
     assert commit["header"]["summary"] == "first PLDR upload"
     files = commit["files"]
     assert set(files) == {"README.md", "config.json", "model.safetensors", "configuration_pldr.py",
-                          "modeling_pldr.py", "metric_learner.py", "packing.py", "deduction_graphs.py",
+                          "modeling_pldr.py", "cache_pldr.py", "metric_learner.py", "packing.py", "deduction_graphs.py",
                           "generation_config.json", "tokenizer_config.json"}
     assert json.loads(files["config.json"])["auto_map"] == AUTO_MAP
     card = ModelCard(files["README.md"].decode())
