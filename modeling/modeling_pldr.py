@@ -547,13 +547,13 @@ class _GramFunction(torch.autograd.Function):
         q, mask = ctx.saved_tensors
         with torch.autocast(device_type=q.device.type, enabled=False):
             sym = g_A + g_A.transpose(-1, -2)
-            # With bfloat16 q the gradient is returned in bfloat16: the d x d factor is rounded to it too, as autocast
-            # rounds the operands of every other GEMM of the backward (not float16: its range could overflow). A
-            # backward that builds a graph (second derivatives) takes the float32 matmul: bmm with out_dtype has no
-            # derivative.
-            # There the GEMM itself returns bfloat16 (float32 accumulation, rounded once, as the cast of a float32
-            # result was): a float32 [B, H, S, d] result would be written and read again only to be rounded.
-            if q.dtype == torch.bfloat16 and _widens(q, ctx.dtype) and not torch.is_grad_enabled():
+            # With bfloat16 q on a GPU the gradient is one bfloat16 GEMM: the d x d factor rounded to bfloat16, as
+            # autocast rounds the operands of every other GEMM of the backward (not float16: its range could
+            # overflow), float32 accumulation rounded once at the end, as the cast of a float32 result would be (a
+            # float32 [B, H, S, d] result would be written and read again only to be rounded). A backward that builds
+            # a graph (second derivatives) takes the float32 matmul, for float32 second derivatives.
+            if (q.is_cuda and q.dtype == torch.bfloat16 and ctx.dtype == torch.float32
+                    and not torch.is_grad_enabled()):
                 g = torch.matmul(q, sym.to(q.dtype))
                 return (g if mask is None else g * mask.to(q.dtype)), None, None
             g = torch.matmul(q.to(ctx.dtype), sym)

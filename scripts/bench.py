@@ -347,11 +347,15 @@ class TrainRun:
             out["deduction_graphs"] = {"recorded_keys": sum(g.recorded_keys for g in self.deduction_graphs),
                                        "replays": sum(g.replays for g in self.deduction_graphs),
                                        "disabled": sorted({g.disabled for g in self.deduction_graphs if g.disabled})}
-        g = self.stack_graphs
-        if g is not None:  # (PLDR-LLM: the decoder stack's recorded CUDA graphs, eager mode)
-            out["decoder_graphs"] = {"recorded_keys": g.recorded_keys, "recordings": g.recordings,
-                                     "replays": g.replays, "disabled": g.disabled}
+        if self.stack_graphs is not None:  # (PLDR-LLM: the decoder stack's recorded CUDA graphs, eager mode)
+            out["decoder_graphs"] = graph_counts(self.stack_graphs)
         return out
+
+
+def graph_counts(graphs) -> dict:
+    """What a model's :class:`DeductionGraphs` (e.g. the decoder stack's) recorded and replayed, for the JSON."""
+    return {"recorded_keys": graphs.recorded_keys, "recordings": graphs.recordings, "replays": graphs.replays,
+            "disabled": graphs.disabled}
 
 
 def rotating_rounds(names: list[str], rounds: int) -> list[str]:

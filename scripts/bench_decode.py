@@ -34,7 +34,7 @@ from transformers import CompileConfig, HfArgumentParser, LlamaConfig, LlamaForC
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pldr_hf  # noqa: E402,F401  (registers the model)
-from bench import rotating_rounds  # noqa: E402  (scripts/bench.py: the same alternating order)
+from bench import graph_counts, rotating_rounds  # noqa: E402  (scripts/bench.py: the same alternating order)
 from pldr_hf import PldrConfig, PldrForCausalLM  # noqa: E402
 
 VARIANTS = ("pldr_kv_g", "pldr_kv", "pldr_nocache", "pldr_static_compiled", "pldr_layers_kv_g",
@@ -227,9 +227,8 @@ def main(argv=None):
         for name, res in run_batch(variants, models, args, batch, device).items():
             results[f"{name}@b{batch}"] = res
             print(f"{name}@b{batch}: {res}", file=sys.stderr, flush=True)
-        g = models["pldr"].decoder._stack_forward_graphs  # (the prompts' forwards through the recorded decoder stack)
-        stack_graphs[f"b{batch}"] = {"recorded_keys": g.recorded_keys, "recordings": g.recordings,
-                                     "replays": g.replays, "disabled": g.disabled}
+        # (the prompts' forwards through the recorded decoder stack)
+        stack_graphs[f"b{batch}"] = graph_counts(models["pldr"].decoder._stack_forward_graphs)
         torch._dynamo.reset()
 
     report = {
