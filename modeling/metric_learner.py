@@ -90,8 +90,8 @@ _TRACEABLE_KERNELS = (triton is not None and hasattr(torch.library, "triton_op")
                       and hasattr(torch.library, "wrap_triton"))
 wrap_triton = getattr(torch.library, "wrap_triton", None)
 
-__all__ = ["fused_metric_learner", "joint_swiglu", "learner_tensors", "plain_linears", "power_law",
-           "stacked_metric_learner"]
+__all__ = ["fused_metric_learner", "joint_swiglu", "learner_tensors", "plain_linears", "power_law", "rotary_qkv",
+           "rotary_swap", "stacked_metric_learner"]
 
 # Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
 # triton is imported); the tests use it to check the kernels without a GPU.
@@ -1289,6 +1289,263 @@ def joint_swiglu(h12: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and h12.requires_grad:
         return SwiGLUFunction.apply(h12)
     return swiglu_forward(h12)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The attention's rotary embedding on its joint q|k|v projection: q, k rotated, q, k, v in [batch, heads, seq, d]
+# ----------------------------------------------------------------------------------------------------------------------
+# With q, k and v from one GEMM (PldrAttention.project), the gradient of that GEMM's output is one [B, S, 3 H d] tensor
+# assembled from dq (the attention's and q^T q's gradients summed), dk and dv, with the rotation undone on dq and dk.
+# Left to inductor this was two kernels a layer: the rotation's backward on dq and dk, written out, and then a second
+# pass that interleaved it with dv into the joint layout: 86 + 139 us a layer at 16 x 1024 tokens on an H200 (bf16,
+# compiled training), against the 109 us GEMM that reads the result. The backward kernel here reads dq, dk and dv
+# once and writes the joint gradient once. Its forward kernel writes q, k and v contiguous in [B, H, S, d] (the
+# attention and q^T q take them so; an operator's outputs cannot be views of its input).
+ROTARY_BLOCK_S = 64  # positions per program (one program per block of positions, batch entry and head)
+
+
+def rotary_swap(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x with the two members of every rotated pair exchanged on the last dimension: (2i, 2i+1) with ``interleaved``
+    (the original PLDR-LLM), else (i, i + d/2). The exchange is its own inverse."""
+    if interleaved:
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x.roll(x.shape[-1] // 2, dims=-1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotary_pairs(x, BLOCK_S: tl.constexpr, D: tl.constexpr, INTERLEAVED: tl.constexpr):
+        # the two members (a, b) of every rotated pair of the rows x [BLOCK_S, D], in registers (no gathers):
+        # (2i, 2i+1) interleaved, else (i, i + D/2)
+        if INTERLEAVED:
+            a, b = tl.split(tl.reshape(x, [BLOCK_S, D // 2, 2]))
+        else:
+            a, b = tl.split(tl.permute(tl.reshape(x, [BLOCK_S, 2, D // 2]), (0, 2, 1)))
+        return a, b
+
+    @triton.jit
+    def _rotary_rows(a, b, BLOCK_S: tl.constexpr, D: tl.constexpr, INTERLEAVED: tl.constexpr):
+        # the rows [BLOCK_S, D] of the pairs (a, b): _rotary_pairs undone
+        if INTERLEAVED:
+            return tl.reshape(tl.join(a, b), [BLOCK_S, D])
+        return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [BLOCK_S, D])
+
+    @triton.jit
+    def _rotary_block(COS, SIN, S, H, s_cb, s_cs, D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr):
+        # This program's rows (the positions s of one batch entry b and head h) and their tables' pairs.
+        bh = tl.program_id(1)
+        b = bh // H
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        j = tl.arange(0, D)[None, :]
+        m = (s < S)[:, None]
+        s64 = s[:, None].to(tl.int64)
+        tab = b.to(tl.int64) * s_cb + s64 * s_cs + j
+        ca, cb = _rotary_pairs(tl.load(COS + tab, mask=m, other=0.0), BLOCK_S, D, INTERLEAVED)
+        sa, sb = _rotary_pairs(tl.load(SIN + tab, mask=m, other=0.0), BLOCK_S, D, INTERLEAVED)
+        return bh.to(tl.int64), b.to(tl.int64), bh - b * H, s64, j, m, ca, cb, sa, sb
+
+    @triton.jit
+    def _rotated(x, ca, cb, sa, sb, BLOCK_S: tl.constexpr, D: tl.constexpr, INTERLEAVED: tl.constexpr):
+        # Per pair (a, b) of the rows x: (a ca + b sa, b cb + a sb) in float32. With the tables x cos + swap(x) sin;
+        # with sa and sb exchanged, its gradient dy cos + swap(dy sin) (the exchange is its own inverse).
+        xa, xb = _rotary_pairs(x.to(tl.float32), BLOCK_S, D, INTERLEAVED)
+        return _rotary_rows(xa * ca + xb * sa, xb * cb + xa * sb, BLOCK_S, D, INTERLEAVED)
+
+    @triton.jit
+    def _rotary_qkv_fwd_kernel(QKV, COS, SIN, Q, K, V, S, H, s_qb, s_qs, s_cb, s_cs,
+                               D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr):
+        # q and k rotated (float32, then x's dtype), v copied, into [B, H, S, D]
+        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(COS, SIN, S, H, s_cb, s_cs, D, BLOCK_S, INTERLEAVED)
+        src = QKV + b * s_qb + s64 * s_qs + h * D + j
+        dst = (bh * S + s64) * D + j
+        y = _rotated(tl.load(src, mask=m, other=0.0), ca, cb, sa, sb, BLOCK_S, D, INTERLEAVED)
+        tl.store(Q + dst, y.to(Q.dtype.element_ty), mask=m)
+        y = _rotated(tl.load(src + H * D, mask=m, other=0.0), ca, cb, sa, sb, BLOCK_S, D, INTERLEAVED)
+        tl.store(K + dst, y.to(K.dtype.element_ty), mask=m)
+        tl.store(V + dst, tl.load(src + 2 * H * D, mask=m, other=0.0), mask=m)
+
+    @triton.jit
+    def _rotary_qkv_bwd_kernel(DQ, DK, DV, COS, SIN, OUT, S, H, s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs,
+                               s_cb, s_cs, D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr):
+        # the joint gradient [B, S, 3 H D]: dq and dk rotated back (float32, then its dtype), dv copied
+        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(COS, SIN, S, H, s_cb, s_cs, D, BLOCK_S, INTERLEAVED)
+        HD = H * D
+        dst = OUT + (b * S + s64) * (3 * HD) + h * D + j
+        g = tl.load(DQ + b * s_qb + h * s_qh + s64 * s_qs + j, mask=m, other=0.0)
+        tl.store(dst, _rotated(g, ca, cb, sb, sa, BLOCK_S, D, INTERLEAVED).to(OUT.dtype.element_ty), mask=m)
+        g = tl.load(DK + b * s_kb + h * s_kh + s64 * s_ks + j, mask=m, other=0.0)
+        tl.store(dst + HD, _rotated(g, ca, cb, sb, sa, BLOCK_S, D, INTERLEAVED).to(OUT.dtype.element_ty), mask=m)
+        g = tl.load(DV + b * s_vb + h * s_vh + s64 * s_vs + j, mask=m, other=0.0)
+        tl.store(dst + 2 * HD, g.to(OUT.dtype.element_ty), mask=m)
+
+
+def _check_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
+    if qkv.dim() != 3 or heads < 1 or qkv.shape[-1] % (3 * heads) or (qkv.shape[-1] // (3 * heads)) % 2:
+        raise ValueError(f"rotary_qkv: expected the joint projection [batch, seq, 3 * {heads} heads * head_dim] with an "
+                         f"even head_dim, got {tuple(qkv.shape)}")
+    B, S, _ = qkv.shape
+    d = qkv.shape[-1] // (3 * heads)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 4 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (S, 1, d):
+            raise ValueError(f"rotary_qkv: expected {name} [{B} or 1, {S}, 1, {d}], got {tuple(t.shape)}")
+
+
+def _rotary_kernels(t: torch.Tensor, d: int) -> bool:
+    """Whether the rotary Triton kernels take tensors like t with head size d: CUDA (or the interpreter on CPU), a
+    float dtype, d a power of two from 2 to 256."""
+    return (triton is not None and (t.device.type == "cuda" or (t.device.type == "cpu" and _KERNELS_ON_CPU))
+            and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and 2 <= d <= 256 and d & (d - 1) == 0)
+
+
+def _table_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(batch, position) strides of a [B or 1, S, 1, d] table; 0 for a batch of 1 (shared by every row)."""
+    return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
+
+
+def _rotary_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, interleaved: bool):
+    """:func:`rotary_qkv_forward` in PyTorch ops (the rotation as PldrAttention computes it: separate float32 products,
+    then qkv's dtype)."""
+    B, S, _ = qkv.shape
+    qk = qkv[..., : qkv.shape[-1] * 2 // 3].unflatten(-1, (2 * heads, -1))
+    v = qkv[..., qkv.shape[-1] * 2 // 3:].unflatten(-1, (heads, -1))
+    xf = qk.float()
+    rotated = (xf * cos + rotary_swap(xf, interleaved) * sin).to(qkv.dtype)
+    q, k = rotated.transpose(1, 2).split(heads, dim=1)
+    return q.contiguous(), k.contiguous(), v.transpose(1, 2).contiguous()
+
+
+def _rotary_reference_backward(dq, dk, dv, cos, sin, interleaved: bool) -> torch.Tensor:
+    """:func:`rotary_qkv_backward` in PyTorch ops: ``dx = dy cos + swap(dy sin)`` in float32 for q and k."""
+    g = torch.cat((dq, dk), dim=1).transpose(1, 2).float()  # [B, S, 2H, d]
+    gqk = (g * cos + rotary_swap(g * sin, interleaved)).to(dq.dtype)
+    return torch.cat((gqk.flatten(-2), dv.transpose(1, 2).flatten(-2).to(dq.dtype)), dim=-1)
+
+
+def rotary_qkv_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, interleaved: bool,
+                       wrap: bool = False):
+    """``(q, k, v)``, each [B, heads, S, d] contiguous, from the joint projection qkv [B, S, 3 heads d] (q's heads,
+    then k's, then v's): q and k rotated with the float32 tables cos, sin [B or 1, S, 1, d] (full-width cos and signed
+    sin: ``x cos + swap(x) sin``, see :func:`rotary_swap`), v as it is."""
+    _check_rotary(qkv, cos, sin, heads)
+    B, S, W = qkv.shape
+    d = W // (3 * heads)
+    if not _rotary_kernels(qkv, d):
+        return _rotary_reference(qkv, cos, sin, heads, interleaved)
+    x = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    c, s_ = cos.float().contiguous(), sin.float().contiguous()
+    q, k, v = (x.new_empty((B, heads, S, d)) for _ in range(3))
+    if q.numel():
+        with _on_device(x):
+            kernel = wrap_triton(_rotary_qkv_fwd_kernel) if wrap else _rotary_qkv_fwd_kernel
+            kernel[(triton.cdiv(S, ROTARY_BLOCK_S), B * heads)](
+                x, c, s_, q, k, v, S, heads, x.stride(0), x.stride(1), *_table_strides(c), D=d,
+                BLOCK_S=ROTARY_BLOCK_S, INTERLEAVED=interleaved, num_warps=4)
+    return q, k, v
+
+
+def rotary_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        interleaved: bool, wrap: bool = False) -> torch.Tensor:
+    """The gradient [B, S, 3 H d] of :func:`rotary_qkv_forward`'s input for the gradients dq, dk, dv [B, H, S, d] of
+    its outputs (the same dtype)."""
+    B, H, S, d = dq.shape
+    if dk.shape != dq.shape or dv.shape != dq.shape:
+        raise ValueError(f"rotary_qkv: expected dq, dk, dv of one shape, got {tuple(dq.shape)}, {tuple(dk.shape)}, "
+                         f"{tuple(dv.shape)}")
+    if not _rotary_kernels(dq, d):
+        return _rotary_reference_backward(dq, dk, dv, cos, sin, interleaved)
+    grads = [t if t.stride(-1) == 1 else t.contiguous() for t in (dq, dk, dv)]
+    c, s_ = cos.float().contiguous(), sin.float().contiguous()
+    out = dq.new_empty((B, S, 3 * H * d))
+    if out.numel():
+        with _on_device(dq):
+            kernel = wrap_triton(_rotary_qkv_bwd_kernel) if wrap else _rotary_qkv_bwd_kernel
+            kernel[(triton.cdiv(S, ROTARY_BLOCK_S), B * H)](
+                *grads, c, s_, out, S, H, *(st for t in grads for st in (t.stride(0), t.stride(1), t.stride(2))),
+                *_table_strides(c), D=d, BLOCK_S=ROTARY_BLOCK_S, INTERLEAVED=interleaved, num_warps=4)
+    return out
+
+
+def _rq_fwd_impl(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                 interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pldr::rotary_qkv_fwd``: :func:`rotary_qkv_forward` with its kernel visible to torch.compile."""
+    return rotary_qkv_forward(qkv, cos, sin, heads, interleaved, _TRACEABLE_KERNELS)
+
+
+def _rq_bwd_impl(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 interleaved: bool) -> torch.Tensor:
+    """``pldr::rotary_qkv_bwd``: :func:`rotary_qkv_backward` with its kernel visible to torch.compile."""
+    return rotary_qkv_backward(dq, dk, dv, cos, sin, interleaved, _TRACEABLE_KERNELS)
+
+
+def _rq_fwd_fake(qkv, cos, sin, heads, interleaved):
+    _check_rotary(qkv, cos, sin, heads)
+    B, S, W = qkv.shape
+    return tuple(qkv.new_empty((B, heads, S, W // (3 * heads))) for _ in range(3))
+
+
+def _rq_bwd_fake(dq, dk, dv, cos, sin, interleaved):
+    B, H, S, d = dq.shape
+    return dq.new_empty((B, S, 3 * H * d))
+
+
+def _rq_setup_context(ctx, inputs, output):
+    qkv, cos, sin, heads, interleaved = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.interleaved = interleaved
+
+
+def _rotary_grads(grads, like: torch.Tensor) -> list:
+    """The three output gradients, zeros for those that got none (an output the loss does not reach)."""
+    return [torch.zeros_like(like) if g is None else g for g in grads]
+
+
+def _rq_backward(ctx, dq, dk, dv):
+    cos, sin = ctx.saved_tensors
+    like = next(g for g in (dq, dk, dv) if g is not None)
+    return torch.ops.pldr.rotary_qkv_bwd(*_rotary_grads((dq, dk, dv), like), cos, sin, ctx.interleaved), None, None, \
+        None, None
+
+
+rotary_qkv_fwd, rotary_qkv_bwd = _define_ops("rotary_qkv", _rq_fwd_impl, _rq_bwd_impl, _rq_fwd_fake, _rq_bwd_fake,
+                                             _rq_backward, _rq_setup_context)
+
+
+class RotaryQKVFunction(torch.autograd.Function):
+    """:func:`rotary_qkv_forward` / :func:`rotary_qkv_backward` as one autograd node for eager mode (no custom
+    operator dispatch). A backward that builds a graph (second derivatives) takes the PyTorch ops."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, heads, interleaved):
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        ctx.set_materialize_grads(False)
+        return rotary_qkv_forward(qkv, cos, sin, heads, interleaved)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        if dq is None and dk is None and dv is None:
+            return (None,) * 5
+        dq, dk, dv = _rotary_grads((dq, dk, dv), next(g for g in (dq, dk, dv) if g is not None))
+        # (a backward that builds a graph, for second derivatives, takes the PyTorch ops: the kernel's result would be
+        # a constant there)
+        backward = _rotary_reference_backward if torch.is_grad_enabled() else rotary_qkv_backward
+        return backward(dq, dk, dv, cos, sin, ctx.interleaved), None, None, None, None
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, interleaved: bool):
+    """``(q, k, v)`` [B, heads, S, d] (contiguous) of the joint projection qkv [B, S, 3 heads d], q and k rotated (see
+    :func:`rotary_qkv_forward`): on CUDA one Triton kernel forward and one backward (one operator under
+    torch.compile), elsewhere the PyTorch ops."""
+    d = qkv.shape[-1] // (3 * heads) if heads else 0
+    if not _rotary_kernels(qkv, d):
+        return rotary_qkv_forward(qkv, cos, sin, heads, interleaved)
+    if torch.compiler.is_compiling():
+        return torch.ops.pldr.rotary_qkv_fwd(qkv, cos, sin, heads, interleaved)
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return RotaryQKVFunction.apply(qkv, cos, sin, heads, interleaved)
+    return rotary_qkv_forward(qkv, cos, sin, heads, interleaved)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

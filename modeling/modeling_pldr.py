@@ -66,6 +66,8 @@ from .metric_learner import (  # noqa: F401  (A_LM_EPSILON: re-exported)
     plain_linears,
     power_law,
     power_law_forward,
+    rotary_qkv,
+    rotary_swap,
     runs_kernels_only,
     stacked_metric_learner,
 )
@@ -647,10 +649,7 @@ def apply_rotary_tables(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: tor
     pair: ``(x0 cos - x1 sin, x1 cos + x0 sin)``, the original's float ops. ``interleaved=True`` pairs (2i, 2i+1) (the
     original PLDR-LLM), otherwise (i, i + d/2) (``rotate_half``)."""
     xf = x.float()
-    if interleaved:
-        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    else:
-        swapped = xf.roll(xf.shape[-1] // 2, dims=-1)
+    swapped = rotary_swap(xf, interleaved)
     # Not addcmul: its fused multiply-add rounds differently from the original's separate products.
     return (xf * cos_full + swapped * sin_signed).to(x.dtype)
 
@@ -737,20 +736,43 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         ``decode_weights``: the decoding copies given by the decoder inside generate() (no-grad forwards only)."""
         B, S, _ = hidden_states.shape
         H, d = self.num_heads, self.head_dim
-        lins = (self.wq, self.wk, self.wv)
-        qkv = None
-        if (hidden_states.device.type != "cpu" or self.JOINT_ON_CPU) and plain_linears(*lins):
-            copies = self._armed_weights(decode_weights)
-            if copies is not None and copies[0] is not None:
-                qkv = F.linear(hidden_states, copies[0], copies[1])
-            elif hidden_states.numel() >= self.MIN_JOINT_ROWS * hidden_states.shape[-1]:
-                qkv = _joint_linear(hidden_states, [lin.weight for lin in lins], [lin.bias for lin in lins])
+        qkv = self._joint_projection(hidden_states, decode_weights)
         if qkv is not None:
             return qkv[..., : 2 * H * d].view(B, S, 2 * H, d), qkv[..., 2 * H * d:].view(B, S, H, d)
         shape = (B, S, H, d)
         # (q and k in one tensor: rotated in one go, fewer kernel launches per decoding step)
         qk = torch.cat((self.wq(hidden_states).view(shape), self.wk(hidden_states).view(shape)), dim=2)
         return qk, self.wv(hidden_states).view(shape)
+
+    def _joint_projection(self, hidden_states: torch.Tensor, decode_weights: tuple | None = None) -> torch.Tensor | None:
+        """q|k|v [B, S, 3D] of hidden_states as one GEMM (q's heads, then k's, then v's), or None where the modules run
+        one by one (see :meth:`project`)."""
+        lins = (self.wq, self.wk, self.wv)
+        if (hidden_states.device.type != "cpu" or self.JOINT_ON_CPU) and plain_linears(*lins):
+            copies = self._armed_weights(decode_weights)
+            if copies is not None and copies[0] is not None:
+                return F.linear(hidden_states, copies[0], copies[1])
+            if hidden_states.numel() >= self.MIN_JOINT_ROWS * hidden_states.shape[-1]:
+                return _joint_linear(hidden_states, [lin.weight for lin in lins], [lin.bias for lin in lins])
+        return None
+
+    def rotated_qkv(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    decode_weights: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v) [B, H, S, d] of hidden_states [B, S, D], q and k rotated, q contiguous.
+
+        With gradients and q, k, v from one GEMM (training) this is one operator, ``metric_learner.rotary_qkv``: on
+        CUDA one Triton kernel forward and one backward, whose backward writes the joint projection's gradient in one
+        pass (left to autograd or inductor, the rotation's backward and the assembly of the joint gradient from dq, dk
+        and dv were two passes, together twice the time of the GEMM that reads the result). k and v are then
+        contiguous too."""
+        interleaved = self.config.reference_rope
+        if torch.is_grad_enabled():
+            qkv = self._joint_projection(hidden_states, decode_weights)
+            if qkv is not None and qkv.requires_grad:
+                return rotary_qkv(qkv, cos, sin, self.num_heads, interleaved)
+        qk, v = self.project(hidden_states, decode_weights)
+        q, k = apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(self.num_heads, dim=1)
+        return q.contiguous(), k, v.transpose(1, 2)
 
     def _decode_segments(self):
         """Stacked W_q|W_k|W_v [3D, D] and its bias [3D], the dense projection's weight [D, D] and bias [D]: each pair
@@ -870,11 +892,8 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         CUDA graphs. ``kv_out``: a list that gets this layer's (k, v) [B, H, S, d] appended (the decoder stack's
         recorded graph, which fills the cache after its replay)."""
         B, S, _ = hidden_states.shape
-        cos, sin = cos_sin
-        interleaved = self.config.reference_rope
-        qk, v = self.project(hidden_states, decode_weights)
-        q, k = apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(self.num_heads, dim=1)
-        q = q.contiguous()  # [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs
+        # (q [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs)
+        q, k, v = self.rotated_qkv(hidden_states, *cos_sin, decode_weights)
         if past_key_values is not None and not torch.is_grad_enabled():
             # k is a view into q and k's [B, S, 2H, d] buffer. A dynamic cache concatenates it to its keys every step,
             # and torch.cat takes a slow, unvectorised path for a non-contiguous part (~15% of a batch-32 decoding
@@ -882,10 +901,8 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
             k = k.contiguous()
             # (v is a view into q, k and v's joint projection on large inputs: the cache must not keep all of it)
             v = v.contiguous()
-            # With gradients (training, where a cache is made too unless use_cache=False) the views are kept: backward
-            # keeps the projections' outputs anyway, and the copies were two more kernels (and autograd nodes) a layer.
-            # (An output kept after backward then holds the joint projection through its cache, q's third included.)
-        v = v.transpose(1, 2)
+            # With gradients (training, where a cache is made too unless use_cache=False) k and v are kept as they come
+            # (contiguous from the joint projection's rotary operator; else views, the copies being two more kernels).
 
         # Deduction: A -> A_LM -> G_LM, or their cached / fixed values. Rows holding several sequences
         # (sequence_groups) get one A, A_LM, G_LM per sequence.

@@ -175,6 +175,7 @@ KERNEL_KINDS = (
     ("metric_learner", ("_learner_",)),
     ("power_law", ("_power_law_",)),
     ("swiglu", ("_swiglu_",)),
+    ("rotary", ("_rotary_",)),
     ("multi_tensor", ("multi_tensor_apply",)),
 )
 

@@ -89,6 +89,7 @@ def test_gpu_time_by_kind_of_kernel(bench):
         "_learner_stage_kernel": "metric_learner",
         "_power_law_bwd_kernel": "power_law",
         "_swiglu_bwd_kernel": "swiglu",
+        "_rotary_qkv_bwd_kernel": "rotary",
         "triton_red_fused__log_softmax__log_softmax_backward_data__to_copy_add_arange": "inductor",
         "triton_poi_fused__scaled_dot_product_attention_transpose_0": "inductor",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous": "multi_tensor",

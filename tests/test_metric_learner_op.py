@@ -985,3 +985,153 @@ def test_cuda_second_derivatives(monkeypatch):
         assert len(got) == len(exact) and all(g.is_cuda for g in got)
         errors = [_rel(g.cpu(), e) for g, e in zip(got, exact)]
         assert max(errors) <= tol, (name, errors)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The rotary embedding on the joint q|k|v projection (pldr::rotary_qkv_fwd / _bwd)
+# ----------------------------------------------------------------------------------------------------------------------
+def _rotary_case(B=2, S=5, H=3, d=8, table_batch=2, interleaved=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    qkv = torch.randn(B, S, 3 * H * d).to(dtype).requires_grad_()
+    pos = torch.arange(S)[None].expand(table_batch, S) + 3 * torch.arange(table_batch)[:, None]
+    cos, sin = M.rotary_tables(pos, d, 10000.0, interleaved)
+    return qkv, cos, sin
+
+
+def _rotary_as_the_attention_did(qkv, cos, sin, H, interleaved):
+    """q, k, v [B, H, S, d] from the joint projection as PldrAttention computes them without the operator."""
+    B, S, _ = qkv.shape
+    d = qkv.shape[-1] // (3 * H)
+    qk, v = qkv[..., : 2 * H * d].view(B, S, 2 * H, d), qkv[..., 2 * H * d:].view(B, S, H, d)
+    q, k = M.apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(H, dim=1)
+    return q, k, v.transpose(1, 2)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("table_batch", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_qkv_equals_the_attentions_rotation(interleaved, table_batch, dtype):
+    # outputs and the joint gradient are the very numbers of the separate ops (same float32 products, same roundings),
+    # with one table for every row (table_batch 1) or one per row; the outputs come contiguous
+    qkv, cos, sin = _rotary_case(table_batch=table_batch, interleaved=interleaved, dtype=dtype)
+    out = ML.rotary_qkv(qkv, cos, sin, 3, interleaved)
+    ref = _rotary_as_the_attention_did(qkv, cos, sin, 3, interleaved)
+    grads = [torch.randn_like(t) for t in ref]
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape == (2, 3, 5, 8) and o.dtype == dtype and o.is_contiguous()
+        assert torch.equal(o, r)
+    g = torch.autograd.grad(out, qkv, grads)[0]
+    assert torch.equal(g, torch.autograd.grad(ref, qkv, grads)[0])
+    assert torch.equal(ML.rotary_qkv_backward(*grads, cos, sin, interleaved), g)
+
+
+def test_rotary_qkv_opcheck_compile_and_bad_shapes():
+    qkv, cos, sin = _rotary_case()
+    torch.library.opcheck(torch.ops.pldr.rotary_qkv_fwd.default, (qkv, cos, sin, 3, True))
+    grads = [torch.randn(2, 3, 5, 8) for _ in range(3)]
+    torch.library.opcheck(torch.ops.pldr.rotary_qkv_bwd.default, (*grads, cos, sin, True))
+    compiled = torch.compile(lambda x: torch.ops.pldr.rotary_qkv_fwd(x, cos, sin, 3, True), fullgraph=True)
+    out = compiled(qkv)
+    ref = _rotary_as_the_attention_did(qkv, cos, sin, 3, True)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+    assert torch.equal(torch.autograd.grad(out, qkv, grads)[0], torch.autograd.grad(ref, qkv, grads)[0])
+    # a second derivative through the operator's eager autograd node (its backward takes the PyTorch ops then)
+    x = qkv.detach().requires_grad_()
+    (gx,) = torch.autograd.grad(ML.RotaryQKVFunction.apply(x, cos, sin, 3, True)[0].square().sum(), x,
+                                create_graph=True)
+    (gx_ref,) = torch.autograd.grad(_rotary_as_the_attention_did(x, cos, sin, 3, True)[0].square().sum(), x,
+                                    create_graph=True)
+    assert torch.allclose(torch.autograd.grad(gx.sum(), x)[0], torch.autograd.grad(gx_ref.sum(), x)[0])
+    with pytest.raises(ValueError, match=r"rotary_qkv: expected the joint projection \[batch, seq, 3 \* 3 heads"):
+        ML.rotary_qkv(torch.randn(2, 5, 70), cos, sin, 3, True)
+    with pytest.raises(ValueError, match=r"rotary_qkv: expected cos \[2 or 1, 5, 1, 8\]"):
+        ML.rotary_qkv(qkv, cos[:, :4], sin, 3, True)
+    with pytest.raises(ValueError, match=r"rotary_qkv: expected dq, dk, dv of one shape"):
+        ML.rotary_qkv_backward(grads[0], grads[1][:, :2], grads[2], cos, sin, True)
+
+
+def test_attention_training_takes_the_rotary_operator(monkeypatch):
+    # with gradients and the joint projection (on CPU when asked to), the attention's q, k, v come from the operator,
+    # and the layer's outputs and every gradient are those of the separate ops
+    monkeypatch.setattr(M.PldrAttention, "JOINT_ON_CPU", True)
+    monkeypatch.setattr(M.PldrAttention, "MIN_JOINT_ROWS", 1)
+    calls = []
+    real = ML.rotary_qkv_forward
+    monkeypatch.setattr(ML, "rotary_qkv_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = PldrConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, head_dim=8, num_hidden_layers=2,
+                     intermediate_size=40, A_dff=12, num_reslayerA=2, num_denseA=2)
+    torch.manual_seed(0)
+    model = M.PldrForCausalLM(cfg)
+    ids = torch.randint(4, 64, (2, 9))
+    loss = model(input_ids=ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert len(calls) == 2  # one per layer
+    # the same joint projection with the rotation as separate ops
+    monkeypatch.setattr(M, "rotary_qkv", lambda qkv, cos, sin, H, inter: (
+        lambda q, k, v: (q.contiguous(), k, v))(*_rotary_as_the_attention_did(qkv, cos, sin, H, inter)))
+    calls.clear()
+    ref = model(input_ids=ids, labels=ids).loss
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert not calls
+    assert torch.equal(loss, ref)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-6, atol=1e-9), name
+
+
+_ROTARY_INTERPRETER_SCRIPT = _INTERPRETER_PATCHES + r'''
+from test_metric_learner_op import _record_launches, _rotary_as_the_attention_did, _rotary_case
+from pldr_hf.modeling import metric_learner as ML
+
+# blocks of 4 positions: 6 positions are one full block and one of 2 (masked)
+ML.ROTARY_BLOCK_S = 4
+launched = _record_launches(ML, ("_rotary_qkv_fwd_kernel", "_rotary_qkv_bwd_kernel"))
+results = []
+for dtype in (torch.float32, torch.bfloat16):
+    for interleaved in (True, False):
+        for table_batch in (1, 2):
+            qkv, cos, sin = _rotary_case(S=6, table_batch=table_batch, interleaved=interleaved, dtype=dtype)
+            ref = _rotary_as_the_attention_did(qkv, cos, sin, 3, interleaved)
+            grads = [torch.randn_like(t) for t in ref]
+            grads[1] = grads[1].transpose(2, 3).contiguous().transpose(2, 3)  # (a strided gradient, as SDPA may give)
+            ref_grad = torch.autograd.grad(ref, qkv, grads)[0]
+            ML._KERNELS_ON_CPU = True
+            launched.clear()
+            out = ML.rotary_qkv(qkv, cos, sin, 3, interleaved)
+            grad = torch.autograd.grad(out, qkv, grads)[0]
+            ML._KERNELS_ON_CPU = False
+            err = max([(o.double() - r.double()).abs().max().item() for o, r in zip(out, ref)]
+                      + [(grad.double() - ref_grad.double()).abs().max().item()])
+            results.append([str(dtype), interleaved, table_batch, list(launched), err,
+                            all(o.is_contiguous() for o in out)])
+print(json.dumps(results))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable, so its kernels cannot be interpreted on CPU")
+def test_rotary_qkv_kernels_in_the_interpreter():
+    # the kernels compute what the separate ops compute: float32 products, one rounding (the interpreter's numpy may
+    # fuse nothing, so equal up to float32 rounding of a sum of two products)
+    for dtype, interleaved, table_batch, launched, err, contiguous in _interpreted(_ROTARY_INTERPRETER_SCRIPT):
+        assert launched == ["_rotary_qkv_fwd_kernel", "_rotary_qkv_bwd_kernel"], (dtype, interleaved, launched)
+        assert contiguous
+        assert err <= (1e-6 if dtype == "torch.float32" else 2 ** -7 * 8), (dtype, interleaved, table_batch, err)
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_cuda_rotary_qkv_kernels_match_the_separate_ops(interleaved):
+    # bf16 at a training shape's layout (16 positions of 14 heads of 64), eager and compiled: outputs and gradient
+    # within one bf16 rounding of the separate ops (the kernel may fuse a product into an FMA)
+    torch.manual_seed(0)
+    B, S, H, d = 2, 200, 14, 64
+    qkv = torch.randn(B, S, 3 * H * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = M.rotary_tables(torch.arange(S, device="cuda")[None], d, 10000.0, interleaved)
+    ref = _rotary_as_the_attention_did(qkv, cos, sin, H, interleaved)
+    grads = [torch.randn_like(t) for t in ref]
+    ref_grad = torch.autograd.grad(ref, qkv, grads)[0]
+    for fn in (ML.rotary_qkv, torch.compile(ML.rotary_qkv, fullgraph=True)):
+        out = fn(qkv, cos, sin, H, interleaved)
+        grad = torch.autograd.grad(out, qkv, grads)[0]
+        for o, r in zip(out, ref):
+            assert o.is_contiguous() and _rel(o, r) <= 2 ** -7
+        assert _rel(grad, ref_grad) <= 2 ** -7
