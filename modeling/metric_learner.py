@@ -90,8 +90,8 @@ _TRACEABLE_KERNELS = (triton is not None and hasattr(torch.library, "triton_op")
                       and hasattr(torch.library, "wrap_triton"))
 wrap_triton = getattr(torch.library, "wrap_triton", None)
 
-__all__ = ["fused_metric_learner", "joint_swiglu", "learner_tensors", "plain_linears", "power_law", "rotary_qkv",
-           "rotary_swap", "stacked_metric_learner"]
+__all__ = ["apply_rotary_tables", "fused_metric_learner", "joint_swiglu", "learner_tensors", "plain_linears",
+           "power_law", "rotary_qkv", "stacked_metric_learner"]
 
 # Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
 # triton is imported); the tests use it to check the kernels without a GPU.
@@ -1312,6 +1312,17 @@ def rotary_swap(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
     return x.roll(x.shape[-1] // 2, dims=-1)
 
 
+def apply_rotary_tables(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor, interleaved: bool):
+    """Rotary embedding of x [batch, seq, heads, head_dim] in float32, cast back to x's dtype, from the tables of
+    :func:`rotary_tables`: ``x * cos + swap(x) * signed_sin`` where swap exchanges the two members of every rotated
+    pair: ``(x0 cos - x1 sin, x1 cos + x0 sin)``, the original's float ops. ``interleaved=True`` pairs (2i, 2i+1) (the
+    original PLDR-LLM), otherwise (i, i + d/2) (``rotate_half``)."""
+    xf = x.float()
+    swapped = rotary_swap(xf, interleaved)
+    # Not addcmul: its fused multiply-add rounds differently from the original's separate products.
+    return (xf * cos_full + swapped * sin_signed).to(x.dtype)
+
+
 if triton is not None:
 
     @triton.jit
@@ -1404,14 +1415,11 @@ def _table_strides(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _rotary_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, interleaved: bool):
-    """:func:`rotary_qkv_forward` in PyTorch ops (the rotation as PldrAttention computes it: separate float32 products,
-    then qkv's dtype)."""
-    B, S, _ = qkv.shape
+    """:func:`rotary_qkv_forward` in PyTorch ops (:func:`apply_rotary_tables`, as PldrAttention rotates without the
+    operator)."""
     qk = qkv[..., : qkv.shape[-1] * 2 // 3].unflatten(-1, (2 * heads, -1))
     v = qkv[..., qkv.shape[-1] * 2 // 3:].unflatten(-1, (heads, -1))
-    xf = qk.float()
-    rotated = (xf * cos + rotary_swap(xf, interleaved) * sin).to(qkv.dtype)
-    q, k = rotated.transpose(1, 2).split(heads, dim=1)
+    q, k = apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(heads, dim=1)
     return q.contiguous(), k.contiguous(), v.transpose(1, 2).contiguous()
 
 
@@ -1419,7 +1427,7 @@ def _rotary_reference_backward(dq, dk, dv, cos, sin, interleaved: bool) -> torch
     """:func:`rotary_qkv_backward` in PyTorch ops: ``dx = dy cos + swap(dy sin)`` in float32 for q and k."""
     g = torch.cat((dq, dk), dim=1).transpose(1, 2).float()  # [B, S, 2H, d]
     gqk = (g * cos + rotary_swap(g * sin, interleaved)).to(dq.dtype)
-    return torch.cat((gqk.flatten(-2), dv.transpose(1, 2).flatten(-2).to(dq.dtype)), dim=-1)
+    return torch.cat((gqk.flatten(-2), dv.transpose(1, 2).flatten(-2)), dim=-1)
 
 
 def rotary_qkv_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, interleaved: bool,
@@ -1495,16 +1503,18 @@ def _rq_setup_context(ctx, inputs, output):
     ctx.interleaved = interleaved
 
 
-def _rotary_grads(grads, like: torch.Tensor) -> list:
-    """The three output gradients, zeros for those that got none (an output the loss does not reach)."""
-    return [torch.zeros_like(like) if g is None else g for g in grads]
+def _rotary_grads(*grads) -> list | None:
+    """The three output gradients, zeros for those that got none (an output the loss does not reach); None if none
+    got one."""
+    like = next((g for g in grads if g is not None), None)
+    return None if like is None else [torch.zeros_like(like) if g is None else g for g in grads]
 
 
 def _rq_backward(ctx, dq, dk, dv):
     cos, sin = ctx.saved_tensors
-    like = next(g for g in (dq, dk, dv) if g is not None)
-    return torch.ops.pldr.rotary_qkv_bwd(*_rotary_grads((dq, dk, dv), like), cos, sin, ctx.interleaved), None, None, \
-        None, None
+    grads = _rotary_grads(dq, dk, dv)
+    g = None if grads is None else torch.ops.pldr.rotary_qkv_bwd(*grads, cos, sin, ctx.interleaved)
+    return g, None, None, None, None
 
 
 rotary_qkv_fwd, rotary_qkv_bwd = _define_ops("rotary_qkv", _rq_fwd_impl, _rq_bwd_impl, _rq_fwd_fake, _rq_bwd_fake,
@@ -1525,13 +1535,13 @@ class RotaryQKVFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
-        if dq is None and dk is None and dv is None:
+        grads = _rotary_grads(dq, dk, dv)
+        if grads is None:
             return (None,) * 5
-        dq, dk, dv = _rotary_grads((dq, dk, dv), next(g for g in (dq, dk, dv) if g is not None))
         # (a backward that builds a graph, for second derivatives, takes the PyTorch ops: the kernel's result would be
         # a constant there)
         backward = _rotary_reference_backward if torch.is_grad_enabled() else rotary_qkv_backward
-        return backward(dq, dk, dv, cos, sin, ctx.interleaved), None, None, None, None
+        return backward(*grads, cos, sin, ctx.interleaved), None, None, None, None
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, interleaved: bool):

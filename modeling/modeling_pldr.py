@@ -56,10 +56,11 @@ from .cache_pldr import (  # noqa: F401  (PldrCacheMixin, PldrDynamicCache: re-e
 )
 from .configuration_pldr import PldrConfig
 from .deduction_graphs import DeductionGraphs, suspended
-from .metric_learner import (  # noqa: F401  (A_LM_EPSILON: re-exported)
+from .metric_learner import (  # noqa: F401  (A_LM_EPSILON, apply_rotary_tables: re-exported)
     A_LM_EPSILON,
     _global_hooks,
     _has_hooks,
+    apply_rotary_tables,
     fused_metric_learner,
     joint_swiglu,
     plain_layer_norms,
@@ -67,7 +68,6 @@ from .metric_learner import (  # noqa: F401  (A_LM_EPSILON: re-exported)
     power_law,
     power_law_forward,
     rotary_qkv,
-    rotary_swap,
     runs_kernels_only,
     stacked_metric_learner,
 )
@@ -643,17 +643,6 @@ def rotary_tables(
     return cos_full[:, :, None, :], sin_signed[:, :, None, :]
 
 
-def apply_rotary_tables(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor, interleaved: bool):
-    """Rotary embedding of x [batch, seq, heads, head_dim] in float32, cast back to x's dtype, from the tables of
-    :func:`rotary_tables`: ``x * cos + swap(x) * signed_sin`` where swap exchanges the two members of every rotated
-    pair: ``(x0 cos - x1 sin, x1 cos + x0 sin)``, the original's float ops. ``interleaved=True`` pairs (2i, 2i+1) (the
-    original PLDR-LLM), otherwise (i, i + d/2) (``rotate_half``)."""
-    xf = x.float()
-    swapped = rotary_swap(xf, interleaved)
-    # Not addcmul: its fused multiply-add rounds differently from the original's separate products.
-    return (xf * cos_full + swapped * sin_signed).to(x.dtype)
-
-
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -734,9 +723,14 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(q and k side by side [B, S, 2H, d], v [B, S, H, d]) of hidden_states [B, S, D], before the rotation.
         ``decode_weights``: the decoding copies given by the decoder inside generate() (no-grad forwards only)."""
+        return self._split_projection(hidden_states, self._joint_projection(hidden_states, decode_weights))
+
+    def _split_projection(self, hidden_states: torch.Tensor, qkv: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`project`'s result from the joint projection qkv (views into it), or from the modules where it is
+        None."""
         B, S, _ = hidden_states.shape
         H, d = self.num_heads, self.head_dim
-        qkv = self._joint_projection(hidden_states, decode_weights)
         if qkv is not None:
             return qkv[..., : 2 * H * d].view(B, S, 2 * H, d), qkv[..., 2 * H * d:].view(B, S, H, d)
         shape = (B, S, H, d)
@@ -766,11 +760,10 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         and dv were two passes, together twice the time of the GEMM that reads the result). k and v are then
         contiguous too."""
         interleaved = self.config.reference_rope
-        if torch.is_grad_enabled():
-            qkv = self._joint_projection(hidden_states, decode_weights)
-            if qkv is not None and qkv.requires_grad:
-                return rotary_qkv(qkv, cos, sin, self.num_heads, interleaved)
-        qk, v = self.project(hidden_states, decode_weights)
+        qkv = self._joint_projection(hidden_states, decode_weights)
+        if qkv is not None and qkv.requires_grad:  # (requires_grad: also that gradients are enabled)
+            return rotary_qkv(qkv, cos, sin, self.num_heads, interleaved)
+        qk, v = self._split_projection(hidden_states, qkv)
         q, k = apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(self.num_heads, dim=1)
         return q.contiguous(), k, v.transpose(1, 2)
 

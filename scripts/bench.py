@@ -32,10 +32,10 @@ median round and every round's step time, and the host (CPU) time of each phase 
 optimizer, zero_grad; ``host_ms_by_phase``, taken without synchronising). With ``--profile`` each run also reports
 the GPU's busy time per profiled step (the union of its kernels' intervals) next to that step's wall time: a GPU busy
 for much less than the step means the host sets the pace; and ``gpu_ms_by_kind``, the GPU time per step of each kind
-of kernel (GEMMs, attention, PLDR-LLM's learner / power law / SwiGLU operators, inductor's kernels, the optimiser's
-multi-tensor kernels, other), where two models' GPU work differs. The host's speed drifts on shared GPU machines (one
-model's back-to-back runs differ by tens of percent), and alternating spreads that drift over all models alike. Peak
-memory is measured per model above what the models built before it hold, i.e. as if it ran alone.
+of kernel (GEMMs, attention, PLDR-LLM's learner / power law / SwiGLU / rotary operators, inductor's kernels, the
+optimiser's multi-tensor kernels, other), where two models' GPU work differs. The host's speed drifts on shared GPU
+machines (one model's back-to-back runs differ by tens of percent), and alternating spreads that drift over all models
+alike. Peak memory is measured per model above what the models built before it hold, i.e. as if it ran alone.
 
 Modes: ``eager`` and ``compile`` (``torch.compile(model)``, default mode, what Trainer's ``torch_compile=True`` does;
 each shape compiled with static shapes, as in a fresh process).
