@@ -91,7 +91,7 @@ _TRACEABLE_KERNELS = (triton is not None and hasattr(torch.library, "triton_op")
 wrap_triton = getattr(torch.library, "wrap_triton", None)
 
 __all__ = ["apply_rotary_tables", "fused_metric_learner", "joint_swiglu", "learner_tensors", "plain_linears",
-           "power_law", "rotary_qkv", "stacked_metric_learner"]
+           "power_law", "rotary_qkv", "rotary_qkv_metric_sum", "stacked_metric_learner"]
 
 # Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
 # triton is imported); the tests use it to check the kernels without a GPU.
@@ -1291,6 +1291,35 @@ def joint_swiglu(h12: torch.Tensor) -> torch.Tensor:
     return swiglu_forward(h12)
 
 
+# torch.bmm(..., out_dtype=) (PyTorch >= 2.8): 16-bit operands, float32 accumulation and result.
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
+
+
+def _widens(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`_widening_bmm` takes a 16-bit CUDA tensor t to ``dtype`` (float32)."""
+    return _BMM_OUT_DTYPE and t.is_cuda and dtype == torch.float32 and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _widening_bmm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` for a, b [..., m, k] x [..., k, n] of one 16-bit dtype (see :func:`_widens`) as one tensor-core GEMM
+    that accumulates and returns ``dtype`` (float32). Products of 16-bit values are exact in float32, so this is the
+    float32 product of the same numbers up to the order of the sums, without float32 copies of the operands and the
+    CUDA-core float32 GEMM (some 0.5 ms of a 16 x 1024 training step on an H100)."""
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=dtype)
+    return out.view(*a.shape[:-2], a.shape[-2], b.shape[-1])
+
+
+def _gram(q: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``sum over positions s of mask_s q_s^T q_s`` in ``dtype`` (no autocast); q [B, H, S, d], mask [B, 1, S, 1]."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        if _widens(q, dtype):
+            masked = q if mask is None else q * mask.to(q.dtype)  # (mask: 0 or 1, exact in any dtype)
+            return _widening_bmm(masked.transpose(-1, -2), q, dtype)
+        qf = q.to(dtype)
+        masked = qf if mask is None else qf * mask
+        return torch.matmul(masked.transpose(-1, -2), qf)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The attention's rotary embedding on its joint q|k|v projection: q, k rotated, q, k, v in [batch, heads, seq, d]
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1301,6 +1330,12 @@ def joint_swiglu(h12: torch.Tensor) -> torch.Tensor:
 # compiled training), against the 109 us GEMM that reads the result. The backward kernel here reads dq, dk and dv
 # once and writes the joint gradient once. Its forward kernel writes q, k and v contiguous in [B, H, S, d] (the
 # attention and q^T q take them so; an operator's outputs cannot be views of its input).
+#
+# The same operator can also take the metric sum of the rotated queries, A = sum_s mask_s q_s^T q_s in float32
+# (rotary_qkv_metric_sum): forward the rotary kernel and the q^T q GEMM of the separate path (the same numbers), and
+# backward one kernel that adds mask_s q_s (dA + dA^T) to dq in registers before undoing the rotation. As separate
+# operators, backward a GEMM wrote q (dA + dA^T), an add summed it with the attention's dq, and the sum was read again:
+# three more kernels a layer, each paying a launch.
 ROTARY_BLOCK_S = 64  # positions per program (one program per block of positions, batch entry and head)
 
 
@@ -1343,11 +1378,12 @@ if triton is not None:
         return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [BLOCK_S, D])
 
     @triton.jit
-    def _rotary_block(COS, SIN, S, H, s_cb, s_cs, D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr):
-        # This program's rows (the positions s of one batch entry b and head h) and their tables' pairs.
+    def _rotary_block(COS, SIN, S, H, s_cb, s_cs, start, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                      INTERLEAVED: tl.constexpr):
+        # The rows from position start on (of one batch entry b and head h) and their tables' pairs.
         bh = tl.program_id(1)
         b = bh // H
-        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        s = start + tl.arange(0, BLOCK_S)
         j = tl.arange(0, D)[None, :]
         m = (s < S)[:, None]
         s64 = s[:, None].to(tl.int64)
@@ -1364,10 +1400,16 @@ if triton is not None:
         return _rotary_rows(xa * ca + xb * sa, xb * cb + xa * sb, BLOCK_S, D, INTERLEAVED)
 
     @triton.jit
+    def _metric_weights(MASK, b, s64, s_mb, m):
+        # the metric sum's weights mask_s [BLOCK_S, 1] of the rows (float32; 0 past the sequence)
+        return tl.load(MASK + b * s_mb + s64, mask=m, other=0.0)
+
+    @triton.jit
     def _rotary_qkv_fwd_kernel(QKV, COS, SIN, Q, K, V, S, H, s_qb, s_qs, s_cb, s_cs,
                                D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr):
         # q and k rotated (float32, then x's dtype), v copied, into [B, H, S, D]
-        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(COS, SIN, S, H, s_cb, s_cs, D, BLOCK_S, INTERLEAVED)
+        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(
+            COS, SIN, S, H, s_cb, s_cs, tl.program_id(0) * BLOCK_S, D, BLOCK_S, INTERLEAVED)
         src = QKV + b * s_qb + s64 * s_qs + h * D + j
         dst = (bh * S + s64) * D + j
         y = _rotated(tl.load(src, mask=m, other=0.0), ca, cb, sa, sb, BLOCK_S, D, INTERLEAVED)
@@ -1377,13 +1419,29 @@ if triton is not None:
         tl.store(V + dst, tl.load(src + 2 * H * D, mask=m, other=0.0), mask=m)
 
     @triton.jit
-    def _rotary_qkv_bwd_kernel(DQ, DK, DV, COS, SIN, OUT, S, H, s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs,
-                               s_cb, s_cs, D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr):
-        # the joint gradient [B, S, 3 H D]: dq and dk rotated back (float32, then its dtype), dv copied
-        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(COS, SIN, S, H, s_cb, s_cs, D, BLOCK_S, INTERLEAVED)
+    def _rotary_qkv_bwd_kernel(DQ, DK, DV, COS, SIN, OUT, Q, DA, MASK, S, H, s_qb, s_qh, s_qs, s_kb, s_kh, s_ks,
+                               s_vb, s_vh, s_vs, s_cb, s_cs, s_ab, s_ah, s_ar, s_ak, s_mb,
+                               D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr, GRAM: tl.constexpr,
+                               HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+        # the joint gradient [B, S, 3 H D]: dq and dk rotated back (float32, then its dtype), dv copied. With GRAM dq
+        # first gains mask_s q_s (dA + dA^T), the gradient of the metric sum A of the rows' batch entry and head.
+        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(
+            COS, SIN, S, H, s_cb, s_cs, tl.program_id(0) * BLOCK_S, D, BLOCK_S, INTERLEAVED)
         HD = H * D
         dst = OUT + (b * S + s64) * (3 * HD) + h * D + j
         g = tl.load(DQ + b * s_qb + h * s_qh + s64 * s_qs + j, mask=m, other=0.0)
+        if GRAM:
+            r = tl.arange(0, D)
+            dA = tl.load(DA + b * s_ab + h * s_ah + r[:, None] * s_ar + r[None, :] * s_ak)
+            sym = dA + tl.trans(dA)
+            q = tl.load(Q + (bh * S + s64) * D + j, mask=m, other=0.0)
+            if IEEE:
+                gq = tl.dot(q.to(tl.float32), sym, input_precision="ieee")
+            else:  # (16-bit q: the d x d factor rounded to q's dtype, as the separate q^T q backward does)
+                gq = tl.dot(q, sym.to(q.dtype))
+            if HAS_MASK:
+                gq = gq * _metric_weights(MASK, b, s64, s_mb, m)
+            g = g.to(tl.float32) + gq
         tl.store(dst, _rotated(g, ca, cb, sb, sa, BLOCK_S, D, INTERLEAVED).to(OUT.dtype.element_ty), mask=m)
         g = tl.load(DK + b * s_kb + h * s_kh + s64 * s_ks + j, mask=m, other=0.0)
         tl.store(dst + HD, _rotated(g, ca, cb, sb, sa, BLOCK_S, D, INTERLEAVED).to(OUT.dtype.element_ty), mask=m)
@@ -1391,7 +1449,8 @@ if triton is not None:
         tl.store(dst + 2 * HD, g.to(OUT.dtype.element_ty), mask=m)
 
 
-def _check_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
+def _check_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                  mask: torch.Tensor | None = None):
     if qkv.dim() != 3 or heads < 1 or qkv.shape[-1] % (3 * heads) or (qkv.shape[-1] // (3 * heads)) % 2:
         raise ValueError(f"rotary_qkv: expected the joint projection [batch, seq, 3 * {heads} heads * head_dim] with an "
                          f"even head_dim, got {tuple(qkv.shape)}")
@@ -1400,6 +1459,8 @@ def _check_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 4 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (S, 1, d):
             raise ValueError(f"rotary_qkv: expected {name} [{B} or 1, {S}, 1, {d}], got {tuple(t.shape)}")
+    if mask is not None and tuple(mask.shape) != (B, S):
+        raise ValueError(f"rotary_qkv: expected the metric sum's token mask [{B}, {S}], got {tuple(mask.shape)}")
 
 
 def _rotary_kernels(t: torch.Tensor, d: int) -> bool:
@@ -1407,6 +1468,12 @@ def _rotary_kernels(t: torch.Tensor, d: int) -> bool:
     float dtype, d a power of two from 2 to 256."""
     return (triton is not None and (t.device.type == "cuda" or (t.device.type == "cpu" and _KERNELS_ON_CPU))
             and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and 2 <= d <= 256 and d & (d - 1) == 0)
+
+
+def rotary_metric_sum_kernels(t: torch.Tensor, d: int) -> bool:
+    """Whether the rotary kernels also take the metric sum for tensors like t with head size d (a d x d float32
+    accumulator per program: d from 16, the smallest matrix product, to 128)."""
+    return _rotary_kernels(t, d) and 16 <= d <= 128
 
 
 def _table_strides(t: torch.Tensor) -> tuple[int, int]:
@@ -1423,10 +1490,18 @@ def _rotary_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, h
     return q.contiguous(), k.contiguous(), v.transpose(1, 2).contiguous()
 
 
-def _rotary_reference_backward(dq, dk, dv, cos, sin, interleaved: bool) -> torch.Tensor:
-    """:func:`rotary_qkv_backward` in PyTorch ops: ``dx = dy cos + swap(dy sin)`` in float32 for q and k."""
-    g = torch.cat((dq, dk), dim=1).transpose(1, 2).float()  # [B, S, 2H, d]
-    gqk = (g * cos + rotary_swap(g * sin, interleaved)).to(dq.dtype)
+def _gram_reference_backward(dA: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The gradient (float32) of the metric sum's q in PyTorch ops: ``mask_s q_s (dA + dA^T)``; mask [B, S]."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        g = torch.matmul(q.float(), (dA + dA.transpose(-1, -2)).float())
+    return g if mask is None else g * mask[:, None, :, None]
+
+
+def _rotary_reference_backward(dq, dk, dv, cos, sin, interleaved: bool, gram_dq: torch.Tensor | None = None):
+    """:func:`rotary_qkv_backward` in PyTorch ops: ``dx = dy cos + swap(dy sin)`` in float32 for q and k (dq plus
+    ``gram_dq``, float32, where given)."""
+    g = torch.cat((dq.float() if gram_dq is None else dq.float() + gram_dq, dk.float()), dim=1).transpose(1, 2)
+    gqk = (g * cos + rotary_swap(g * sin, interleaved)).to(dq.dtype)  # g [B, S, 2H, d]
     return torch.cat((gqk.flatten(-2), dv.transpose(1, 2).flatten(-2)), dim=-1)
 
 
@@ -1452,26 +1527,67 @@ def rotary_qkv_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     return q, k, v
 
 
-def rotary_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        interleaved: bool, wrap: bool = False) -> torch.Tensor:
-    """The gradient [B, S, 3 H d] of :func:`rotary_qkv_forward`'s input for the gradients dq, dk, dv [B, H, S, d] of
-    its outputs (the same dtype)."""
+def rotary_qkv_metric_sum_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                                  heads: int, interleaved: bool, wrap: bool = False):
+    """:func:`rotary_qkv_forward`'s ``(q, k, v)`` and the metric sum of the rotated q,
+    ``A = sum over positions s of mask_s q_s^T q_s`` [B, heads, d, d] in float32 (:func:`_gram`: the products of q's
+    values as stored, float32 sums), mask [B, S] (float32) or None (all positions)."""
+    _check_rotary(qkv, cos, sin, heads, mask)
+    q, k, v = rotary_qkv_forward(qkv, cos, sin, heads, interleaved, wrap)
+    return q, k, v, _gram(q, None if mask is None else mask[:, None, :, None], torch.float32)
+
+
+def _rotary_launch_backward(dq, dk, dv, cos, sin, interleaved, wrap, gram: tuple | None):
     B, H, S, d = dq.shape
-    if dk.shape != dq.shape or dv.shape != dq.shape:
-        raise ValueError(f"rotary_qkv: expected dq, dk, dv of one shape, got {tuple(dq.shape)}, {tuple(dk.shape)}, "
-                         f"{tuple(dv.shape)}")
-    if not _rotary_kernels(dq, d):
-        return _rotary_reference_backward(dq, dk, dv, cos, sin, interleaved)
     grads = [t if t.stride(-1) == 1 else t.contiguous() for t in (dq, dk, dv)]
     c, s_ = cos.float().contiguous(), sin.float().contiguous()
     out = dq.new_empty((B, S, 3 * H * d))
+    dA, q, w = gram if gram is not None else (None, None, None)
+    if gram is not None:
+        q = q.contiguous()
+        w = None if w is None else w.float().contiguous()
     if out.numel():
         with _on_device(dq):
             kernel = wrap_triton(_rotary_qkv_bwd_kernel) if wrap else _rotary_qkv_bwd_kernel
             kernel[(triton.cdiv(S, ROTARY_BLOCK_S), B * H)](
-                *grads, c, s_, out, S, H, *(st for t in grads for st in (t.stride(0), t.stride(1), t.stride(2))),
-                *_table_strides(c), D=d, BLOCK_S=ROTARY_BLOCK_S, INTERLEAVED=interleaved, num_warps=4)
+                *grads, c, s_, out, dq if q is None else q, c if dA is None else dA, c if w is None else w, S, H,
+                *(st for t in grads for st in (t.stride(0), t.stride(1), t.stride(2))), *_table_strides(c),
+                *(dA.stride() if dA is not None else (0,) * 4), 0 if w is None else w.stride(0), D=d,
+                BLOCK_S=ROTARY_BLOCK_S, INTERLEAVED=interleaved, GRAM=gram is not None, HAS_MASK=w is not None,
+                IEEE=dq.dtype != torch.bfloat16, num_warps=4 if gram is None or d <= 64 else 8)
     return out
+
+
+def _check_grads(dq, dk, dv):
+    if dk.shape != dq.shape or dv.shape != dq.shape:
+        raise ValueError(f"rotary_qkv: expected dq, dk, dv of one shape, got {tuple(dq.shape)}, {tuple(dk.shape)}, "
+                         f"{tuple(dv.shape)}")
+
+
+def rotary_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        interleaved: bool, wrap: bool = False) -> torch.Tensor:
+    """The gradient [B, S, 3 H d] of :func:`rotary_qkv_forward`'s input for the gradients dq, dk, dv [B, H, S, d] of
+    its outputs (the same dtype)."""
+    _check_grads(dq, dk, dv)
+    if not _rotary_kernels(dq, dq.shape[-1]):
+        return _rotary_reference_backward(dq, dk, dv, cos, sin, interleaved)
+    return _rotary_launch_backward(dq, dk, dv, cos, sin, interleaved, wrap, None)
+
+
+def rotary_qkv_metric_sum_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dA: torch.Tensor,
+                                   q: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                                   interleaved: bool, wrap: bool = False) -> torch.Tensor:
+    """The gradient [B, S, 3 H d] of :func:`rotary_qkv_metric_sum_forward`'s input for the gradients of its outputs
+    (dA [B, H, d, d], float32) and its rotated q."""
+    _check_grads(dq, dk, dv)
+    B, H, S, d = dq.shape
+    if tuple(dA.shape) != (B, H, d, d) or q.shape != dq.shape:
+        raise ValueError(f"rotary_qkv: expected the metric sum's gradient [{B}, {H}, {d}, {d}] and q {tuple(dq.shape)}, "
+                         f"got {tuple(dA.shape)} and {tuple(q.shape)}")
+    if not rotary_metric_sum_kernels(dq, d):
+        w = None if mask is None else mask.float()
+        return _rotary_reference_backward(dq, dk, dv, cos, sin, interleaved, _gram_reference_backward(dA, q, w))
+    return _rotary_launch_backward(dq, dk, dv, cos, sin, interleaved, wrap, (dA, q, mask))
 
 
 def _rq_fwd_impl(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
@@ -1503,16 +1619,22 @@ def _rq_setup_context(ctx, inputs, output):
     ctx.interleaved = interleaved
 
 
-def _rotary_grads(*grads) -> list | None:
-    """The three output gradients, zeros for those that got none (an output the loss does not reach); None if none
-    got one."""
-    like = next((g for g in grads if g is not None), None)
-    return None if like is None else [torch.zeros_like(like) if g is None else g for g in grads]
+def _rotary_grads(like: torch.Tensor, dq, dk, dv, dA=None, A_shape=None) -> list | None:
+    """The output gradients, zeros for those that got none (an output the loss does not reach; dq, dk, dv like
+    ``like``, dA float32 of ``A_shape`` where given); None if none got one."""
+    grads = [dq, dk, dv] if A_shape is None else [dq, dk, dv, dA]
+    if all(g is None for g in grads):
+        return None
+    filled = [torch.zeros_like(like) if g is None else g for g in grads[:3]]
+    if A_shape is not None:
+        filled.append(like.new_zeros(A_shape, dtype=torch.float32) if dA is None else dA)
+    return filled
 
 
 def _rq_backward(ctx, dq, dk, dv):
     cos, sin = ctx.saved_tensors
-    grads = _rotary_grads(dq, dk, dv)
+    like = next((g for g in (dq, dk, dv) if g is not None), None)
+    grads = None if like is None else _rotary_grads(like, dq, dk, dv)
     g = None if grads is None else torch.ops.pldr.rotary_qkv_bwd(*grads, cos, sin, ctx.interleaved)
     return g, None, None, None, None
 
@@ -1521,27 +1643,93 @@ rotary_qkv_fwd, rotary_qkv_bwd = _define_ops("rotary_qkv", _rq_fwd_impl, _rq_bwd
                                              _rq_backward, _rq_setup_context)
 
 
+def _rqm_fwd_impl(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, heads: int,
+                  interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pldr::rotary_qkv_metric_sum_fwd``: :func:`rotary_qkv_metric_sum_forward`, its kernel visible to
+    torch.compile."""
+    return rotary_qkv_metric_sum_forward(qkv, cos, sin, mask, heads, interleaved, _TRACEABLE_KERNELS)
+
+
+def _rqm_bwd_impl(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dA: torch.Tensor, q: torch.Tensor,
+                  mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """``pldr::rotary_qkv_metric_sum_bwd``: :func:`rotary_qkv_metric_sum_backward`, its kernel visible to
+    torch.compile."""
+    return rotary_qkv_metric_sum_backward(dq, dk, dv, dA, q, mask, cos, sin, interleaved, _TRACEABLE_KERNELS)
+
+
+def _rqm_fwd_fake(qkv, cos, sin, mask, heads, interleaved):
+    _check_rotary(qkv, cos, sin, heads, mask)
+    B, S, W = qkv.shape
+    d = W // (3 * heads)
+    return (*(qkv.new_empty((B, heads, S, d)) for _ in range(3)),
+            qkv.new_empty((B, heads, d, d), dtype=torch.float32))
+
+
+def _rqm_bwd_fake(dq, dk, dv, dA, q, mask, cos, sin, interleaved):
+    B, H, S, d = dq.shape
+    return dq.new_empty((B, S, 3 * H * d))
+
+
+def _rqm_setup_context(ctx, inputs, output):
+    qkv, cos, sin, mask, heads, interleaved = inputs
+    ctx.save_for_backward(cos, sin, mask, output[0])
+    ctx.interleaved = interleaved
+    ctx.A_shape = tuple(output[3].shape)
+
+
+def _rqm_backward(ctx, dq, dk, dv, dA):
+    cos, sin, mask, q = ctx.saved_tensors
+    grads = _rotary_grads(q, dq, dk, dv, dA, ctx.A_shape)
+    g = None if grads is None else torch.ops.pldr.rotary_qkv_metric_sum_bwd(*grads, q, mask, cos, sin,
+                                                                          ctx.interleaved)
+    return g, None, None, None, None, None
+
+
+rotary_qkv_metric_sum_fwd, rotary_qkv_metric_sum_bwd = _define_ops(
+    "rotary_qkv_metric_sum", _rqm_fwd_impl, _rqm_bwd_impl, _rqm_fwd_fake, _rqm_bwd_fake, _rqm_backward,
+    _rqm_setup_context)
+
+
 class RotaryQKVFunction(torch.autograd.Function):
-    """:func:`rotary_qkv_forward` / :func:`rotary_qkv_backward` as one autograd node for eager mode (no custom
-    operator dispatch). A backward that builds a graph (second derivatives) takes the PyTorch ops."""
+    """:func:`rotary_qkv_forward` (``mask`` False: no metric sum) or :func:`rotary_qkv_metric_sum_forward` (``mask``
+    None or a tensor) and their backwards as one autograd node for eager mode (no custom operator dispatch). A backward
+    that builds a graph (second derivatives) takes the PyTorch ops."""
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin, heads, interleaved):
-        ctx.save_for_backward(cos, sin)
+    def forward(ctx, qkv, cos, sin, heads, interleaved, mask=False):
         ctx.interleaved = interleaved
         ctx.set_materialize_grads(False)
-        return rotary_qkv_forward(qkv, cos, sin, heads, interleaved)
+        if mask is False:
+            ctx.save_for_backward(cos, sin)
+            return rotary_qkv_forward(qkv, cos, sin, heads, interleaved)
+        out = rotary_qkv_metric_sum_forward(qkv, cos, sin, mask, heads, interleaved)
+        ctx.save_for_backward(cos, sin, mask, out[0])
+        ctx.A_shape = tuple(out[3].shape)
+        return out
 
     @staticmethod
-    def backward(ctx, dq, dk, dv):
-        cos, sin = ctx.saved_tensors
-        grads = _rotary_grads(dq, dk, dv)
+    def backward(ctx, *out_grads):
+        saved = ctx.saved_tensors
+        cos, sin = saved[:2]
+        gram = len(out_grads) == 4
+        like = saved[3] if gram else next((g for g in out_grads if g is not None), None)
+        grads = None if like is None else _rotary_grads(like, *out_grads[:3], *(out_grads[3:]),
+                                                        A_shape=ctx.A_shape if gram else None)
         if grads is None:
-            return (None,) * 5
+            return (None,) * 6
         # (a backward that builds a graph, for second derivatives, takes the PyTorch ops: the kernel's result would be
         # a constant there)
-        backward = _rotary_reference_backward if torch.is_grad_enabled() else rotary_qkv_backward
-        return backward(*grads, cos, sin, ctx.interleaved), None, None, None, None
+        if not gram:
+            backward = _rotary_reference_backward if torch.is_grad_enabled() else rotary_qkv_backward
+            return backward(*grads, cos, sin, ctx.interleaved), None, None, None, None, None
+        mask, q = saved[2], saved[3]
+        if torch.is_grad_enabled():
+            w = None if mask is None else mask.float()
+            gram_dq = _gram_reference_backward(grads[3], q, w)
+            g = _rotary_reference_backward(*grads[:3], cos, sin, ctx.interleaved, gram_dq)
+        else:
+            g = rotary_qkv_metric_sum_backward(*grads, q, mask, cos, sin, ctx.interleaved)
+        return g, None, None, None, None, None
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, interleaved: bool):
@@ -1554,8 +1742,24 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: i
     if torch.compiler.is_compiling():
         return torch.ops.pldr.rotary_qkv_fwd(qkv, cos, sin, heads, interleaved)
     if torch.is_grad_enabled() and qkv.requires_grad:
-        return RotaryQKVFunction.apply(qkv, cos, sin, heads, interleaved)
+        return RotaryQKVFunction.apply(qkv, cos, sin, heads, interleaved, False)
     return rotary_qkv_forward(qkv, cos, sin, heads, interleaved)
+
+
+def rotary_qkv_metric_sum(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, interleaved: bool,
+                          mask: torch.Tensor | None = None):
+    """``(q, k, v, A)``: :func:`rotary_qkv`'s q, k, v and the metric sum of the rotated queries,
+    ``A = sum over positions s of mask_s q_s^T q_s`` [B, heads, d, d] in float32 (products of q's values as stored,
+    float32 sums; mask [B, S], None for all positions). Where :func:`rotary_metric_sum_kernels` says yes, one operator
+    (under torch.compile too): the rotary kernel and the q^T q GEMM forward, one kernel backward; elsewhere the PyTorch
+    ops."""
+    d = qkv.shape[-1] // (3 * heads) if heads else 0
+    w = None if mask is None else mask.to(torch.float32)
+    if torch.compiler.is_compiling() and rotary_metric_sum_kernels(qkv, d):
+        return torch.ops.pldr.rotary_qkv_metric_sum_fwd(qkv, cos, sin, w, heads, interleaved)
+    if torch.is_grad_enabled() and qkv.requires_grad and rotary_metric_sum_kernels(qkv, d):
+        return RotaryQKVFunction.apply(qkv, cos, sin, heads, interleaved, w)
+    return rotary_qkv_metric_sum_forward(qkv, cos, sin, w, heads, interleaved)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

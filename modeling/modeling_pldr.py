@@ -56,10 +56,13 @@ from .cache_pldr import (  # noqa: F401  (PldrCacheMixin, PldrDynamicCache: re-e
 )
 from .configuration_pldr import PldrConfig
 from .deduction_graphs import DeductionGraphs, suspended
-from .metric_learner import (  # noqa: F401  (A_LM_EPSILON, apply_rotary_tables: re-exported)
+from .metric_learner import (  # noqa: F401  (A_LM_EPSILON, apply_rotary_tables, _widens etc.: re-exported)
+    _BMM_OUT_DTYPE,
     A_LM_EPSILON,
     _global_hooks,
+    _gram,
     _has_hooks,
+    _widens,
     apply_rotary_tables,
     fused_metric_learner,
     joint_swiglu,
@@ -67,7 +70,9 @@ from .metric_learner import (  # noqa: F401  (A_LM_EPSILON, apply_rotary_tables:
     plain_linears,
     power_law,
     power_law_forward,
+    rotary_metric_sum_kernels,
     rotary_qkv,
+    rotary_qkv_metric_sum,
     runs_kernels_only,
     stacked_metric_learner,
 )
@@ -503,35 +508,6 @@ class _PortNameView(nn.Module):
         super().__setattr__(name, value)
 
 
-# torch.bmm(..., out_dtype=) (PyTorch >= 2.8): 16-bit operands, float32 accumulation and result.
-_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
-
-
-def _widens(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether :func:`_widening_bmm` takes a 16-bit CUDA tensor t to ``dtype`` (float32)."""
-    return _BMM_OUT_DTYPE and t.is_cuda and dtype == torch.float32 and t.dtype in (torch.bfloat16, torch.float16)
-
-
-def _widening_bmm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` for a, b [..., m, k] x [..., k, n] of one 16-bit dtype (see :func:`_widens`) as one tensor-core GEMM
-    that accumulates and returns ``dtype`` (float32). Products of 16-bit values are exact in float32, so this is the
-    float32 product of the same numbers up to the order of the sums, without float32 copies of the operands and the
-    CUDA-core float32 GEMM (some 0.5 ms of a 16 x 1024 training step on an H100)."""
-    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=dtype)
-    return out.view(*a.shape[:-2], a.shape[-2], b.shape[-1])
-
-
-def _gram(q: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``sum over positions s of mask_s q_s^T q_s`` in ``dtype`` (no autocast); q [B, H, S, d], mask [B, 1, S, 1]."""
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        if _widens(q, dtype):
-            masked = q if mask is None else q * mask.to(q.dtype)  # (mask: 0 or 1, exact in any dtype)
-            return _widening_bmm(masked.transpose(-1, -2), q, dtype)
-        qf = q.to(dtype)
-        masked = qf if mask is None else qf * mask
-        return torch.matmul(masked.transpose(-1, -2), qf)
-
-
 class _GramFunction(torch.autograd.Function):
     """``A = sum over positions s of mask_s q_s^T q_s`` in ``dtype`` (the model passes float32) for q [B, H, S, d] of
     any float dtype and an optional mask [B, 1, S, 1]. Saves q itself (which attention keeps anyway) instead of two
@@ -751,21 +727,28 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         return None
 
     def rotated_qkv(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    decode_weights: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v) [B, H, S, d] of hidden_states [B, S, D], q and k rotated, q contiguous.
+                    decode_weights: tuple | None = None, metric_sum: bool = False,
+                    token_mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q, k, v, A): q, k, v [B, H, S, d] of hidden_states [B, S, D], q and k rotated, q contiguous; A None, or
+        with ``metric_sum`` where the operator below takes it, the metric sum of q (:meth:`_metric_sum` without
+        sequence groups, over the positions that ``token_mask`` [B, S] keeps).
 
-        With gradients and q, k, v from one GEMM (training) this is one operator, ``metric_learner.rotary_qkv``: on
-        CUDA one Triton kernel forward and one backward, whose backward writes the joint projection's gradient in one
-        pass (left to autograd or inductor, the rotation's backward and the assembly of the joint gradient from dq, dk
-        and dv were two passes, together twice the time of the GEMM that reads the result). k and v are then
-        contiguous too."""
+        With gradients and q, k, v from one GEMM (training) this is one operator, ``metric_learner.rotary_qkv`` (or
+        ``rotary_qkv_metric_sum``, which also takes q^T q): on CUDA one Triton kernel forward and one backward, whose
+        backward writes the joint projection's gradient in one pass (left to autograd or inductor, the rotation's
+        backward and the assembly of the joint gradient from dq, dk and dv were two passes, together twice the time of
+        the GEMM that reads the result; q^T q's backward a third, and the sum of dq's two parts a fourth). k and v are
+        then contiguous too."""
         interleaved = self.config.reference_rope
         qkv = self._joint_projection(hidden_states, decode_weights)
         if qkv is not None and qkv.requires_grad:  # (requires_grad: also that gradients are enabled)
-            return rotary_qkv(qkv, cos, sin, self.num_heads, interleaved)
+            if metric_sum and rotary_metric_sum_kernels(qkv, self.head_dim):
+                return rotary_qkv_metric_sum(qkv, cos, sin, self.num_heads, interleaved, token_mask)
+            return (*rotary_qkv(qkv, cos, sin, self.num_heads, interleaved), None)
         qk, v = self._split_projection(hidden_states, qkv)
         q, k = apply_rotary_tables(qk, cos, sin, interleaved).transpose(1, 2).split(self.num_heads, dim=1)
-        return q.contiguous(), k, v.transpose(1, 2)
+        return q.contiguous(), k, v.transpose(1, 2), None
 
     def _decode_segments(self):
         """Stacked W_q|W_k|W_v [3D, D] and its bias [3D], the dense projection's weight [D, D] and bias [D]: each pair
@@ -885,8 +868,13 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         CUDA graphs. ``kv_out``: a list that gets this layer's (k, v) [B, H, S, d] appended (the decoder stack's
         recorded graph, which fills the cache after its replay)."""
         B, S, _ = hidden_states.shape
-        # (q [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs)
-        q, k, v = self.rotated_qkv(hidden_states, *cos_sin, decode_weights)
+        cached = (None,) * 3
+        if fixed_G is None and past_key_values is not None:
+            cached = past_key_values.get_deductive(self.layer_idx)
+        # (q [B, H, S, d] contiguous: q^T q and q G_LM become plain batched GEMMs; in training the rotation's operator
+        # may take q^T q itself when this forward deduces G_LM from its queries, one sum per row)
+        wants_sum = fixed_G is None and cached[0] is None and cached[2] is None and sequence_groups is None
+        q, k, v, A_sum = self.rotated_qkv(hidden_states, *cos_sin, decode_weights, wants_sum, token_mask)
         if past_key_values is not None and not torch.is_grad_enabled():
             # k is a view into q and k's [B, S, 2H, d] buffer. A dynamic cache concatenates it to its keys every step,
             # and torch.cat takes a slow, unvectorised path for a non-contiguous part (~15% of a batch-32 decoding
@@ -904,14 +892,15 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         if fixed_G is not None:
             A, A_LM, G_LM = fixed_G
         else:
-            A, A_LM, G_LM = past_key_values.get_deductive(self.layer_idx) if past_key_values is not None else (None,) * 3
+            A, A_LM, G_LM = cached
             if G_LM is not None:
                 G_query = past_key_values.get_query_metric(self.layer_idx, q.dtype)
             else:
                 if A is None:
                     grouped = sequence_groups is not None
-                    A, A_LM, G_LM = self._deduction(
-                        self._metric_sum(q, token_mask, sequence_groups if grouped else None), deduction_graphs)
+                    if A_sum is None:
+                        A_sum = self._metric_sum(q, token_mask, sequence_groups if grouped else None)
+                    A, A_LM, G_LM = self._deduction(A_sum, deduction_graphs)
                 else:
                     A_LM, G_LM = self.plgatt_layer(A)
                 if past_key_values is not None:

@@ -1103,7 +1103,25 @@ for dtype in (torch.float32, torch.bfloat16):
                       + [(grad.double() - ref_grad.double()).abs().max().item()])
             results.append([str(dtype), interleaved, table_batch, list(launched), err,
                             all(o.is_contiguous() for o in out)])
-print(json.dumps(results))
+# with the metric sum (rotary_qkv_metric_sum): 13 positions are 3 full blocks and one of 1; row 2 has 5 pads
+metric_sum = []
+for dtype in (torch.float32, torch.bfloat16):
+    for interleaved in (True, False):
+        for masked in (False, True):
+            qkv, cos, sin = _rotary_case(S=13, H=2, d=16, table_batch=2, interleaved=interleaved, dtype=dtype)
+            mask = (torch.arange(13)[None] >= torch.tensor([[0], [5]])).float() if masked else None
+            ref = ML.rotary_qkv_metric_sum(qkv, cos, sin, 2, interleaved, mask)  # (the PyTorch path)
+            grads = [torch.randn_like(t) for t in ref]
+            ref_grad = torch.autograd.grad(ref, qkv, grads)[0]
+            ML._KERNELS_ON_CPU = True
+            launched.clear()
+            out = ML.rotary_qkv_metric_sum(qkv, cos, sin, 2, interleaved, mask)
+            grad = torch.autograd.grad(out, qkv, grads)[0]
+            ML._KERNELS_ON_CPU = False
+            errs = [(o.double() - r.double()).abs().max().item() / r.double().abs().max().item()
+                    for o, r in zip(out + (grad,), ref + (ref_grad,))]
+            metric_sum.append([str(dtype), interleaved, masked, list(launched), errs])
+print(json.dumps({"rotary": results, "metric_sum": metric_sum}))
 '''
 
 
@@ -1111,10 +1129,18 @@ print(json.dumps(results))
 def test_rotary_qkv_kernels_in_the_interpreter():
     # the kernels compute what the separate ops compute: float32 products, one rounding (the interpreter's numpy may
     # fuse nothing, so equal up to float32 rounding of a sum of two products)
-    for dtype, interleaved, table_batch, launched, err, contiguous in _interpreted(_ROTARY_INTERPRETER_SCRIPT):
+    results = _interpreted(_ROTARY_INTERPRETER_SCRIPT)
+    for dtype, interleaved, table_batch, launched, err, contiguous in results["rotary"]:
         assert launched == ["_rotary_qkv_fwd_kernel", "_rotary_qkv_bwd_kernel"], (dtype, interleaved, launched)
         assert contiguous
         assert err <= (1e-6 if dtype == "torch.float32" else 2 ** -7 * 8), (dtype, interleaved, table_batch, err)
+    # with the metric sum: q, k, v and A are the PyTorch path's; the gradient within float32 rounding (float32) or one
+    # bf16 rounding of the largest value (bf16: the kernel rounds the d x d factor of dq to bf16, as the separate q^T q
+    # backward does, and sums dq's two parts in float32)
+    for dtype, interleaved, masked, launched, errs in results["metric_sum"]:
+        assert launched == ["_rotary_qkv_fwd_kernel", "_rotary_qkv_bwd_kernel"], (dtype, interleaved, launched)
+        assert errs[:4] == [0.0, 0.0, 0.0, 0.0], (dtype, interleaved, masked, errs)
+        assert errs[4] <= (1e-6 if dtype == "torch.float32" else 2 ** -7), (dtype, interleaved, masked, errs)
 
 
 @needs_cuda_triton
@@ -1135,3 +1161,168 @@ def test_cuda_rotary_qkv_kernels_match_the_separate_ops(interleaved):
         for o, r in zip(out, ref):
             assert o.is_contiguous() and _rel(o, r) <= 2 ** -7
         assert _rel(grad, ref_grad) <= 2 ** -7
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The same operator with the metric sum of the rotated queries (pldr::rotary_qkv_metric_sum_fwd / _bwd)
+# ----------------------------------------------------------------------------------------------------------------------
+def _separate_rotary_and_gram(qkv, cos, sin, H, interleaved, mask):
+    """q, k, v and A = sum_s mask_s q_s^T q_s as the attention computes them without the operator."""
+    q, k, v = _rotary_as_the_attention_did(qkv, cos, sin, H, interleaved)
+    q = q.contiguous()
+    w = None if mask is None else mask[:, None, :, None].float()
+    return q, k, v, M._GramFunction.apply(q, w, torch.float32)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_qkv_metric_sum_equals_the_separate_ops(masked, dtype):
+    # the PyTorch path (CPU): the outputs are the very numbers of the separate ops, the gradient within float32
+    # rounding of their sums' order
+    qkv, cos, sin = _rotary_case(S=10, d=16, H=2, dtype=dtype)
+    mask = (torch.arange(10)[None] < torch.tensor([[10], [6]])).long() if masked else None  # (row 2: 4 pads)
+    out = ML.rotary_qkv_metric_sum(qkv, cos, sin, 2, True, mask)
+    ref = _separate_rotary_and_gram(qkv, cos, sin, 2, True, mask)
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r) and o.is_contiguous()
+    A = out[3]
+    assert A.shape == (2, 2, 16, 16) and A.dtype == torch.float32
+    if masked:  # the padded positions are not in A: A of row 2 is that of its first 6 positions alone
+        alone = ML.rotary_qkv_metric_sum(qkv[1:, :6], cos[1:, :6], sin[1:, :6], 2, True)[3]
+        assert torch.allclose(A[1:], alone, rtol=1e-6, atol=1e-5)
+    grads = [torch.randn_like(t) for t in ref]
+    g = torch.autograd.grad(out, qkv, grads)[0]
+    g_ref = torch.autograd.grad(ref, qkv, grads)[0]
+    assert _rel(g, g_ref) <= (1e-6 if dtype == torch.float32 else 2 ** -7)
+    # the backward function itself (autograd through the PyTorch path sums in another order)
+    g_fn = ML.rotary_qkv_metric_sum_backward(*grads, out[0].detach(), mask, cos, sin, True)
+    assert _rel(g_fn, g) <= (1e-6 if dtype == torch.float32 else 2 ** -7)
+
+
+def test_rotary_qkv_metric_sum_opcheck_compile_and_bad_shapes():
+    qkv, cos, sin = _rotary_case(S=10, d=16, H=2)
+    mask = torch.ones(2, 10)
+    mask[1, 7:] = 0
+    for w in (None, mask):
+        torch.library.opcheck(torch.ops.pldr.rotary_qkv_metric_sum_fwd.default, (qkv, cos, sin, w, 2, True))
+        q = torch.randn(2, 2, 10, 16)
+        grads = [torch.randn(2, 2, 10, 16) for _ in range(3)] + [torch.randn(2, 2, 16, 16)]
+        torch.library.opcheck(torch.ops.pldr.rotary_qkv_metric_sum_bwd.default, (*grads, q, w, cos, sin, True))
+    compiled = torch.compile(ML.rotary_qkv_metric_sum, fullgraph=True)
+    out = compiled(qkv, cos, sin, 2, True, mask)
+    ref = ML.rotary_qkv_metric_sum(qkv, cos, sin, 2, True, mask)
+    assert all(torch.allclose(o, r, rtol=1e-6, atol=1e-6) for o, r in zip(out, ref))
+    grads = [torch.randn_like(t) for t in ref]
+    assert torch.allclose(torch.autograd.grad(out, qkv, grads)[0], torch.autograd.grad(ref, qkv, grads)[0],
+                          rtol=1e-5, atol=1e-5)
+    # a second derivative through the eager autograd node with the metric sum (its backward takes the PyTorch ops)
+    x = qkv.detach().requires_grad_()
+    (gx,) = torch.autograd.grad(ML.RotaryQKVFunction.apply(x, cos, sin, 2, True, mask)[3].square().sum(), x,
+                                create_graph=True)
+    (gx_ref,) = torch.autograd.grad(_separate_rotary_and_gram(x, cos, sin, 2, True, mask)[3].square().sum(), x,
+                                    create_graph=True)
+    assert torch.allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(torch.autograd.grad(gx.sum(), x)[0], torch.autograd.grad(gx_ref.sum(), x)[0], rtol=1e-4,
+                          atol=1e-4)
+    with pytest.raises(ValueError, match=r"rotary_qkv: expected the metric sum's token mask \[2, 10\], got \(2, 9\)"):
+        ML.rotary_qkv_metric_sum(qkv, cos, sin, 2, True, mask[:, :9])
+    with pytest.raises(ValueError, match=r"metric sum's gradient \[2, 2, 16, 16\] and q \(2, 2, 10, 16\), got "
+                                         r"\(2, 2, 16, 15\)"):
+        ML.rotary_qkv_metric_sum_backward(*grads[:3], grads[3][..., :15], q, None, cos, sin, True)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_training_takes_the_metric_sum_from_the_rotary_operator(monkeypatch, padded):
+    # where the rotary operator takes q^T q (CUDA kernels; here its PyTorch path, asked for on CPU), the model's loss
+    # and every gradient are those of the separate q^T q (A in the loss too), also with padding (the token mask leaves
+    # the pads out of A)
+    monkeypatch.setattr(M.PldrAttention, "JOINT_ON_CPU", True)
+    monkeypatch.setattr(M.PldrAttention, "MIN_JOINT_ROWS", 1)
+    calls = []
+    real = ML.rotary_qkv_metric_sum_forward
+    monkeypatch.setattr(ML, "rotary_qkv_metric_sum_forward", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    cfg = PldrConfig(vocab_size=64, hidden_size=64, num_attention_heads=4, head_dim=16, num_hidden_layers=2,
+                     intermediate_size=40, A_dff=12, num_reslayerA=2, num_denseA=2)
+    torch.manual_seed(0)
+    model = M.PldrForCausalLM(cfg)
+    ids = torch.randint(4, 64, (2, 9))
+    mask = None
+    if padded:
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, :3] = 0  # (left padding)
+
+    def loss_and_grads():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids, output_pldr_attentions=True)
+        loss = out.loss + sum(att.A.square().mean() for att in out.pldr_attentions)  # (A itself in the loss too)
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    monkeypatch.setattr(M, "rotary_metric_sum_kernels", lambda t, d: True)
+    loss, grads = loss_and_grads()
+    assert len(calls) == 2 and all((m is None) == (not padded) for m in calls)  # one per layer, with the mask
+    monkeypatch.setattr(M, "rotary_metric_sum_kernels", lambda t, d: False)
+    calls.clear()
+    ref, ref_grads = loss_and_grads()
+    assert not calls
+    # (the same forward; the backward's GEMMs sum in another order)
+    assert torch.equal(loss, ref)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        assert _rel(g, r) <= 1e-5, name
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_cuda_rotary_qkv_metric_sum_kernels_match_the_separate_ops(interleaved):
+    # bf16 at a training shape's layout (14 heads of 64, 300 positions), eager and compiled, with a token mask: q, k, v
+    # within one bf16 rounding of the separate ops, A the same GEMM's on those q, the gradient within one bf16 rounding
+    torch.manual_seed(0)
+    B, S, H, d = 2, 300, 14, 64
+    qkv = torch.randn(B, S, 3 * H * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = M.rotary_tables(torch.arange(S, device="cuda")[None], d, 10000.0, interleaved)
+    mask = torch.ones(B, S, device="cuda", dtype=torch.long)
+    mask[1, :37] = 0
+    ref = _separate_rotary_and_gram(qkv, cos, sin, H, interleaved, mask)
+    grads = [torch.randn_like(t) for t in ref]
+    ref_grad = torch.autograd.grad(ref, qkv, grads)[0]
+    for fn in (ML.rotary_qkv_metric_sum, torch.compile(ML.rotary_qkv_metric_sum, fullgraph=True)):
+        out = fn(qkv, cos, sin, H, interleaved, mask)
+        grad = torch.autograd.grad(out, qkv, grads)[0]
+        for o, r in zip(out[:3], ref[:3]):
+            assert o.is_contiguous() and _rel(o, r) <= 2 ** -7
+        assert _rel(out[3], ref[3]) <= 2 ** -10  # (of q within one rounding: 4e-5 on an H200)
+        assert _rel(grad, ref_grad) <= 2 ** -7
+
+
+@needs_cuda_triton
+def test_cuda_training_with_the_metric_sum_in_the_rotary_operator():
+    # a float32 model on CUDA, eager and compiled: the loss and every gradient with the metric sum in the rotary
+    # kernels are those with the separate q^T q (float32 sums of the same products, in another order: a random tiny
+    # model's LayerNorms of A amplify that to about 1e-3 of its gradients; a lost term or mask would be of order 1)
+    cfg = PldrConfig(vocab_size=128, hidden_size=128, num_attention_heads=2, head_dim=64, num_hidden_layers=2,
+                     intermediate_size=96, A_dff=24, num_reslayerA=2, num_denseA=2)
+    torch.manual_seed(0)
+    model = M.PldrForCausalLM(cfg).cuda()
+    ids = torch.randint(4, 128, (4, 300), device="cuda")  # (1200 rows: q, k, v from the joint projection)
+    mask = torch.ones_like(ids)
+    mask[0, :20] = 0
+    launched = []
+    real = ML._rotary_launch_backward
+    for compiled in (False, True):
+        step = torch.compile(model) if compiled else model
+
+        def loss_and_grads():
+            loss = step(input_ids=ids, attention_mask=mask, labels=ids).loss
+            return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+        try:
+            ML._rotary_launch_backward = lambda *a: launched.append(a[-1] is not None) or real(*a)
+            loss, grads = loss_and_grads()
+            M.rotary_metric_sum_kernels, kernels = (lambda t, d: False), M.rotary_metric_sum_kernels
+            ref, ref_grads = loss_and_grads()
+        finally:
+            ML._rotary_launch_backward = real
+            M.rotary_metric_sum_kernels = kernels
+        if not compiled:  # (compiled, inductor launches the kernels from its own code)
+            assert launched == [True, True, False, False], launched  # (backward: with dA, then without)
+        assert _rel(loss, ref) <= 1e-5
+        for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+            assert _rel(g, r) <= 1e-2, name
