@@ -1378,12 +1378,11 @@ if triton is not None:
         return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [BLOCK_S, D])
 
     @triton.jit
-    def _rotary_block(COS, SIN, S, H, s_cb, s_cs, start, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                      INTERLEAVED: tl.constexpr):
-        # The rows from position start on (of one batch entry b and head h) and their tables' pairs.
+    def _rotary_block(COS, SIN, S, H, s_cb, s_cs, D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr):
+        # This program's rows (the positions s of one batch entry b and head h) and their tables' pairs.
         bh = tl.program_id(1)
         b = bh // H
-        s = start + tl.arange(0, BLOCK_S)
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         j = tl.arange(0, D)[None, :]
         m = (s < S)[:, None]
         s64 = s[:, None].to(tl.int64)
@@ -1400,16 +1399,10 @@ if triton is not None:
         return _rotary_rows(xa * ca + xb * sa, xb * cb + xa * sb, BLOCK_S, D, INTERLEAVED)
 
     @triton.jit
-    def _metric_weights(MASK, b, s64, s_mb, m):
-        # the metric sum's weights mask_s [BLOCK_S, 1] of the rows (float32; 0 past the sequence)
-        return tl.load(MASK + b * s_mb + s64, mask=m, other=0.0)
-
-    @triton.jit
     def _rotary_qkv_fwd_kernel(QKV, COS, SIN, Q, K, V, S, H, s_qb, s_qs, s_cb, s_cs,
                                D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr):
         # q and k rotated (float32, then x's dtype), v copied, into [B, H, S, D]
-        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(
-            COS, SIN, S, H, s_cb, s_cs, tl.program_id(0) * BLOCK_S, D, BLOCK_S, INTERLEAVED)
+        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(COS, SIN, S, H, s_cb, s_cs, D, BLOCK_S, INTERLEAVED)
         src = QKV + b * s_qb + s64 * s_qs + h * D + j
         dst = (bh * S + s64) * D + j
         y = _rotated(tl.load(src, mask=m, other=0.0), ca, cb, sa, sb, BLOCK_S, D, INTERLEAVED)
@@ -1425,8 +1418,7 @@ if triton is not None:
                                HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
         # the joint gradient [B, S, 3 H D]: dq and dk rotated back (float32, then its dtype), dv copied. With GRAM dq
         # first gains mask_s q_s (dA + dA^T), the gradient of the metric sum A of the rows' batch entry and head.
-        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(
-            COS, SIN, S, H, s_cb, s_cs, tl.program_id(0) * BLOCK_S, D, BLOCK_S, INTERLEAVED)
+        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(COS, SIN, S, H, s_cb, s_cs, D, BLOCK_S, INTERLEAVED)
         HD = H * D
         dst = OUT + (b * S + s64) * (3 * HD) + h * D + j
         g = tl.load(DQ + b * s_qb + h * s_qh + s64 * s_qs + j, mask=m, other=0.0)
@@ -1439,8 +1431,8 @@ if triton is not None:
                 gq = tl.dot(q.to(tl.float32), sym, input_precision="ieee")
             else:  # (16-bit q: the d x d factor rounded to q's dtype, as the separate q^T q backward does)
                 gq = tl.dot(q, sym.to(q.dtype))
-            if HAS_MASK:
-                gq = gq * _metric_weights(MASK, b, s64, s_mb, m)
+            if HAS_MASK:  # (the rows' weights mask_s [BLOCK_S, 1], float32)
+                gq = gq * tl.load(MASK + b * s_mb + s64, mask=m, other=0.0)
             g = g.to(tl.float32) + gq
         tl.store(dst, _rotated(g, ca, cb, sb, sa, BLOCK_S, D, INTERLEAVED).to(OUT.dtype.element_ty), mask=m)
         g = tl.load(DK + b * s_kb + h * s_kh + s64 * s_ks + j, mask=m, other=0.0)
@@ -1691,15 +1683,15 @@ rotary_qkv_metric_sum_fwd, rotary_qkv_metric_sum_bwd = _define_ops(
 
 
 class RotaryQKVFunction(torch.autograd.Function):
-    """:func:`rotary_qkv_forward` (``mask`` False: no metric sum) or :func:`rotary_qkv_metric_sum_forward` (``mask``
-    None or a tensor) and their backwards as one autograd node for eager mode (no custom operator dispatch). A backward
-    that builds a graph (second derivatives) takes the PyTorch ops."""
+    """:func:`rotary_qkv_forward` or, with ``gram``, :func:`rotary_qkv_metric_sum_forward` (``mask`` [B, S] or None)
+    and their backwards as one autograd node for eager mode (no custom operator dispatch). A backward that builds a
+    graph (second derivatives) takes the PyTorch ops."""
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin, heads, interleaved, mask=False):
+    def forward(ctx, qkv, cos, sin, heads, interleaved, gram=False, mask=None):
         ctx.interleaved = interleaved
         ctx.set_materialize_grads(False)
-        if mask is False:
+        if not gram:
             ctx.save_for_backward(cos, sin)
             return rotary_qkv_forward(qkv, cos, sin, heads, interleaved)
         out = rotary_qkv_metric_sum_forward(qkv, cos, sin, mask, heads, interleaved)
@@ -1716,12 +1708,12 @@ class RotaryQKVFunction(torch.autograd.Function):
         grads = None if like is None else _rotary_grads(like, *out_grads[:3], *(out_grads[3:]),
                                                         A_shape=ctx.A_shape if gram else None)
         if grads is None:
-            return (None,) * 6
+            return (None,) * 7
         # (a backward that builds a graph, for second derivatives, takes the PyTorch ops: the kernel's result would be
         # a constant there)
         if not gram:
             backward = _rotary_reference_backward if torch.is_grad_enabled() else rotary_qkv_backward
-            return backward(*grads, cos, sin, ctx.interleaved), None, None, None, None, None
+            return backward(*grads, cos, sin, ctx.interleaved), None, None, None, None, None, None
         mask, q = saved[2], saved[3]
         if torch.is_grad_enabled():
             w = None if mask is None else mask.float()
@@ -1729,7 +1721,7 @@ class RotaryQKVFunction(torch.autograd.Function):
             g = _rotary_reference_backward(*grads[:3], cos, sin, ctx.interleaved, gram_dq)
         else:
             g = rotary_qkv_metric_sum_backward(*grads, q, mask, cos, sin, ctx.interleaved)
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, interleaved: bool):
@@ -1742,7 +1734,7 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: i
     if torch.compiler.is_compiling():
         return torch.ops.pldr.rotary_qkv_fwd(qkv, cos, sin, heads, interleaved)
     if torch.is_grad_enabled() and qkv.requires_grad:
-        return RotaryQKVFunction.apply(qkv, cos, sin, heads, interleaved, False)
+        return RotaryQKVFunction.apply(qkv, cos, sin, heads, interleaved)
     return rotary_qkv_forward(qkv, cos, sin, heads, interleaved)
 
 
@@ -1758,7 +1750,7 @@ def rotary_qkv_metric_sum(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if torch.compiler.is_compiling() and rotary_metric_sum_kernels(qkv, d):
         return torch.ops.pldr.rotary_qkv_metric_sum_fwd(qkv, cos, sin, w, heads, interleaved)
     if torch.is_grad_enabled() and qkv.requires_grad and rotary_metric_sum_kernels(qkv, d):
-        return RotaryQKVFunction.apply(qkv, cos, sin, heads, interleaved, w)
+        return RotaryQKVFunction.apply(qkv, cos, sin, heads, interleaved, True, w)
     return rotary_qkv_metric_sum_forward(qkv, cos, sin, w, heads, interleaved)
 
 

@@ -990,10 +990,10 @@ def test_cuda_second_derivatives(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------------
 # The rotary embedding on the joint q|k|v projection (pldr::rotary_qkv_fwd / _bwd)
 # ----------------------------------------------------------------------------------------------------------------------
-def _rotary_case(B=2, S=5, H=3, d=8, table_batch=2, interleaved=True, dtype=torch.float32, seed=0):
+def _rotary_case(B=2, S=5, H=3, d=8, table_batch=2, interleaved=True, dtype=torch.float32, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    qkv = torch.randn(B, S, 3 * H * d).to(dtype).requires_grad_()
-    pos = torch.arange(S)[None].expand(table_batch, S) + 3 * torch.arange(table_batch)[:, None]
+    qkv = torch.randn(B, S, 3 * H * d).to(device=device, dtype=dtype).requires_grad_()
+    pos = (torch.arange(S)[None].expand(table_batch, S) + 3 * torch.arange(table_batch)[:, None]).to(device)
     cos, sin = M.rotary_tables(pos, d, 10000.0, interleaved)
     return qkv, cos, sin
 
@@ -1146,12 +1146,10 @@ def test_rotary_qkv_kernels_in_the_interpreter():
 @needs_cuda_triton
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_cuda_rotary_qkv_kernels_match_the_separate_ops(interleaved):
-    # bf16 at a training shape's layout (16 positions of 14 heads of 64), eager and compiled: outputs and gradient
+    # bf16 at a training shape's layout (200 positions of 14 heads of 64), eager and compiled: outputs and gradient
     # within one bf16 rounding of the separate ops (the kernel may fuse a product into an FMA)
-    torch.manual_seed(0)
-    B, S, H, d = 2, 200, 14, 64
-    qkv = torch.randn(B, S, 3 * H * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    cos, sin = M.rotary_tables(torch.arange(S, device="cuda")[None], d, 10000.0, interleaved)
+    H = 14
+    qkv, cos, sin = _rotary_case(2, 200, H, 64, 1, interleaved, torch.bfloat16, device="cuda")
     ref = _rotary_as_the_attention_did(qkv, cos, sin, H, interleaved)
     grads = [torch.randn_like(t) for t in ref]
     ref_grad = torch.autograd.grad(ref, qkv, grads)[0]
@@ -1217,7 +1215,7 @@ def test_rotary_qkv_metric_sum_opcheck_compile_and_bad_shapes():
                           rtol=1e-5, atol=1e-5)
     # a second derivative through the eager autograd node with the metric sum (its backward takes the PyTorch ops)
     x = qkv.detach().requires_grad_()
-    (gx,) = torch.autograd.grad(ML.RotaryQKVFunction.apply(x, cos, sin, 2, True, mask)[3].square().sum(), x,
+    (gx,) = torch.autograd.grad(ML.RotaryQKVFunction.apply(x, cos, sin, 2, True, True, mask)[3].square().sum(), x,
                                 create_graph=True)
     (gx_ref,) = torch.autograd.grad(_separate_rotary_and_gram(x, cos, sin, 2, True, mask)[3].square().sum(), x,
                                     create_graph=True)
@@ -1274,10 +1272,8 @@ def test_attention_training_takes_the_metric_sum_from_the_rotary_operator(monkey
 def test_cuda_rotary_qkv_metric_sum_kernels_match_the_separate_ops(interleaved):
     # bf16 at a training shape's layout (14 heads of 64, 300 positions), eager and compiled, with a token mask: q, k, v
     # within one bf16 rounding of the separate ops, A the same GEMM's on those q, the gradient within one bf16 rounding
-    torch.manual_seed(0)
-    B, S, H, d = 2, 300, 14, 64
-    qkv = torch.randn(B, S, 3 * H * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    cos, sin = M.rotary_tables(torch.arange(S, device="cuda")[None], d, 10000.0, interleaved)
+    B, S, H = 2, 300, 14
+    qkv, cos, sin = _rotary_case(B, S, H, 64, 1, interleaved, torch.bfloat16, device="cuda")
     mask = torch.ones(B, S, device="cuda", dtype=torch.long)
     mask[1, :37] = 0
     ref = _separate_rotary_and_gram(qkv, cos, sin, H, interleaved, mask)
