@@ -12,12 +12,14 @@ fake implementations without Triton or on PyTorch < 2.6), so that eager mode, ``
 inductor traces into them and launches their Triton kernels from its own code), FSDP/DDP, gradient checkpointing and
 autocast all see one op per layer:
 
-* the parameters enter stacked per kind: W1|W2 [2G, h, d] (gluw1 and gluw2 of each GLU in turn), W3 [G, d, h], with
-  biases b1|b2 [2G, h] and b3 [G, d], and the LayerNorm weights and biases [U, d] (U units of J GLUs, G = U * J). The
-  model stores them so (``PldrMetricLearner`` in modeling_pldr.py, :func:`stacked_metric_learner`): a few tensors per
-  layer rather than 112 parameters, whose per-tensor autograd, optimizer and clipping work was the largest host cost
-  of a small eager step (whose GPU work is about 1 ms a layer). Learners kept as modules (:func:`fused_metric_learner`)
-  are stacked by differentiable ``torch.stack`` calls per call;
+* the parameters enter as two flat tensors (:func:`flat_metric_learner`, :class:`LearnerLayout`): the GEMM weights
+  W1|W2 [2G, h, d] (gluw1 and gluw2 of each GLU in turn) and W3 [G, d, h], then the biases b1|b2 [2G, h] and b3
+  [G, d] with the LayerNorm weights and biases [U, d] (U units of J GLUs, G = U * J). The model stores them so
+  (``PldrMetricLearner`` in modeling_pldr.py): two parameters per layer rather than 112, whose per-tensor autograd,
+  optimizer and clipping work was the largest host cost of a small eager step (whose GPU work is about 1 ms a
+  layer), and the backward's one flat gradient is both parameters' gradients as they lie, with no copy. Learners
+  kept as modules (:func:`fused_metric_learner`) are packed by one differentiable ``torch.cat`` each per call, and
+  :func:`stacked_metric_learner` takes the parameters stacked per kind;
 * in eager mode the math runs through a plain ``torch.autograd.Function`` (a custom operator's Python dispatch costs
   about 0.5 ms of host time a call); under ``torch.compile`` the operators run;
 * the GEMM dtype is decided by the wrapper (the autocast dtype under autocast, else the parameters' dtype) and
@@ -54,7 +56,8 @@ kernels (plus one small reduction of the parameter gradients' row splits):
   [G, rows, d] buffer.
 
 The power law step that follows the learner (:func:`power_law`: ``A_LM = z silu(z) + eps`` with ``z = W A + b``,
-``G_LM = a A_LM^p + ba`` per head, float32) is one operator too, ``pldr::power_law_fwd`` / ``pldr::power_law_bwd``:
+``G_LM = a A_LM^p + ba`` per head, float32; its five parameters stacked [5, H, d, d], as the model stores them) is one
+operator too, ``pldr::power_law_fwd`` / ``pldr::power_law_bwd``:
 on CUDA one Triton kernel forward (one program per batch entry and head) and one backward that recomputes the
 forward in column blocks, writes dA and each entry's share of the five parameter gradients, summed over the batch
 afterwards (no atomics). As separate PyTorch ops it was some 7 kernels forward and 14 backward per layer on
@@ -90,8 +93,9 @@ _TRACEABLE_KERNELS = (triton is not None and hasattr(torch.library, "triton_op")
                       and hasattr(torch.library, "wrap_triton"))
 wrap_triton = getattr(torch.library, "wrap_triton", None)
 
-__all__ = ["apply_rotary_tables", "fused_metric_learner", "joint_swiglu", "learner_tensors", "plain_linears",
-           "power_law", "rotary_qkv", "rotary_qkv_metric_sum", "stacked_metric_learner"]
+__all__ = ["apply_rotary_tables", "flat_metric_learner", "fused_metric_learner", "joint_swiglu", "learner_tensors",
+           "pack_learner", "plain_linears", "power_law", "rotary_qkv", "rotary_qkv_metric_sum",
+           "stacked_metric_learner"]
 
 # Run the Triton kernels on CPU tensors too. Only meaningful under Triton's interpreter (TRITON_INTERPRET=1, set before
 # triton is imported); the tests use it to check the kernels without a GPU.
@@ -142,7 +146,7 @@ _AUTOCAST_LAYER_NORM_FP32 = {
 # Sizes, and the layout of the flat parameter gradient
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Layout:
+class LearnerLayout:
     """Sizes of a learner, and the layout of the flat parameter-gradient tensor of the backward operator: W1|W2, W3,
     (b1|b2, b3,) LayerNorm weights, LayerNorm biases, each kind stacked as the forward takes it."""
 
@@ -165,16 +169,71 @@ class _Layout:
     def total(self) -> int:
         return sum(self.sizes)
 
+    @property
+    def weights_numel(self) -> int:
+        """Elements of the GEMM weights (W1|W2, then W3): the first part of the flat layout, the rest being the
+        biases and the LayerNorms' parameters (which weight decay leaves out)."""
+        return self.sizes[0] + self.sizes[1]
+
     def unpack(self, flat: torch.Tensor):
         """Views W12 [2G, h, d], W3 [G, d, h], B12 [2G, h] or None, B3 [G, d] or None, LNW [U, d], LNB [U, d]."""
+        return self._views(flat.split(self.sizes))
+
+    def unpack_pair(self, weights: torch.Tensor, norms: torch.Tensor):
+        """:meth:`unpack` of the layout held in two flat tensors: ``weights`` (W1|W2, W3) and ``norms`` (the biases,
+        the LayerNorm weights and biases), as the model stores a learner."""
+        return self._views(weights.split(self.sizes[:2]) + norms.split(self.sizes[2:]))
+
+    def _views(self, parts):
         G, h, d, U = self.G, self.hidden, self.d, self.units
-        parts = flat.split(self.sizes)
         W12, W3 = parts[0].view(2 * G, h, d), parts[1].view(G, d, h)
         B12, B3 = (parts[2].view(2 * G, h), parts[3].view(G, d)) if self.bias else (None, None)
         return W12, W3, B12, B3, parts[-2].view(U, d), parts[-1].view(U, d)
 
 
-def _check(x, w12, w3, b12, b3, ln_w, ln_b) -> _Layout:
+def pack_learner(w12, w3, b12, b3, ln_w, ln_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat pair (weights, norms) that :func:`flat_metric_learner` takes, from the parameters by kind (each a
+    stacked tensor or a list of the per-GLU / per-unit tensors, in the order of :func:`stacked_metric_learner`; b12 and
+    b3 None without biases): one differentiable ``torch.cat`` each."""
+    def flat(parts):
+        return [t.reshape(-1) for t in (parts if isinstance(parts, (list, tuple)) else [parts])]
+
+    kinds = [k for k in (b12, b3) if k is not None] + [ln_w, ln_b]
+    return torch.cat(flat(w12) + flat(w3)), torch.cat([t for k in kinds for t in flat(k)])
+
+
+def _check_flat(x, weights, norms, units: int, glus: int, hidden: int) -> LearnerLayout:
+    """The learner's layout from the flat operator inputs (rows x [N, d], the pair of :func:`pack_learner`); a
+    ValueError that says what is wrong otherwise."""
+    units, glus, hidden = int(units), int(glus), int(hidden)  # (sizes of the parameters: never dynamic)
+    if min(units, glus, hidden) < 1:
+        raise ValueError(f"metric learner: units, GLUs per unit and hidden size must be positive, got {units}, {glus}, "
+                         f"{hidden}")
+    G = units * glus
+    if weights.dim() != 1 or weights.numel() == 0 or weights.numel() % (3 * G * hidden):
+        raise ValueError(f"metric learner: the flat weights must be a vector of 3 x {G} GLUs x hidden {hidden} x d "
+                         f"elements (W1|W2, then W3), got shape {tuple(weights.shape)}")
+    d = int(weights.numel()) // (3 * G * hidden)
+    if x.dim() != 2:
+        raise ValueError(f"metric learner: expected rows [N, d], got a tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != d:
+        raise ValueError(f"metric learner: rows must have width {d} (the learner's d), got shape {tuple(x.shape)}")
+    layouts = [LearnerLayout(units, glus, hidden, d, bias) for bias in (False, True)]
+    sizes = [layout.total - layout.weights_numel for layout in layouts]
+    n = int(norms.numel()) if norms.dim() == 1 else -1
+    if n not in sizes:
+        raise ValueError(f"metric learner: the flat biases and LayerNorm parameters must be a vector of {sizes[0]} or "
+                         f"{sizes[1]} elements (without or with the GLUs' biases), got shape {tuple(norms.shape)}")
+    for name, t in (("weights", weights), ("biases and LayerNorm parameters", norms)):
+        if not t.is_floating_point():
+            raise ValueError(f"metric learner: the flat {name} must be floating point, got {t.dtype}")
+    if weights.dtype != norms.dtype:
+        raise ValueError(f"metric learner: all parameters must have the same dtype, got {weights.dtype} and "
+                         f"{norms.dtype}")
+    return layouts[sizes.index(n)]
+
+
+def _check(x, w12, w3, b12, b3, ln_w, ln_b) -> LearnerLayout:
     """The learner's sizes from the operator's inputs; a ValueError that says what is wrong otherwise."""
     if x.dim() != 2:
         raise ValueError(f"metric learner: expected rows [N, d], got a tensor of shape {tuple(x.shape)}")
@@ -198,7 +257,7 @@ def _check(x, w12, w3, b12, b3, ln_w, ln_b) -> _Layout:
             raise ValueError(f"metric learner: {name} must be floating point, got {t.dtype}")
     if any(t.dtype != w12.dtype for t, _ in list(expected.values())[1:]):
         raise ValueError("metric learner: all parameters must have the same dtype")
-    return _Layout(U, G // U, h, d, bias)
+    return LearnerLayout(U, G // U, h, d, bias)
 
 
 def _stream_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -211,7 +270,7 @@ def _linear(x, w, b):
     return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
 
 
-def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out_dtype, save):
+def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps, cd, out_dtype, save):
     U, J, h, d, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = x.shape[0]
     w12, w3 = W12.to(cd).reshape(G, 2 * h, d), W3.to(cd)
@@ -240,7 +299,7 @@ def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, 
     return a.to(out_dtype), xins, zs, torch.stack(means).view(U, N), torch.stack(rstds).view(U, N), *staged
 
 
-def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds, layout: _Layout, eps, cd, x_dtype,
+def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds, layout: LearnerLayout, eps, cd, x_dtype,
                         param_grads):
     U, J, h, d, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = gout.shape[0]
@@ -552,7 +611,7 @@ def _kernel_configs(device: torch.device) -> dict:
     return KERNEL_CONFIGS if _SHARED_MEMORY[key] >= SHARED_MEMORY_NEEDED else SMALL_SHARED_MEMORY_CONFIGS
 
 
-def _use_kernels(x: torch.Tensor, w12: torch.Tensor, layout: _Layout, cd: torch.dtype) -> bool:
+def _use_kernels(x: torch.Tensor, w12: torch.Tensor, layout: LearnerLayout, cd: torch.dtype) -> bool:
     """Whether the Triton kernels take this call: CUDA (or the interpreter on CPU), d a power of two in [16, 128]
     (the rows live in registers), bfloat16/float16 GEMMs (float32: see FLOAT32_KERNELS), and offsets that fit in 32
     bits."""
@@ -581,7 +640,7 @@ def _padded_hidden(hidden: int) -> int:
     return triton.cdiv(hidden, block) * block
 
 
-def _stage_weights(W12, W3, B12, layout: _Layout, cd, wrap):
+def _stage_weights(W12, W3, B12, layout: LearnerLayout, cd, wrap):
     """The GEMM weights as the kernels read them, made once per forward (and kept for the backward): per GLU
     [W1; W2; W3^T] [G, 3, HP, d] in the GEMM dtype and [b1; b2] [G, 2, HP] in float32 (empty without biases), the
     hidden units zero-padded to HP (:func:`_padded_hidden`): the kernels load whole, aligned tiles without masks, and
@@ -621,7 +680,7 @@ def _on_device(x: torch.Tensor):
     return torch.cuda.device(x.device)
 
 
-def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out_dtype, save, wrap):
+def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps, cd, out_dtype, save, wrap):
     U, J, D, G = layout.units, layout.glus, layout.d, layout.G
     N = x.shape[0]
     out = torch.empty((N, D), dtype=out_dtype, device=x.device)
@@ -647,7 +706,7 @@ def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: _Layout, eps, cd, out
     return out, xins, zs, mean, rstd, ws, bs
 
 
-def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, ws, bs, layout: _Layout, cd, x_dtype,
+def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, ws, bs, layout: LearnerLayout, cd, x_dtype,
                      param_grads, wrap):
     U, J, H, D, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = gout.shape[0]
@@ -709,16 +768,17 @@ def _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, sav
 
 
 def _fwd_impl(
-    x: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
-    ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, compute_dtype: torch.dtype, out_dtype: torch.dtype,
-    save: bool,
+    x: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, units: int, glus: int, hidden: int, eps: float,
+    compute_dtype: torch.dtype, out_dtype: torch.dtype, save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``pldr::metric_learner_fwd``: :func:`_forward` with its kernels visible to torch.compile."""
-    return _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save, _TRACEABLE_KERNELS)
+    """``pldr::metric_learner_fwd``: :func:`_forward` on the flat parameters (:func:`pack_learner`), with its kernels
+    visible to torch.compile."""
+    kinds = _check_flat(x, weights, norms, units, glus, hidden).unpack_pair(weights, norms)
+    return _forward(x, *kinds, eps, compute_dtype, out_dtype, save, _TRACEABLE_KERNELS)
 
 
-def _fwd_fake(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save):
-    layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
+def _fwd_fake(x, weights, norms, units, glus, hidden, eps, compute_dtype, out_dtype, save):
+    layout = _check_flat(x, weights, norms, units, glus, hidden)
     N, d = x.shape
     U = layout.units
     out = x.new_empty((N, d), dtype=out_dtype)
@@ -735,7 +795,7 @@ def _fwd_fake(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, sa
 def _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps, compute_dtype,
                    x_dtype, param_grads, wrap):
     """Gradient of the rows (``x_dtype``) and, with ``param_grads``, of the parameters as one flat tensor in their
-    dtype, laid out as :class:`_Layout` says (else empty)."""
+    dtype, laid out as :class:`LearnerLayout` says (else empty)."""
     layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
     N, d = grad_out.shape
     if xins.shape != (layout.G, N, d) or zs.shape != (layout.units, N, d) or mean.shape != (layout.units, N):
@@ -751,49 +811,48 @@ def _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd,
 
 
 def _bwd_impl(
-    grad_out: torch.Tensor, w12: torch.Tensor, w3: torch.Tensor, b12: torch.Tensor | None, b3: torch.Tensor | None,
-    ln_w: torch.Tensor, ln_b: torch.Tensor, xins: torch.Tensor, zs: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor, eps: float, compute_dtype: torch.dtype,
-    x_dtype: torch.dtype, param_grads: bool,
+    grad_out: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, units: int, glus: int, hidden: int,
+    xins: torch.Tensor, zs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor,
+    eps: float, compute_dtype: torch.dtype, x_dtype: torch.dtype, param_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pldr::metric_learner_bwd``: :func:`_backward_math` with its kernels visible to torch.compile."""
-    return _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps, compute_dtype,
-                          x_dtype, param_grads, _TRACEABLE_KERNELS)
+    """``pldr::metric_learner_bwd``: :func:`_backward_math` on the flat parameters, with its kernels visible to
+    torch.compile. The parameters' gradient is one flat tensor, the weights' part first (:class:`LearnerLayout`)."""
+    kinds = _check_flat(grad_out, weights, norms, units, glus, hidden).unpack_pair(weights, norms)
+    return _backward_math(grad_out, *kinds, xins, zs, mean, rstd, ws, bs, eps, compute_dtype, x_dtype, param_grads,
+                          _TRACEABLE_KERNELS)
 
 
-def _bwd_fake(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps, compute_dtype, x_dtype,
+def _bwd_fake(grad_out, weights, norms, units, glus, hidden, xins, zs, mean, rstd, ws, bs, eps, compute_dtype, x_dtype,
               param_grads):
-    layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
-    return grad_out.new_empty(grad_out.shape, dtype=x_dtype), w12.new_empty(layout.total if param_grads else 0)
+    layout = _check_flat(grad_out, weights, norms, units, glus, hidden)
+    return grad_out.new_empty(grad_out.shape, dtype=x_dtype), weights.new_empty(layout.total if param_grads else 0)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save = inputs
+    x, weights, norms, units, glus, hidden, eps, compute_dtype, out_dtype, save = inputs
     _, xins, zs, mean, rstd, ws, bs = output
-    ctx.save_for_backward(w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs)
-    ctx.options = (eps, compute_dtype, x.dtype, save)
+    ctx.save_for_backward(weights, norms, xins, zs, mean, rstd, ws, bs)
+    ctx.options = (units, glus, hidden, eps, compute_dtype, x.dtype, save)
     ctx.mark_non_differentiable(xins, zs, mean, rstd, ws, bs)
 
 
-def _split_param_grads(flat, needs, w3, b12, ln_w) -> list:
-    """The parameters' gradients by kind from the backward's flat tensor (None where not needed)."""
-    if not any(needs):
-        return [None] * 6
-    layout = _Layout(ln_w.shape[0], w3.shape[0] // ln_w.shape[0], w3.shape[2], w3.shape[1], b12 is not None)
-    return [g if need else None for g, need in zip(layout.unpack(flat), needs)]
+def _split_param_grads(flat, needs, weights) -> list:
+    """The flat weights' and norms' gradients from the backward's one flat tensor: views of it (None where not
+    needed)."""
+    n = weights.numel()
+    return [flat[:n] if needs[0] else None, flat[n:] if needs[1] else None]
 
 
 def _backward(ctx, grad_out, *_):
-    w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
-    eps, compute_dtype, x_dtype, save = ctx.options
+    weights, norms, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
+    units, glus, hidden, eps, compute_dtype, x_dtype, save = ctx.options
     if not save:
         raise RuntimeError("pldr::metric_learner_fwd ran with save=False, so it cannot be differentiated; call it with "
                            "save=True when gradients are needed (fused_metric_learner does)")
-    needs = ctx.needs_input_grad[1:7]
-    param_grads = any(needs)
-    gx, flat = torch.ops.pldr.metric_learner_bwd(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs,
-                                                 eps, compute_dtype, x_dtype, param_grads)
-    return gx, *_split_param_grads(flat, needs, w3, b12, ln_w), None, None, None, None
+    needs = ctx.needs_input_grad[1:3]
+    gx, flat = torch.ops.pldr.metric_learner_bwd(grad_out, weights, norms, units, glus, hidden, xins, zs, mean, rstd,
+                                                 ws, bs, eps, compute_dtype, x_dtype, any(needs))
+    return gx, *_split_param_grads(flat, needs, weights), None, None, None, None, None, None, None
 
 
 def _define_ops(name: str, fwd_impl, bwd_impl, fwd_fake, bwd_fake, backward, setup_context):
@@ -961,58 +1020,59 @@ if triton is not None:
 _NARROW = (torch.bfloat16, torch.float16)
 
 
-def _power_law_kernels(A: torch.Tensor, W: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether the power law's Triton kernels take this call: CUDA (or the interpreter on CPU), float32 (the forward
-    also takes 16-bit A and ``params``, the five parameters), A [..., H, d, d] with the parameters' [H, d, d] and d a
-    power of two in [16, 128], offsets within 32 bits."""
+def _power_law_kernels(A: torch.Tensor, params: torch.Tensor, narrow: bool = False) -> bool:
+    """Whether the power law's Triton kernels take this call: CUDA (or the interpreter on CPU), float32 (with
+    ``narrow``, the forward's case, also 16-bit A and parameters), A [..., H, d, d] with the parameters [5, H, d, d]
+    and d a power of two in [16, 128], offsets within 32 bits."""
     if triton is None or not (A.device.type == "cuda" or (A.device.type == "cpu" and _KERNELS_ON_CPU)):
         return False
-    floats = (torch.float32, *_NARROW) if params else (torch.float32,)
-    return (all(t.dtype in floats for t in (A, W, *params)) and A.dim() >= 3 and W.dim() == 3
-            and tuple(A.shape[-3:]) == tuple(W.shape) and W.shape[-1] == W.shape[-2]
-            and W.shape[-1] in (16, 32, 64, 128)
+    floats = (torch.float32, *_NARROW) if narrow else (torch.float32,)
+    return (A.dtype in floats and params.dtype in floats and A.dim() >= 3 and params.dim() == 4
+            and tuple(A.shape[-3:]) == tuple(params.shape[1:]) and params.shape[-1] == params.shape[-2]
+            and params.shape[-1] in (16, 32, 64, 128)
             and 5 * A.numel() < 2**31)
 
 
 def _check_power_law(A, params):
-    if A.dim() < 3 or any(t.shape != params[0].shape for t in params) or params[0].dim() != 3 or \
-            tuple(A.shape[-3:]) != tuple(params[0].shape):
-        raise ValueError(f"power law: expected A [..., H, d, d] and five parameters [H, d, d], got A "
-                         f"{tuple(A.shape)} and {[tuple(t.shape) for t in params]}")
+    if not isinstance(params, torch.Tensor) or params.dim() != 4 or params.shape[0] != 5 or A.dim() < 3 or \
+            tuple(A.shape[-3:]) != tuple(params.shape[1:]) or params.shape[-1] != params.shape[-2]:
+        shape = tuple(params.shape) if isinstance(params, torch.Tensor) else type(params).__name__
+        raise ValueError(f"power law: expected A [..., H, d, d] and its parameters W, b, p, a, ba stacked [5, H, d, d], "
+                         f"got A {tuple(A.shape)} and parameters {shape}")
 
 
-def power_law_forward(A, W, b, p, a, ba, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_LM, G_LM) of A [..., H, d, d]: one Triton kernel where :func:`_power_law_kernels` says so, else
-    :func:`power_law_reference`. In float32, or in the inputs' dtype when they share a wider one (float64): 16-bit or
-    mixed inputs are computed as their float32 values (the kernel widens 16-bit ones as it reads them, which is exact:
-    no cast kernels before it)."""
-    _check_power_law(A, (W, b, p, a, ba))
-    if not _power_law_kernels(A, W, b, p, a, ba):
-        tensors = (A, W, b, p, a, ba)
-        if len({t.dtype for t in tensors}) > 1 or A.dtype in _NARROW:
-            tensors = tuple(t.float() for t in tensors)
-        _, A_LM, _, G_LM = power_law_reference(*tensors)
+def power_law_forward(A, params, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_LM, G_LM) of A [..., H, d, d] and the parameters W, b, p, a, ba stacked [5, H, d, d]: one Triton kernel where
+    :func:`_power_law_kernels` says so, else :func:`power_law_reference`. In float32, or in the inputs' dtype when they
+    share a wider one (float64): 16-bit or mixed inputs are computed as their float32 values (the kernel widens 16-bit
+    ones as it reads them, which is exact: no cast kernels before it)."""
+    _check_power_law(A, params)
+    if not _power_law_kernels(A, params, narrow=True):
+        if A.dtype != params.dtype or A.dtype in _NARROW:
+            A, params = A.float(), params.float()
+        _, A_LM, _, G_LM = power_law_reference(A, *params)
         return A_LM, G_LM
     x = A.contiguous()
-    params = [t.contiguous() for t in (W, b, p, a, ba)]
+    W, b, p, a, ba = params.contiguous()
     A_LM, G_LM = torch.empty_like(x, dtype=torch.float32), torch.empty_like(x, dtype=torch.float32)
     H, d = W.shape[0], W.shape[-1]
     programs = x.numel() // (d * d)
     if programs:
         with _on_device(x):
             kernel = wrap_triton(_power_law_fwd_kernel) if wrap else _power_law_fwd_kernel
-            kernel[(programs,)](x, *params, A_LM, G_LM, H, D=d, EPS=A_LM_EPSILON, PREC=POWER_LAW_PRECISION,
+            kernel[(programs,)](x, W, b, p, a, ba, A_LM, G_LM, H, D=d, EPS=A_LM_EPSILON, PREC=POWER_LAW_PRECISION,
                                 num_warps=4)
     return A_LM, G_LM
 
 
-def power_law_backward(g_A_LM, g_G, A, W, b, p, a, param_grads: bool, wrap: bool = False):
-    """Gradient of A and, with ``param_grads``, of W, b, p, a, ba stacked [5, H, d, d] (else empty), for output
-    gradients g_A_LM and g_G (either may be None)."""
-    if not _power_law_kernels(A, W):
-        return _power_law_reference_backward(g_A_LM, g_G, A, W, b, p, a, param_grads)
+def power_law_backward(g_A_LM, g_G, A, params, param_grads: bool, wrap: bool = False):
+    """Gradient of A and, with ``param_grads``, of the parameters W, b, p, a, ba stacked [5, H, d, d] as ``params``
+    (else empty), for output gradients g_A_LM and g_G (either may be None; the rows of p, a and ba are zero without
+    g_G)."""
+    if not _power_law_kernels(A, params):
+        return _power_law_reference_backward(g_A_LM, g_G, A, *params[:4], param_grads)
     x = A.contiguous()
-    W, b, p, a = (t.contiguous() for t in (W, b, p, a))
+    W, b, p, a, _ = params.contiguous()
     H, d = W.shape[0], W.shape[-1]
     programs = x.numel() // (d * d)
     N = programs // H
@@ -1033,47 +1093,37 @@ def power_law_backward(g_A_LM, g_G, A, W, b, p, a, param_grads: bool, wrap: bool
     return gA, part[0] if N == 1 else part.sum(0)
 
 
-def _pl_fwd_impl(A: torch.Tensor, W: torch.Tensor, b: torch.Tensor, p: torch.Tensor, a: torch.Tensor,
-                 ba: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _pl_fwd_impl(A: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``pldr::power_law_fwd``: :func:`power_law_forward` with its kernel visible to torch.compile."""
-    return power_law_forward(A, W, b, p, a, ba, _TRACEABLE_KERNELS)
+    return power_law_forward(A, params, _TRACEABLE_KERNELS)
 
 
 def _pl_bwd_impl(
-    g_A_LM: torch.Tensor | None, g_G: torch.Tensor | None, A: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
-    p: torch.Tensor, a: torch.Tensor, param_grads: bool,
+    g_A_LM: torch.Tensor | None, g_G: torch.Tensor | None, A: torch.Tensor, params: torch.Tensor, param_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``pldr::power_law_bwd``: :func:`power_law_backward` with its kernel visible to torch.compile."""
-    return power_law_backward(g_A_LM, g_G, A, W, b, p, a, param_grads, _TRACEABLE_KERNELS)
+    return power_law_backward(g_A_LM, g_G, A, params, param_grads, _TRACEABLE_KERNELS)
 
 
-def _pl_fwd_fake(A, W, b, p, a, ba):
-    _check_power_law(A, (W, b, p, a, ba))
+def _pl_fwd_fake(A, params):
+    _check_power_law(A, params)
     return torch.empty_like(A, memory_format=torch.contiguous_format), torch.empty_like(
         A, memory_format=torch.contiguous_format)
 
 
-def _pl_bwd_fake(g_A_LM, g_G, A, W, b, p, a, param_grads):
+def _pl_bwd_fake(g_A_LM, g_G, A, params, param_grads):
     return (torch.empty_like(A, memory_format=torch.contiguous_format),
-            W.new_empty((5, *W.shape) if param_grads else (0,)))
+            params.new_empty(params.shape if param_grads else (0,)))
 
 
 def _pl_setup_context(ctx, inputs, output):
-    A, W, b, p, a, ba = inputs
-    ctx.save_for_backward(A, W, b, p, a)
-
-
-def _power_law_grads(needs, gA, flat, g_G) -> tuple:
-    """The six inputs' gradients from the backward's gA and stacked parameter gradients: None where not needed, and
-    for p, a and ba when G_LM got no gradient (as autograd gives for parameters that a loss does not reach)."""
-    reached = (True, True, g_G is not None, g_G is not None, g_G is not None)
-    return (gA if needs[0] else None, *(flat[i] if need and reached[i] else None for i, need in enumerate(needs[1:])))
+    ctx.save_for_backward(*inputs)
 
 
 def _pl_backward(ctx, g_A_LM, g_G):
-    needs = ctx.needs_input_grad[:6]
-    gA, flat = torch.ops.pldr.power_law_bwd(g_A_LM, g_G, *ctx.saved_tensors, any(needs[1:]))
-    return _power_law_grads(needs, gA, flat, g_G)
+    needs = ctx.needs_input_grad[:2]
+    gA, flat = torch.ops.pldr.power_law_bwd(g_A_LM, g_G, *ctx.saved_tensors, needs[1])
+    return gA if needs[0] else None, flat if needs[1] else None
 
 
 power_law_fwd, power_law_bwd = _define_ops("power_law", _pl_fwd_impl, _pl_bwd_impl, _pl_fwd_fake, _pl_bwd_fake,
@@ -1088,9 +1138,9 @@ class PowerLawFunction(torch.autograd.Function):
     runs the PyTorch ops."""
 
     @staticmethod
-    def forward(ctx, A, W, b, p, a, ba):
-        A_LM, G_LM = power_law_forward(A, W, b, p, a, ba)
-        ctx.save_for_backward(A, W, b, p, a)
+    def forward(ctx, A, params):
+        A_LM, G_LM = power_law_forward(A, params)
+        ctx.save_for_backward(A, params)
         ctx.set_materialize_grads(False)
         return A_LM, G_LM
 
@@ -1098,28 +1148,33 @@ class PowerLawFunction(torch.autograd.Function):
     def backward(ctx, g_A_LM, g_G):
         needs = ctx.needs_input_grad
         if g_A_LM is None and g_G is None:
-            return (None,) * 6
-        # (a backward that builds a graph, for second derivatives, takes the PyTorch ops: the kernel's results would
-        # enter that graph as constants)
-        backward = _power_law_reference_backward if torch.is_grad_enabled() else power_law_backward
-        gA, flat = backward(g_A_LM, g_G, *ctx.saved_tensors, any(needs[1:]))
-        return _power_law_grads(needs, gA, flat, g_G)
+            return None, None
+        A, params = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # (a backward that builds a graph, for second derivatives, takes the PyTorch ops: the kernel's results
+            # would enter that graph as constants)
+            gA, flat = _power_law_reference_backward(g_A_LM, g_G, A, *params[:4], needs[1])
+        else:
+            gA, flat = power_law_backward(g_A_LM, g_G, A, params, needs[1])
+        return gA if needs[0] else None, flat if needs[1] else None
 
 
-def power_law(A, W, b, p, a, ba) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A_LM, G_LM)`` of the power law step for A [..., H, d, d] and its parameters [H, d, d], all float32: one
-    operator (one Triton kernel forward, one backward on CUDA) in eager mode, under torch.compile and without
-    gradients."""
+def power_law(A, params) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_LM, G_LM)`` of the power law step for A [..., H, d, d] and its parameters W, b, p, a, ba stacked
+    [5, H, d, d] (the model stores them so), all float32: one operator (one Triton kernel forward, one backward on
+    CUDA) in eager mode, under torch.compile and without gradients. The parameters' gradient is one [5, H, d, d]
+    tensor."""
+    _check_power_law(A, params)
     if torch.compiler.is_compiling():
-        if _power_law_kernels(A, W):
-            return torch.ops.pldr.power_law_fwd(A, W, b, p, a, ba)
+        if _power_law_kernels(A, params):
+            return torch.ops.pldr.power_law_fwd(A, params)
         # (elsewhere inductor derives the backward from the ops; PyTorch 2.11's dynamo also fails to trace the
         # autograd function with dynamic shapes)
-        _, A_LM, _, G_LM = power_law_reference(A, W, b, p, a, ba)
+        _, A_LM, _, G_LM = power_law_reference(A, *params)
         return A_LM, G_LM
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (A, W, b, p, a, ba)):
-        return PowerLawFunction.apply(A, W, b, p, a, ba)
-    return power_law_forward(A, W, b, p, a, ba)
+    if torch.is_grad_enabled() and (A.requires_grad or params.requires_grad):
+        return PowerLawFunction.apply(A, params)
+    return power_law_forward(A, params)
 
 
 def _recomputed_grads(reference, inputs, needs, grad_out) -> list:
@@ -1858,32 +1913,30 @@ class _LearnerFunction(torch.autograd.Function):
     batches. Under torch.compile the custom operators run instead (opaque to inductor, no graph break)."""
 
     @staticmethod
-    def forward(ctx, x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype):
-        out, xins, zs, mean, rstd, ws, bs = _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype,
-                                                     True, False)
+    def forward(ctx, x, weights, norms, layout, eps, compute_dtype, out_dtype):
+        kinds = layout.unpack_pair(weights, norms)
+        out, xins, zs, mean, rstd, ws, bs = _forward(x, *kinds, eps, compute_dtype, out_dtype, True, False)
         # (x itself only for a second derivative: rows [N, d], a fraction of what the GLU inputs xins take)
-        ctx.save_for_backward(x, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs)
-        ctx.options = (eps, compute_dtype, out_dtype)
+        ctx.save_for_backward(x, weights, norms, xins, zs, mean, rstd, ws, bs)
+        ctx.options = (layout, eps, compute_dtype, out_dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
-        eps, compute_dtype, out_dtype = ctx.options
+        x, weights, norms, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
+        layout, eps, compute_dtype, out_dtype = ctx.options
         if torch.is_grad_enabled():  # (a backward with create_graph=True, for second derivatives)
-            inputs = (x, w12, w3, b12, b3, ln_w, ln_b)
-            layout = _check(*inputs)
-
-            def reference(*tensors):
+            def reference(x, weights, norms):
                 with torch.autocast(x.device.type, enabled=False):
-                    return _reference_forward(*tensors, layout, eps, compute_dtype, out_dtype, False)[0]
+                    return _reference_forward(x, *layout.unpack_pair(weights, norms), layout, eps, compute_dtype,
+                                              out_dtype, False)[0]
 
-            return *_recomputed_grads(reference, inputs, ctx.needs_input_grad[:7], grad_out), None, None, None
-        needs = ctx.needs_input_grad[1:7]
-        param_grads = any(needs)
-        gx, flat = _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps,
-                                  compute_dtype, x.dtype, param_grads, False)
-        return gx, *_split_param_grads(flat, needs, w3, b12, ln_w), None, None, None
+            grads = _recomputed_grads(reference, (x, weights, norms), ctx.needs_input_grad[:3], grad_out)
+            return *grads, None, None, None, None
+        needs = ctx.needs_input_grad[1:3]
+        gx, flat = _backward_math(grad_out, *layout.unpack_pair(weights, norms), xins, zs, mean, rstd, ws, bs, eps,
+                                  compute_dtype, x.dtype, any(needs), False)
+        return gx, *_split_param_grads(flat, needs, weights), None, None, None, None
 
 
 def _dtypes(A: torch.Tensor, param_dtype: torch.dtype):
@@ -1901,19 +1954,17 @@ def _dtypes(A: torch.Tensor, param_dtype: torch.dtype):
     return compute_dtype, _output_dtype(A, compute_dtype, autocast, param_dtype)
 
 
-def _run(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, eps: float, compute_dtype, out_dtype) -> torch.Tensor:
-    """The learner on the rows of A [..., d] with the parameters stacked per kind (see :class:`_Layout`)."""
-    d = w12.shape[-1]
-    x = A.reshape(-1, d)
-    params = [t for t in (w12, w3, b12, b3, ln_w, ln_b) if t is not None]
-    needs_grad = torch.is_grad_enabled() and (A.requires_grad or any(p.requires_grad for p in params))
+def _run(A: torch.Tensor, weights, norms, layout: LearnerLayout, eps: float, compute_dtype, out_dtype) -> torch.Tensor:
+    """The learner on the rows of A [..., d] with the flat parameters (see :func:`pack_learner`)."""
+    x = A.reshape(-1, layout.d)
+    needs_grad = torch.is_grad_enabled() and (A.requires_grad or weights.requires_grad or norms.requires_grad)
     if torch.compiler.is_compiling():
-        out = torch.ops.pldr.metric_learner_fwd(x, w12, w3, b12, b3, ln_w, ln_b, float(eps), compute_dtype, out_dtype,
-                                                needs_grad)[0]
+        out = torch.ops.pldr.metric_learner_fwd(x, weights, norms, layout.units, layout.glus, layout.hidden,
+                                                float(eps), compute_dtype, out_dtype, needs_grad)[0]
     elif needs_grad:
-        out = _LearnerFunction.apply(x, w12, w3, b12, b3, ln_w, ln_b, float(eps), compute_dtype, out_dtype)
+        out = _LearnerFunction.apply(x, weights, norms, layout, float(eps), compute_dtype, out_dtype)
     else:
-        out = _forward(x, w12, w3, b12, b3, ln_w, ln_b, float(eps), compute_dtype, out_dtype, False, False)[0]
+        out = _forward(x, *layout.unpack_pair(weights, norms), float(eps), compute_dtype, out_dtype, False, False)[0]
     return out.view(A.shape)
 
 
@@ -1924,33 +1975,51 @@ def _check_rows(A: torch.Tensor, d: int):
         raise ValueError(f"metric learner: A must be floating point, got {A.dtype}")
 
 
-def stacked_metric_learner(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, eps: float) -> torch.Tensor:
-    """The learner on the rows of A [..., d] from parameters stored stacked per kind (the model's
-    ``PldrMetricLearner``): W1|W2 [2G, h, d] (gluw1 and gluw2 of each GLU in turn), W3 [G, d, h], b1|b2 [2G, h] and
-    b3 [G, d] or None, LayerNorm weights and biases [U, d]. Returns a tensor of A's shape with the dtype the modules
-    would give; raises a ValueError for rows of the wrong width or a dtype the modules would reject."""
-    _check_rows(A, w12.shape[-1])
-    dtypes = _dtypes(A, w12.dtype)
+def flat_metric_learner(A: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, units: int, glus: int,
+                        hidden: int, eps: float) -> torch.Tensor:
+    """The learner on the rows of A [..., d] from its parameters in two flat tensors (the model's
+    ``PldrMetricLearner`` stores them so; :func:`pack_learner` makes them from the kinds): ``weights`` = W1|W2 [2G, h, d]
+    (gluw1 and gluw2 of each GLU in turn) then W3 [G, d, h], ``norms`` = b1|b2 [2G, h] and b3 [G, d] (without biases:
+    none), then the LayerNorm weights and biases [U, d]; ``units`` U of ``glus`` J GLUs (G = U J) of width ``hidden``.
+    Their gradients come out of the backward as they are laid out, with no copy. Returns a tensor of A's shape with
+    the dtype the modules would give; raises a ValueError for sizes that do not match, rows of the wrong width or a
+    dtype the modules would reject."""
+    if A.dim() < 1:
+        raise ValueError(f"metric learner: A must have rows, got shape {tuple(A.shape)}")
+    layout = _check_flat(weights.new_empty(0, weights.numel() // max(1, 3 * units * glus * hidden)), weights, norms,
+                         units, glus, hidden)
+    _check_rows(A, layout.d)
+    dtypes = _dtypes(A, weights.dtype)
     if dtypes is None:
-        raise ValueError(f"metric learner: A is {A.dtype} but the learner's parameters are {w12.dtype} (and no "
+        raise ValueError(f"metric learner: A is {A.dtype} but the learner's parameters are {weights.dtype} (and no "
                          f"autocast is active); cast A or the model to one dtype")
-    return _run(A, w12, w3, b12, b3, ln_w, ln_b, eps, *dtypes)
+    return _run(A, weights, norms, layout, eps, *dtypes)
 
 
-def runs_kernels_only(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, power_params: tuple) -> bool:
-    """Whether the stacked learner on A [..., d] (after its LayerNorm) and then the power law with ``power_params``
-    (W, b, p, a, ba) run their Triton kernels alone, with no cuBLAS or other library GEMM, under the present autocast
-    state: where a layer's deduction is recorded as CUDA graphs (the tested case; float32 learners without
-    autocast run on cuBLAS, see FLOAT32_KERNELS)."""
-    dtypes = _dtypes(A, w12.dtype)
+def stacked_metric_learner(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, eps: float) -> torch.Tensor:
+    """:func:`flat_metric_learner` from the parameters stacked per kind: W1|W2 [2G, h, d] (gluw1 and gluw2 of each GLU
+    in turn), W3 [G, d, h], b1|b2 [2G, h] and b3 [G, d] or None, LayerNorm weights and biases [U, d] (packed by one
+    copy each way)."""
+    _check_rows(A, w12.shape[-1])
+    layout = _check(A.reshape(-1, A.shape[-1]), w12, w3, b12, b3, ln_w, ln_b)
+    return flat_metric_learner(A, *pack_learner(w12, w3, b12, b3, ln_w, ln_b), layout.units, layout.glus,
+                               layout.hidden, eps)
+
+
+def runs_kernels_only(A: torch.Tensor, weights, norms, units: int, glus: int, hidden: int, power_params) -> bool:
+    """Whether the flat learner (:func:`flat_metric_learner`) on A [..., d] (after its LayerNorm) and then the power
+    law with ``power_params`` [5, H, d, d] run their Triton kernels alone, with no cuBLAS or other library GEMM, under
+    the present autocast state: where a layer's deduction is recorded as CUDA graphs (the tested case; float32 learners
+    without autocast run on cuBLAS, see FLOAT32_KERNELS)."""
+    dtypes = _dtypes(A, weights.dtype)
     if dtypes is None:
         return False
     x = A.reshape(-1, A.shape[-1])
     try:
-        layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
+        layout = _check_flat(x, weights, norms, units, glus, hidden)
     except ValueError:
         return False
-    return _use_kernels(x, w12, layout, dtypes[0]) and _power_law_kernels(A.float(), *(t.float() for t in power_params))
+    return _use_kernels(x, weights, layout, dtypes[0]) and _power_law_kernels(A.float(), power_params.float())
 
 
 def fused_metric_learner(units: nn.ModuleList, A: torch.Tensor) -> torch.Tensor | None:
@@ -1973,5 +2042,5 @@ def fused_metric_learner(units: nn.ModuleList, A: torch.Tensor) -> torch.Tensor 
     dtypes = _dtypes(A, w12[0].dtype)
     if dtypes is None:
         return None  # the modules raise a dtype mismatch: let them say so
-    stacked = [None if ps is None else torch.stack(ps) for ps in (w12, w3, b12, b3, ln_w, ln_b)]
-    return _run(A, *stacked, eps, *dtypes)
+    layout = LearnerLayout(len(ln_w), len(w3) // len(ln_w), w12[0].shape[0], w12[0].shape[1], b12 is not None)
+    return _run(A, *pack_learner(w12, w3, b12, b3, ln_w, ln_b), layout, eps, *dtypes)

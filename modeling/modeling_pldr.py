@@ -64,6 +64,8 @@ from .metric_learner import (  # noqa: F401  (A_LM_EPSILON, apply_rotary_tables,
     _has_hooks,
     _widens,
     apply_rotary_tables,
+    LearnerLayout,
+    flat_metric_learner,
     fused_metric_learner,
     joint_swiglu,
     plain_layer_norms,
@@ -74,7 +76,6 @@ from .metric_learner import (  # noqa: F401  (A_LM_EPSILON, apply_rotary_tables,
     rotary_qkv,
     rotary_qkv_metric_sum,
     runs_kernels_only,
-    stacked_metric_learner,
 )
 from .packing import (
     SequenceGroups,
@@ -306,114 +307,249 @@ class PldrResidualMetricUnit(nn.Module):
         return self.layernormA(A + residual)
 
 
-class PldrMetricLearner(nn.Module):
+class _PortNamedParameters(nn.Module):
+    """A module whose parameters are stored as a few stacked or flat tensors (``FLAT``: per training step each
+    parameter tensor costs autograd, optimizer, gradient-clipping and zero_grad work on the host, which sets the pace
+    of small batches) while ``state_dict()``, ``load_state_dict()`` and transformers' loaders use the published port's
+    per-tensor names.
+
+    A subclass lists its port names in ``self._port_names`` {name: (kind, index)}, with ``KIND_HOME`` {kind: stored
+    parameter}, and defines ``_views(stored)`` ({kind: view [n, ...]} of a dict of its stored tensors, e.g. clones or
+    whole tensors of sharded ones) and ``_init_slot(kind, index, t)`` (a new model's values for one slice). Slices are
+    initialised in the order of ``_port_names``, so a new model draws the same random numbers as one with a parameter
+    per port name.
+
+    * ``state_dict()`` gives copies of the slices under the port's names; ``load_state_dict()`` takes them (or the
+      stored names), reporting the port names that a partial state dict lacks as missing.
+    * transformers' loaders reach a port name by attribute (:meth:`_port_get`, :meth:`_port_set`): a slice it loads
+      is written into the stored tensor (made on the loaded slice's device and dtype when it is on the meta device or
+      elsewhere, its other slices initialised as a new model's); what it passes for a port name missing from the
+      checkpoint (a plain tensor of uninitialised memory, not an ``nn.Parameter`` marked ``_is_hf_initialized``) gives
+      that slice a new model's values instead."""
+
+    FLAT: tuple[str, ...] = ()
+    KIND_HOME: dict[str, str] = {}
+    WHAT = "module"  # (how errors name the module)
+
+    def _register_port_names(self, slots):
+        self._port_names = {name: (kind, i) for name, kind, i in slots}
+        self._register_state_dict_hook(_PortNamedParameters._state_dict_in_port_names)
+        self.register_load_state_dict_pre_hook(_PortNamedParameters._load_port_names)
+
+    def _views(self, stored: dict) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def _init_slot(kind: str, index: int, t: torch.Tensor):
+        raise NotImplementedError
+
+    def _stored(self) -> dict:
+        return {name: getattr(self, name) for name in self.FLAT}
+
+    @torch.no_grad()
+    def _init_stored(self, name: str, tensor: torch.Tensor | None = None):
+        """A new model's values for every slice of the stored parameter ``name`` (or of ``tensor`` in its place)."""
+        stored = self._stored()
+        if tensor is not None:
+            stored[name] = tensor
+        views = self._views(stored)
+        for kind, i in self._port_names.values():
+            if self.KIND_HOME[kind] == name:
+                self._init_slot(kind, i, views[kind][i])
+
+    def _init_new(self):
+        """:meth:`_init_stored` for each stored parameter that was not loaded (PreTrainedModel._init_weights)."""
+        for name in self.FLAT:
+            if not getattr(getattr(self, name), "_is_hf_initialized", False):
+                self._init_stored(name)
+
+    @staticmethod
+    def _state_dict_in_port_names(module, state_dict, prefix, local_metadata):
+        if not all(prefix + name in state_dict for name in module.FLAT):
+            return state_dict
+        stored = {}
+        for name in module.FLAT:
+            t = state_dict.pop(prefix + name)
+            if hasattr(t, "full_tensor"):  # a sharded (FSDP2 / DTensor) parameter: slices of the whole tensor
+                t = t.full_tensor()
+            stored[name] = t.detach()
+        views = module._views(stored)
+        for name, (kind, i) in module._port_names.items():
+            state_dict[prefix + name] = views[kind][i].clone()
+        return state_dict
+
+    @staticmethod
+    @torch.no_grad()
+    def _load_port_names(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+        """Writes the port's entries of a state dict into the stored parameters' entries (a state dict that already
+        has the stored names loads as it is)."""
+        if not any(prefix + n in state_dict for n in module._port_names):
+            return
+        stored = {}
+        for name, param in module._stored().items():
+            given = state_dict.get(prefix + name)
+            if given is not None:
+                stored[name] = given
+            elif param.is_meta:
+                device = next(state_dict[prefix + n].device for n in module._port_names if prefix + n in state_dict)
+                stored[name] = torch.empty(param.shape, dtype=param.dtype, device=device)
+                module._init_stored(name, stored[name])
+            else:
+                stored[name] = param.detach().clone()
+        views = module._views(stored)
+        for name in module.FLAT:
+            if prefix + name in state_dict:
+                continue
+            slots = [(n, kind, i) for n, (kind, i) in module._port_names.items() if module.KIND_HOME[kind] == name]
+            if not any(prefix + n in state_dict for n, _, _ in slots):
+                continue  # (load_state_dict reports the stored name as missing)
+            for n, kind, i in slots:
+                t = state_dict.pop(prefix + n, None)
+                if t is None:
+                    missing_keys.append(prefix + n)
+                elif tuple(t.shape) != tuple(views[kind].shape[1:]):
+                    error_msgs.append(f"size mismatch for {prefix + n}: copying a param with shape {tuple(t.shape)} "
+                                      f"from checkpoint, the shape in current model is {tuple(views[kind].shape[1:])}.")
+                else:
+                    views[kind][i].copy_(t)
+            state_dict[prefix + name] = stored[name]
+
+    def _port_get(self, name: str) -> nn.Parameter:
+        """The slice of a port name, as an ``nn.Parameter`` on the stored parameter's memory (for loaders, which ask
+        for parameters; it is not the stored parameter: gradients do not reach the model through it)."""
+        kind, i = self._port_names[name]
+        param = getattr(self, self.KIND_HOME[kind])
+        return nn.Parameter(self._views(self._stored())[kind].detach()[i], requires_grad=param.requires_grad)
+
+    @torch.no_grad()
+    def _port_set(self, name: str, value: torch.Tensor, placeholder: bool = False):
+        """Writes ``value`` into the slice of a port name; with ``placeholder`` (a loader's stand-in for a tensor its
+        checkpoint lacks) the slice gets a new model's values instead."""
+        kind, i = self._port_names[name]
+        home = self.KIND_HOME[kind]
+        param = getattr(self, home)
+        shape = tuple(self._views(self._stored())[kind].shape[1:])
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{self.WHAT}: {name} must have shape {shape}, got {tuple(value.shape)}")
+        if param.device != value.device or param.dtype != value.dtype or param.is_meta:
+            # Loading into a model made on the meta device: the stored parameter is created on the first slice,
+            # initialised as a new model's (slices the checkpoint lacks keep that), then filled slice by slice.
+            fresh = nn.Parameter(torch.empty(param.shape, dtype=value.dtype, device=value.device),
+                                 requires_grad=param.requires_grad)
+            if param.is_meta:
+                self._init_stored(home, fresh)
+            else:
+                fresh.copy_(param)
+            fresh._is_hf_initialized = True
+            setattr(self, home, fresh)
+        view = self._views(self._stored())[kind][i]
+        if placeholder:
+            self._init_slot(kind, i, view)
+        else:
+            view.copy_(value)
+
+
+def _is_placeholder(value) -> bool:
+    """Whether a tensor assigned to a port name is transformers' stand-in for a tensor missing from a checkpoint
+    (uninitialised memory to be initialised): a plain tensor, where its loader hands every loaded tensor over as an
+    ``nn.Parameter`` marked ``_is_hf_initialized``."""
+    return (isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+            and not getattr(value, "_is_hf_initialized", False))
+
+
+class PldrMetricLearner(_PortNamedParameters):
     """The residual metric learner of a PLGA layer (``num_reslayerA`` units of ``num_denseA`` SwiGLUs and a LayerNorm,
-    the math of :class:`PldrResidualMetricUnit`) with its parameters stored stacked per kind, run as one operator
-    (``metric_learner.py``):
+    the math of :class:`PldrResidualMetricUnit`) with its parameters stored in two flat tensors, run as one operator
+    (``metric_learner.py``, :func:`flat_metric_learner`):
 
-    * ``gluw12_weight`` [2G, A_dff, d]: gluw1.weight and gluw2.weight of each GLU in turn (G = units x GLUs, unit-major),
-      ``gluw3_weight`` [G, d, A_dff], ``gluw12_bias`` [2G, A_dff] and ``gluw3_bias`` [G, d] (None without ``glu_bias``),
-      ``layernormA_weight`` / ``layernormA_bias`` [units, d].
+    * ``glu_weights``: W1|W2 [2G, A_dff, d] (gluw1.weight and gluw2.weight of each GLU in turn, G = units x GLUs,
+      unit-major), then W3 [G, d, A_dff];
+    * ``biases_and_layernorms``: b1|b2 [2G, A_dff] and b3 [G, d] (none without ``glu_bias``), then the LayerNorms'
+      weights and biases [units, d].
 
-    Stacked, a layer's learner is 6 parameter tensors instead of 112 (at the papers' sizes): per training step that
-    saves hundreds of autograd nodes, stack/unbind copies and optimizer and gradient-clipping bookkeeping, which made
-    the host, not the GPU, set the pace of small batches. The names mean what they meant as modules, so Trainer's
-    weight-decay rule (not on biases and LayerNorms) is unchanged.
+    Two parameter tensors per layer instead of 112 (at the papers' sizes; 6 when stacked per kind), each a contiguous
+    part of the flat gradient that the operator's backward writes, so no copy assembles them. Trainer's weight-decay
+    rule (not on biases and LayerNorms, by name) treats the two as the modules' weights and the rest. The views by
+    kind: :meth:`kinds`.
 
     Checkpoints keep the original's (and the transformers port's) per-unit names,
-    ``reslayerAs.{u}.denseAs.{j}.gluw{1,2,3}.{weight,bias}`` and ``reslayerAs.{u}.layernormA.{weight,bias}``:
-    ``state_dict()`` gives them (copies of the slices), ``load_state_dict()`` takes them, and ``from_pretrained`` finds
-    them through ``getattr`` (``learner.3.denseAs.1.gluw2.weight`` is the slice ``gluw12_weight[2 * (3 * J + 1) + 1]``).
-    For adapters on the learner's GLUs, :meth:`PldrPreTrainedModel.use_metric_learner_modules` turns the learners back
-    into modules.
+    ``reslayerAs.{u}.denseAs.{j}.gluw{1,2,3}.{weight,bias}`` and ``reslayerAs.{u}.layernormA.{weight,bias}``
+    (:class:`_PortNamedParameters`); transformers' loader reaches them through ``getattr``
+    (``learner.3.denseAs.1.gluw2.weight`` is the slice ``kinds()["gluw12_weight"][2 * (3 * J + 1) + 1]``). For adapters
+    on the learner's GLUs, :meth:`PldrPreTrainedModel.use_metric_learner_modules` turns the learners back into
+    modules.
     """
 
     KINDS = ("gluw12_weight", "gluw3_weight", "gluw12_bias", "gluw3_bias", "layernormA_weight", "layernormA_bias")
+    FLAT = ("glu_weights", "biases_and_layernorms")
+    KIND_HOME = {"gluw12_weight": "glu_weights", "gluw3_weight": "glu_weights"} | {
+        k: "biases_and_layernorms" for k in KINDS[2:]}
+    WHAT = "metric learner"
 
     def __init__(self, config: PldrConfig):
         super().__init__()
         U, J, h, d = config.num_reslayerA, config.num_denseA, config.A_dff, config.head_dim
-        G = U * J
         self.num_units, self.num_glus, self.hidden, self.d = U, J, h, d
         self.eps = config.layer_norm_eps
         self.config_for_modules = config
-        self.gluw12_weight = nn.Parameter(torch.empty(2 * G, h, d))
-        self.gluw3_weight = nn.Parameter(torch.empty(G, d, h))
-        if config.glu_bias:
-            self.gluw12_bias = nn.Parameter(torch.zeros(2 * G, h))
-            self.gluw3_bias = nn.Parameter(torch.zeros(G, d))
-        else:
-            self.register_parameter("gluw12_bias", None)
-            self.register_parameter("gluw3_bias", None)
-        self.layernormA_weight = nn.Parameter(torch.ones(U, d))
-        self.layernormA_bias = nn.Parameter(torch.zeros(U, d))
-        self._port_names = {name: (kind, i) for name, kind, i in self._port_slots()}
-        self._register_state_dict_hook(PldrMetricLearner._state_dict_in_port_names)
-        self.register_load_state_dict_pre_hook(PldrMetricLearner._load_port_names)
+        self.layout = LearnerLayout(U, J, h, d, bool(config.glu_bias))
+        n = self.layout.weights_numel
+        self.glu_weights = nn.Parameter(torch.empty(n))
+        self.biases_and_layernorms = nn.Parameter(torch.empty(self.layout.total - n))
+        self._register_port_names(self._port_slots())
+        self._init_stored("biases_and_layernorms")  # (no random numbers: zeros, and LayerNorm weights 1)
 
     def __len__(self) -> int:
         return self.num_units
 
     def forward(self, A: torch.Tensor) -> torch.Tensor:
-        return stacked_metric_learner(A, *(getattr(self, k) for k in self.KINDS), self.eps)
+        return flat_metric_learner(A, self.glu_weights, self.biases_and_layernorms, self.num_units, self.num_glus,
+                                   self.hidden, self.eps)
+
+    def kinds(self) -> dict[str, torch.Tensor]:
+        """The parameters by kind, as views of the flat ones (with gradients): ``gluw12_weight`` [2G, h, d],
+        ``gluw3_weight`` [G, d, h], ``gluw12_bias`` [2G, h], ``gluw3_bias`` [G, d] (without biases: absent),
+        ``layernormA_weight`` and ``layernormA_bias`` [units, d]."""
+        return self._views(self._stored())
+
+    def _views(self, stored: dict) -> dict:
+        views = self.layout.unpack_pair(stored["glu_weights"], stored["biases_and_layernorms"])
+        return {k: v for k, v in zip(self.KINDS, views) if v is not None}
+
+    @staticmethod
+    def _init_slot(kind: str, index: int, t: torch.Tensor):
+        """A new model's values: each GLU's weights as an nn.Linear of the original (Xavier uniform per matrix), zero
+        biases, LayerNorm weights 1 and biases 0."""
+        if kind in ("gluw12_weight", "gluw3_weight"):
+            nn.init.xavier_uniform_(t)
+        elif kind == "layernormA_weight":
+            nn.init.ones_(t)
+        else:
+            nn.init.zeros_(t)
 
     def extra_repr(self) -> str:
         return (f"units={self.num_units}, glus_per_unit={self.num_glus}, d={self.d}, hidden={self.hidden}, "
-                f"bias={self.gluw12_bias is not None}")
+                f"bias={self.layout.bias}")
 
-    # -- the port's per-unit names ---------------------------------------------------------------------------------
     def _port_slots(self):
-        """(name relative to this module in the port's layout, stacked parameter, index in it)."""
-        bias = self.gluw12_bias is not None
+        """(name relative to this module in the port's layout, kind, index in it), kinds in :attr:`KINDS` order."""
+        bias = self.layout.bias
+        slots = {kind: [] for kind in self.KINDS}
         for u in range(self.num_units):
             for j in range(self.num_glus):
                 g = u * self.num_glus + j
                 p = f"{u}.denseAs.{j}."
-                yield p + "gluw1.weight", "gluw12_weight", 2 * g
-                yield p + "gluw2.weight", "gluw12_weight", 2 * g + 1
-                yield p + "gluw3.weight", "gluw3_weight", g
+                slots["gluw12_weight"] += [(p + "gluw1.weight", 2 * g), (p + "gluw2.weight", 2 * g + 1)]
+                slots["gluw3_weight"].append((p + "gluw3.weight", g))
                 if bias:
-                    yield p + "gluw1.bias", "gluw12_bias", 2 * g
-                    yield p + "gluw2.bias", "gluw12_bias", 2 * g + 1
-                    yield p + "gluw3.bias", "gluw3_bias", g
-            yield f"{u}.layernormA.weight", "layernormA_weight", u
-            yield f"{u}.layernormA.bias", "layernormA_bias", u
-
-    @staticmethod
-    def _state_dict_in_port_names(module, state_dict, prefix, local_metadata):
-        stacked = {k: state_dict.pop(prefix + k) for k in module.KINDS if prefix + k in state_dict}
-        for kind, t in stacked.items():
-            if hasattr(t, "full_tensor"):  # a sharded (FSDP2 / DTensor) parameter: slices of the whole tensor
-                stacked[kind] = t.full_tensor()
-        for name, (kind, i) in module._port_names.items():
-            if kind in stacked:
-                state_dict[prefix + name] = stacked[kind].detach()[i].clone()
-        return state_dict
-
-    @staticmethod
-    def _load_port_names(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                         error_msgs):
-        """Stacks the port's per-unit entries of a state dict into the stacked parameters' entries (a state dict that
-        already has the stacked names loads as it is)."""
-        names = [n for n in module._port_names if prefix + n in state_dict]
-        if not names:
-            return
-        for kind in module.KINDS:
-            param = getattr(module, kind)
-            if param is None or prefix + kind in state_dict:
-                continue
-            slots = {i: n for n, (k, i) in module._port_names.items() if k == kind}
-            found = {i: state_dict.pop(prefix + n) for i, n in slots.items() if prefix + n in state_dict}
-            if not found:
-                continue  # reported as a missing key of its own
-            if len(found) != len(slots):
-                missing_keys.extend(prefix + n for i, n in slots.items() if i not in found)
-                merged = param.detach().clone()
-                for i, t in found.items():
-                    merged[i] = t
-                state_dict[prefix + kind] = merged
-            else:
-                state_dict[prefix + kind] = torch.stack([found[i] for i in range(len(slots))])
+                    slots["gluw12_bias"] += [(p + "gluw1.bias", 2 * g), (p + "gluw2.bias", 2 * g + 1)]
+                    slots["gluw3_bias"].append((p + "gluw3.bias", g))
+            slots["layernormA_weight"].append((f"{u}.layernormA.weight", u))
+            slots["layernormA_bias"].append((f"{u}.layernormA.bias", u))
+        for kind, entries in slots.items():
+            for name, i in sorted(entries, key=lambda e: e[1]):
+                yield name, kind, i
 
     def __getattr__(self, name: str):
         # transformers' loader reaches a checkpoint entry by attribute path (``learner.0.denseAs.1.gluw1.weight``)
@@ -421,39 +557,13 @@ class PldrMetricLearner(nn.Module):
             return _PortNameView(self, name + ".")
         return super().__getattr__(name)
 
-    def _port_get(self, name: str) -> nn.Parameter:
-        kind, i = self._port_names[name]
-        param = getattr(self, kind)
-        return nn.Parameter(param.detach()[i], requires_grad=param.requires_grad)
-
-    @torch.no_grad()
-    def _port_set(self, name: str, value: torch.Tensor):
-        kind, i = self._port_names[name]
-        param = getattr(self, kind)
-        if tuple(value.shape) != tuple(param.shape[1:]):
-            raise ValueError(f"metric learner: {name} must have shape {tuple(param.shape[1:])}, got "
-                             f"{tuple(value.shape)}")
-        if param.device != value.device or param.dtype != value.dtype or param.is_meta:
-            # Loading into a model made on the meta device: the stacked parameter is created on the first slice,
-            # initialised as a new model's (slices the checkpoint lacks keep that), then filled slice by slice.
-            fresh = nn.Parameter(torch.empty(param.shape, dtype=value.dtype, device=value.device),
-                                 requires_grad=param.requires_grad)
-            if param.is_meta:
-                _init_learner_kind(fresh, kind)
-            else:
-                fresh.copy_(param)
-            fresh._is_hf_initialized = True
-            setattr(self, kind, fresh)
-            param = fresh
-        param[i].copy_(value)
-
     # -- conversion to and from modules ----------------------------------------------------------------------------
     @torch.no_grad()
     def to_units(self) -> nn.ModuleList:
         """The same learner as a ModuleList of :class:`PldrResidualMetricUnit` (the port's modules), with copies of
         the weights on the same device and dtype."""
         units = nn.ModuleList([PldrResidualMetricUnit(self.config_for_modules) for _ in range(self.num_units)])
-        units.to(device=self.gluw12_weight.device, dtype=self.gluw12_weight.dtype)
+        units.to(device=self.glu_weights.device, dtype=self.glu_weights.dtype)
         own = dict(units.named_parameters())
         for name in self._port_names:
             own[name].copy_(self._port_get(name))
@@ -467,19 +577,6 @@ class PldrMetricLearner(nn.Module):
             raise ValueError("metric learner: the units do not have this learner's sizes")
         for name, value in own.items():
             self._port_set(name, value.detach())
-
-
-def _init_learner_kind(param: torch.Tensor, kind: str):
-    """A new model's values for one stacked parameter: each GLU's weights as an nn.Linear of the original (Xavier
-    uniform per matrix), zero biases, LayerNorm weights 1 and biases 0."""
-    with torch.no_grad():
-        if kind.endswith("_weight") and kind.startswith("gluw"):
-            for m in param:
-                nn.init.xavier_uniform_(m)
-        elif kind == "layernormA_weight":
-            nn.init.ones_(param)
-        else:
-            nn.init.zeros_(param)
 
 
 class _PortNameView(nn.Module):
@@ -503,7 +600,8 @@ class _PortNameView(nn.Module):
     def __setattr__(self, name: str, value):
         learner, path = self.__dict__["_learner"], self.__dict__["_path"]
         if path + name in learner._port_names:
-            learner._port_set(path + name, value.detach() if isinstance(value, torch.Tensor) else value)
+            learner._port_set(path + name, value.detach() if isinstance(value, torch.Tensor) else value,
+                              placeholder=_is_placeholder(value))
             return
         super().__setattr__(name, value)
 
@@ -540,32 +638,62 @@ class _GramFunction(torch.autograd.Function):
         return g.to(q.dtype), None, None
 
 
-class PldrPowerLaw(nn.Module):
+class PldrPowerLaw(_PortNamedParameters):
     """The power law step: ``A_LM = iSwiGLU(W @ A + b) + 1e-9``, ``G_LM = a @ (A_LM ** p) + ba`` per head.
 
     Computed in float32 whatever the model's dtype: the tensors are tiny ([heads, d, d]) and fp16/bf16 would turn small
     A_LM into 0 and the power law into inf/NaN.
+
+    The five parameters are stored as one, ``power_params`` [5, heads, d, d] (W, b, p, a, ba: fewer tensors per
+    training step, and the operator's backward writes their gradient as one tensor). ``Wlst``, ``blst``, ``pwlst``,
+    ``alst`` and ``balst`` read as views of it (gradients reach it through them) and are the names of checkpoints and
+    state dicts (:class:`_PortNamedParameters`).
     """
+
+    NAMES = ("Wlst", "blst", "pwlst", "alst", "balst")
+    FLAT = ("power_params",)
+    KIND_HOME = {"power_params": "power_params"}
+    WHAT = "power law"
 
     def __init__(self, config: PldrConfig):
         super().__init__()
-        shape = (config.num_attention_heads, config.head_dim, config.head_dim)
-        self.Wlst = nn.Parameter(torch.empty(shape))
-        self.blst = nn.Parameter(torch.empty(shape))
-        self.pwlst = nn.Parameter(torch.empty(shape))
-        self.alst = nn.Parameter(torch.empty(shape))
-        self.balst = nn.Parameter(torch.empty(shape))
+        self.power_params = nn.Parameter(torch.empty(5, config.num_attention_heads, config.head_dim, config.head_dim))
+        self._register_port_names((name, "power_params", i) for i, name in enumerate(self.NAMES))
 
     def forward(self, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _power_law_step(A, self.Wlst, self.blst, self.pwlst, self.alst, self.balst)
+        return _power_law_step(A, self.power_params)
+
+    def _views(self, stored: dict) -> dict:
+        return stored
+
+    @staticmethod
+    def _init_slot(kind: str, index: int, t: torch.Tensor):
+        """The original's initialisation: Xavier normal W, p and a, zero b and ba."""
+        if index in (1, 4):
+            nn.init.zeros_(t)
+        else:
+            nn.init.xavier_normal_(t)
+
+    def __getattr__(self, name: str):
+        if name in PldrPowerLaw.NAMES:
+            return self.power_params[PldrPowerLaw.NAMES.index(name)]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value):
+        if name in PldrPowerLaw.NAMES:
+            self._port_set(name, value.detach() if isinstance(value, torch.Tensor) else value,
+                           placeholder=_is_placeholder(value))
+            return
+        super().__setattr__(name, value)
 
 
-def _power_law_step(A, W, b, p, a, ba) -> tuple[torch.Tensor, torch.Tensor]:
-    """:class:`PldrPowerLaw`'s math: one operator (metric_learner.power_law), one Triton kernel each way on CUDA."""
+def _power_law_step(A, params) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`PldrPowerLaw`'s math (``params`` = W, b, p, a, ba stacked [5, H, d, d]): one operator
+    (metric_learner.power_law), one Triton kernel each way on CUDA."""
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # (e.g. a 16-bit model's prefill: the kernel reads the 16-bit tensors as float32 itself, six casts fewer)
-        return power_law_forward(A, W, b, p, a, ba)
-    return power_law(A.float(), *(t.float() for t in (W, b, p, a, ba)))
+        # (e.g. a 16-bit model's prefill: the kernel reads the 16-bit tensors as float32 itself, two casts fewer)
+        return power_law_forward(A, params)
+    return power_law(A.float(), params.float())
 
 
 def _normed_metric(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -577,20 +705,20 @@ def _normed_metric(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     return F.layer_norm(A, weight.shape, weight.float(), bias.float(), eps).to(weight.dtype)
 
 
-def _deduction_runs_kernels(A, ln_weight, ln_bias, w12, w3, b12, b3, lnA_weight, lnA_bias, *power_params, eps: float):
+def _deduction_runs_kernels(A, ln_weight, ln_bias, weights, norms, power_params, *, sizes: tuple, eps: float):
     """Whether :func:`_deduce` on these tensors runs Triton kernels and no library GEMM (what its CUDA graphs record;
     asked once per shape, dtype and autocast state)."""
     with torch.no_grad():
         normed = _normed_metric(A, ln_weight, ln_bias, eps)
-    return runs_kernels_only(normed, w12, w3, b12, b3, lnA_weight, lnA_bias, power_params)
+    return runs_kernels_only(normed, weights, norms, *sizes, power_params)
 
 
-def _deduce(A, ln_weight, ln_bias, w12, w3, b12, b3, lnA_weight, lnA_bias, W, b, p, a, ba, *, eps: float):
-    """A layer's deduction from its metric sum A: ``(A, A_LM, G_LM)`` after the LayerNorm, the stacked metric learner
-    (:class:`PldrMetricLearner`'s parameters) and the power law. What the modules compute, as a function of tensors, so
-    that :class:`DeductionGraphs` can record it."""
-    A = stacked_metric_learner(_normed_metric(A, ln_weight, ln_bias, eps), w12, w3, b12, b3, lnA_weight, lnA_bias, eps)
-    return (A, *_power_law_step(A, W, b, p, a, ba))
+def _deduce(A, ln_weight, ln_bias, weights, norms, power_params, *, sizes: tuple, eps: float):
+    """A layer's deduction from its metric sum A: ``(A, A_LM, G_LM)`` after the LayerNorm, the metric learner
+    (:class:`PldrMetricLearner`'s flat parameters, ``sizes`` its units, GLUs per unit and hidden width) and the power
+    law. What the modules compute, as a function of tensors, so that :class:`DeductionGraphs` can record it."""
+    A = flat_metric_learner(_normed_metric(A, ln_weight, ln_bias, eps), weights, norms, *sizes, eps)
+    return (A, *_power_law_step(A, power_params))
 
 
 def rotary_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
@@ -676,9 +804,9 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
             else:  # the operator computes SwiGLUs only: other activations keep the modules
                 self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
             self.plgatt_layer = PldrPowerLaw(config)
-            eps = config.layer_norm_eps
-            self._deduction_graphs = DeductionGraphs(functools.partial(_deduce, eps=eps),
-                                                     functools.partial(_deduction_runs_kernels, eps=eps))
+            options = dict(eps=config.layer_norm_eps, sizes=(config.num_reslayerA, config.num_denseA, config.A_dff))
+            self._deduction_graphs = DeductionGraphs(functools.partial(_deduce, **options),
+                                                     functools.partial(_deduction_runs_kernels, **options))
         # (stacked W_q|W_k|W_v, its bias, the dense projection's weight and bias, each None where absent or not copied)
         # for decoding; used while armed, inside generate
         self._decode_weights: tuple[torch.Tensor | None, ...] | None = None
@@ -836,8 +964,8 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
                 and type(self.plgatt_layer) is PldrPowerLaw and plain_layer_norms(self.layernorm1)
                 and not _has_hooks(self.reslayerAs) and not _has_hooks(self.plgatt_layer)):
             ln, learner, power = self.layernorm1, self.reslayerAs, self.plgatt_layer
-            found = graphs.run((A, ln.weight, ln.bias, *(getattr(learner, k) for k in learner.KINDS), power.Wlst,
-                                power.blst, power.pwlst, power.alst, power.balst))
+            found = graphs.run((A, ln.weight, ln.bias, learner.glu_weights, learner.biases_and_layernorms,
+                                power.power_params))
             if found is not None:
                 return found
         A = self._learned_metric(A)
@@ -943,12 +1071,15 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         power = self.plgatt_layer if self.learned_G else None
         # Copies, not the parameters themselves: under FSDP a parameter's unsharded storage is freed after the
         # layer's forward, and a loss on the deductive outputs (e.g. the DAG regulariser) must not read it.
+        p = a = ba = None
+        if power is not None:
+            p, a, ba = power.power_params[2:].clone()  # (pwlst, alst, balst: one copy)
         return PldrDeductiveOutputs(
             A=A,
             A_LM=A_LM,
-            power_exponents=power.pwlst.clone() if power is not None else None,
-            coupling=power.alst.clone() if power is not None else None,
-            coupling_bias=power.balst.clone() if power is not None else None,
+            power_exponents=p,
+            coupling=a,
+            coupling_bias=ba,
             G_LM=G_LM,
             attention_weights=weights,
         )
@@ -1053,6 +1184,17 @@ class PldrPreTrainedModel(PreTrainedModel):
         finally:
             self.__class__ = cls
 
+    def get_parameter_or_buffer(self, target: str):
+        """``PreTrainedModel.get_parameter_or_buffer``, which transformers' loader asks for each parameter a checkpoint
+        lacks; a power law's port names (``...plgatt_layer.pwlst``) are views of its stored parameter, given as an
+        ``nn.Parameter`` on its memory (:meth:`_PortNamedParameters._port_get`)."""
+        path, _, name = target.rpartition(".")
+        if name in PldrPowerLaw.NAMES:
+            module = self.get_submodule(path)
+            if isinstance(module, PldrPowerLaw):
+                return module._port_get(name)
+        return super().get_parameter_or_buffer(target)
+
     def use_metric_learner_modules(self):
         """Turns every layer's stacked metric learner (:class:`PldrMetricLearner`) into the port's modules, a
         ModuleList of :class:`PldrResidualMetricUnit` with the same weights and parameter names as the checkpoint
@@ -1081,17 +1223,8 @@ class PldrPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, PldrMetricLearner):
-            for kind in module.KINDS:
-                param = getattr(module, kind)
-                if param is not None and not getattr(param, "_is_hf_initialized", False):
-                    _init_learner_kind(param, kind)
-        elif isinstance(module, PldrPowerLaw):
-            init.xavier_normal_(module.Wlst)
-            init.zeros_(module.blst)
-            init.xavier_normal_(module.pwlst)
-            init.xavier_normal_(module.alst)
-            init.zeros_(module.balst)
+        elif isinstance(module, _PortNamedParameters):
+            module._init_new()
         elif isinstance(module, PldrModel) and module.past_G_values is not None:
             init.copy_(module.past_G_values, module.initial_fixed_G())
 

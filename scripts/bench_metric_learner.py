@@ -202,7 +202,7 @@ def sweep(args, rows, learner):
     d = args.d
     *kinds, eps = ML.learner_tensors(learner)
     w12, w3, b12, b3, ln_w, ln_b = [None if ps is None else torch.stack(ps).detach() for ps in kinds]
-    layout = ML._Layout(len(learner), args.glus, args.hidden, d, b12 is not None)
+    layout = ML.LearnerLayout(len(learner), args.glus, args.hidden, d, b12 is not None)
     x = torch.randn(rows, d, device=args.device)
     gout = torch.randn(rows, d, device=args.device)
     cd, f32 = torch.bfloat16, torch.float32

@@ -27,7 +27,7 @@ TINY = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, head_dim=16, n
 def emulated(monkeypatch):
     monkeypatch.setattr(dg.DeductionGraphs, "EMULATE_ON_CPU", True)
     # (on CPU the deduction runs its PyTorch reference, which the model would not record on a GPU)
-    monkeypatch.setattr(mp, "_deduction_runs_kernels", lambda *tensors, eps: True)
+    monkeypatch.setattr(mp, "_deduction_runs_kernels", lambda *tensors, **options: True)
 
 
 def pair(seed=0, device="cpu", **overrides):
@@ -135,7 +135,7 @@ def test_second_derivatives_through_the_graphed_deduction(emulated):
     found = []
     for model in (on, off):
         layer = model.decoder.dec_layers[0].mha1
-        wanted = [layer.plgatt_layer.pwlst, layer.wq.weight, layer.reslayerAs.gluw12_weight]
+        wanted = [layer.plgatt_layer.power_params, layer.wq.weight, layer.reslayerAs.glu_weights]
         g = torch.autograd.grad(model(x, labels=x).loss, wanted, create_graph=True)
         penalty = sum((t * t).sum() for t in g)
         model.zero_grad()
@@ -150,7 +150,7 @@ def test_second_derivatives_through_the_graphed_deduction(emulated):
         if g is not None:
             # (the two differentiate the float32 power law in different orders; these second derivatives reach 1e8)
             torch.testing.assert_close(g, other, rtol=1e-3, atol=1e-5 * other.abs().max().item())
-    assert found[0][1]["decoder.dec_layers.0.mha1.plgatt_layer.pwlst"].abs().sum() > 0
+    assert found[0][1]["decoder.dec_layers.0.mha1.plgatt_layer.power_params"][2].abs().sum() > 0  # (the exponents)
 
 
 def test_one_key_per_shape_least_recently_used_dropped(emulated, monkeypatch):
@@ -177,12 +177,12 @@ def test_frozen_parameters_and_replaced_ones(emulated):
             model.zero_grad()
             model(x, labels=x).loss.backward()
         assert_same_grads(on, off)
-    assert grads(on)["decoder.dec_layers.0.mha1.reslayerAs.gluw3_weight"] is None
+    assert grads(on)["decoder.dec_layers.0.mha1.reslayerAs.glu_weights"] is None
     assert all(g.replays == 2 for g in graphs(on))
     torch.manual_seed(5)
-    new = torch.rand_like(on.decoder.dec_layers[1].mha1.plgatt_layer.alst)
+    new = torch.rand_like(on.decoder.dec_layers[1].mha1.plgatt_layer.power_params)
     for model in (on, off):
-        model.decoder.dec_layers[1].mha1.plgatt_layer.alst = nn.Parameter(new.clone())
+        model.decoder.dec_layers[1].mha1.plgatt_layer.power_params = nn.Parameter(new.clone())
     x = ids(9, (2, 8))
     with torch.no_grad():
         for _ in range(3):
@@ -260,8 +260,8 @@ def test_recorded_only_where_the_deduction_runs_its_kernels(monkeypatch):
     on, _ = pair()
     attn = on.decoder.dec_layers[0].mha1
     ln, learner, power = attn.layernorm1, attn.reslayerAs, attn.plgatt_layer
-    tensors = (torch.randn(2, 2, 16, 16), ln.weight, ln.bias, *(getattr(learner, k) for k in learner.KINDS),
-               power.Wlst, power.blst, power.pwlst, power.alst, power.balst)
+    tensors = (torch.randn(2, 2, 16, 16), ln.weight, ln.bias, learner.glu_weights, learner.biases_and_layernorms,
+               power.power_params)
     recordable = attn._deduction_graphs.recordable
     assert not recordable(*tensors)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -276,7 +276,7 @@ def test_a_key_turned_down_is_not_asked_again(monkeypatch):
     monkeypatch.setattr(dg.DeductionGraphs, "EMULATE_ON_CPU", True)
     asked = []
 
-    def turned_down(*tensors, eps):
+    def turned_down(*tensors, **options):
         asked.append(tensors[0].shape)
         return False
 

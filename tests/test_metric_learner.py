@@ -33,8 +33,10 @@ def test_learners_are_stored_stacked_and_compute_what_the_modules_compute(monkey
     model = _tiny_model()
     learner = model.decoder.dec_layers[0].mha1.reslayerAs
     assert isinstance(learner, M.PldrMetricLearner)
-    # 6 tensors per layer instead of 2 units x (2 GLUs x 6 + 2)
-    assert sum(1 for n, _ in model.named_parameters() if ".reslayerAs." in n) == 6 * model.config.num_hidden_layers
+    # 2 tensors per layer instead of 2 units x (2 GLUs x 6 + 2), and the power law's 5 as 1
+    names = [n for n, _ in model.named_parameters()]
+    assert sum(1 for n in names if ".reslayerAs." in n) == 2 * model.config.num_hidden_layers
+    assert sum(1 for n in names if ".plgatt_layer." in n) == model.config.num_hidden_layers
     ids = torch.randint(4, 64, (2, 12))
     model.train()
     loss = model(input_ids=ids, labels=ids).loss
@@ -47,21 +49,20 @@ def test_learners_are_stored_stacked_and_compute_what_the_modules_compute(monkey
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(infer, ref.detach(), atol=1e-5, rtol=0)
     # Gradients of every parameter, in float64 (float32 sum-order noise grows through the power law), compared in the
-    # port's names: the stacked gradients sliced as state_dict() slices the weights.
+    # port's names: the flat gradients sliced as state_dict() slices the weights.
     model.double()
     modules.double()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     modules(input_ids=ids, labels=ids).loss.backward()
-    stacked_grads = {n: p.grad for n, p in model.named_parameters()}
-    for name, p in modules.named_parameters():
-        if ".reslayerAs." in name:
-            prefix, _, port = name.partition(".reslayerAs.")
-            kind, i = model.get_submodule(prefix + ".reslayerAs")._port_names[port]
-            g = stacked_grads[f"{prefix}.reslayerAs.{kind}"][i]
-        else:
-            g = stacked_grads[name]
-        torch.testing.assert_close(g, p.grad, atol=1e-10 * max(1.0, p.grad.abs().max().item()), rtol=0, msg=name)
+    grads = []
+    for m in (model, modules):
+        for p in m.parameters():
+            p.data = p.grad  # (state_dict() then slices the gradients)
+        grads.append(m.state_dict())
+    assert set(grads[0]) == set(grads[1])
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, atol=1e-10 * max(1.0, g.abs().max().item()), rtol=0, msg=name)
 
 
 def test_hooks_on_the_learner_run_and_modules_with_adapters_run_module_by_module():
@@ -113,7 +114,7 @@ def test_state_dict_and_checkpoints_keep_the_ports_names(tmp_path):
         assert isinstance(loaded.decoder.dec_layers[0].mha1.reslayerAs, M.PldrMetricLearner)
         torch.testing.assert_close(loaded(input_ids=ids).logits, ref, atol=0, rtol=0)
     half = AutoModelForCausalLM.from_pretrained(tmp_path / "stacked", dtype=torch.bfloat16)
-    assert half.decoder.dec_layers[0].mha1.reslayerAs.gluw12_weight.dtype == torch.bfloat16
+    assert {p.dtype for p in half.decoder.dec_layers[0].mha1.parameters()} == {torch.bfloat16}
     # load_state_dict takes the port's names (and the stacked ones); an incomplete learner is reported missing
     fresh = _tiny_model(glu_bias=True)
     assert not fresh.load_state_dict(sd).missing_keys
@@ -183,3 +184,88 @@ def test_training_with_the_operator_and_with_the_modules_gives_the_same_losses(m
     assert op_err[0] <= max(modules_err[0], 2e-3), (with_op, with_modules, exact)
     assert max(op_err) <= 0.1 and max(modules_err) <= 0.1, (with_op, with_modules, exact)
     assert with_op[-1] < with_op[0] - 0.1
+
+
+def test_checkpoint_missing_entries_get_a_new_models_values(tmp_path):
+    # transformers materialises what a checkpoint lacks with uninitialised memory, then initialises it: the stored
+    # learner and power law must give those slices a new model's values (not the memory's NaN or garbage), and keep
+    # every loaded slice exactly
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_model(glu_bias=True)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    p = "decoder.dec_layers.0.mha1."
+    missing = {p + "reslayerAs.0.denseAs.1.gluw3.weight", p + "reslayerAs.1.layernormA.weight",
+               p + "reslayerAs.1.denseAs.0.gluw2.bias", p + "plgatt_layer.pwlst", p + "plgatt_layer.blst"}
+    for k in missing:
+        del state[k]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == missing
+    got = loaded.state_dict()
+    for k, v in state.items():
+        assert torch.equal(got[k], v), k
+    w = got[p + "reslayerAs.0.denseAs.1.gluw3.weight"]  # Xavier uniform [d, A_dff]
+    bound = (6 / sum(w.shape)) ** 0.5
+    assert torch.isfinite(w).all() and w.std() > bound / 4 and w.abs().max() <= bound
+    assert torch.equal(got[p + "reslayerAs.1.layernormA.weight"], torch.ones(16))
+    assert torch.equal(got[p + "reslayerAs.1.denseAs.0.gluw2.bias"], torch.zeros(20))
+    assert torch.equal(got[p + "plgatt_layer.blst"], torch.zeros(2, 16, 16))
+    exponents = got[p + "plgatt_layer.pwlst"]  # Xavier normal
+    assert torch.isfinite(exponents).all() and exponents.std() > 0.05
+    ids = torch.randint(4, 64, (1, 7))
+    assert torch.isfinite(loaded(input_ids=ids).logits).all()
+
+
+def test_the_power_law_is_one_parameter_with_the_ports_names():
+    model = _tiny_model()
+    power = model.decoder.dec_layers[1].mha1.plgatt_layer
+    assert [n for n, _ in power.named_parameters()] == ["power_params"]
+    assert tuple(power.power_params.shape) == (5, 2, 16, 16)
+    # the five names read as views of it, in the order W, b, p, a, ba, and gradients reach it through them
+    for i, name in enumerate(M.PldrPowerLaw.NAMES):
+        assert getattr(power, name).data_ptr() == power.power_params[i].data_ptr()
+    (power.pwlst.sum() + 2 * power.balst.sum()).backward()
+    want = torch.zeros(5, 2, 16, 16)
+    want[2], want[4] = 1.0, 2.0
+    assert torch.equal(power.power_params.grad, want)
+    # the state dict has the port's names; load_state_dict takes them, and reports a lacking one as missing
+    sd = model.state_dict()
+    prefix = "decoder.dec_layers.1.mha1.plgatt_layer."
+    assert {k for k in sd if k.startswith(prefix)} == {prefix + n for n in M.PldrPowerLaw.NAMES}
+    fresh = _tiny_model()
+    fresh.decoder.dec_layers[1].mha1.plgatt_layer.power_params.data.zero_()
+    assert not fresh.load_state_dict(sd).missing_keys
+    assert torch.equal(fresh.decoder.dec_layers[1].mha1.plgatt_layer.power_params, power.power_params)
+    part = {k: v for k, v in sd.items() if k != prefix + "alst"}
+    assert fresh.load_state_dict(part, strict=False).missing_keys == [prefix + "alst"]
+    bad = dict(sd, **{prefix + "alst": torch.zeros(2, 16, 15)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for decoder.dec_layers.1.mha1.plgatt_layer.alst"):
+        fresh.load_state_dict(bad)
+    # assigning a name writes its slice (as transformers' loader does)
+    new = torch.rand(2, 16, 16)
+    power.alst = torch.nn.Parameter(new.clone())
+    assert torch.equal(power.power_params[3], new) and [n for n, _ in power.named_parameters()] == ["power_params"]
+    with pytest.raises(ValueError, match=r"power law: alst must have shape \(2, 16, 16\), got \(2, 16\)"):
+        power.alst = torch.nn.Parameter(torch.zeros(2, 16))
+
+
+def test_weight_decay_groups_are_those_of_the_modules(tmp_path):
+    # Trainer decays the learner's GLU weights and the power law (named as neither biases nor LayerNorms), not the
+    # learner's biases and LayerNorms: as it treats the port's modules
+    from transformers import Trainer, TrainingArguments
+
+    model = _tiny_model(glu_bias=True)
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    decayed = set(trainer.get_decay_parameter_names(model))
+    p = "decoder.dec_layers.0.mha1."
+    assert {p + "reslayerAs.glu_weights", p + "plgatt_layer.power_params"} <= decayed
+    assert p + "reslayerAs.biases_and_layernorms" not in decayed
+    modules = _as_modules(model)
+    decayed_modules = set(Trainer(model=modules, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+                          .get_decay_parameter_names(modules))
+    learner = {n.partition(p + "reslayerAs.")[2] for n in decayed_modules if n.startswith(p + "reslayerAs.")}
+    assert learner and all(n.endswith(".weight") and ".gluw" in n for n in learner)
+    assert len(learner) == 2 * 2 * 3  # every GLU weight of 2 units x 2 GLUs, no bias, no LayerNorm

@@ -49,9 +49,16 @@ def _learner(units=3, glus=2, bias=True, d=16, hidden=20, seed=0, std=None, devi
 
 
 def _stacked(units, requires_grad=False):
-    """The operator's parameter inputs (W1|W2, W3, b1|b2, b3, LayerNorm weights and biases) and eps."""
+    """The parameters stacked per kind (W1|W2, W3, b1|b2, b3, LayerNorm weights and biases) and eps."""
     *kinds, eps = ML.learner_tensors(units)
     return [None if ps is None else torch.stack(ps).detach().requires_grad_(requires_grad) for ps in kinds], eps
+
+
+def _flat(units, requires_grad=False):
+    """The operator's parameter inputs: the flat weights and norms, (units, GLUs per unit, hidden), and eps."""
+    kinds, eps = _stacked(units)
+    weights, norms = (t.requires_grad_(requires_grad) for t in ML.pack_learner(*kinds))
+    return weights, norms, (len(units), len(units[0].denseAs), units[0].denseAs[0].gluw1.out_features), eps
 
 
 def _modules(units, A):
@@ -167,9 +174,9 @@ def test_no_grad_path_saves_nothing():
             out = ML.fused_metric_learner(units, A)
         assert out.grad_fn is None and not out.requires_grad
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
-    params, eps = _stacked(units)
-    _, *kept = torch.ops.pldr.metric_learner_fwd(A.detach().reshape(-1, 16), *params, eps, torch.float32,
-                                                 torch.float32, False)
+    weights, norms, sizes, eps = _flat(units)
+    _, *kept = torch.ops.pldr.metric_learner_fwd(A.detach().reshape(-1, 16), weights, norms, *sizes, eps,
+                                                 torch.float32, torch.float32, False)
     assert len(kept) == 6 and all(t.numel() == 0 for t in kept)  # GLU inputs, sums, means, rstds, staged weights
 
 
@@ -236,21 +243,42 @@ def test_wrong_shapes_raise_value_error():
     units = _learner(units=2)
     with pytest.raises(ValueError, match="rows of width 16"):
         ML.fused_metric_learner(units, torch.randn(4, 15))
+    # the parameters by kind (stacked_metric_learner)
     (w12, w3, b12, b3, ln_w, ln_b), eps = _stacked(units)
+
+    def stacked(x, *kinds):
+        return ML.stacked_metric_learner(x, *kinds, eps)
+
+    with pytest.raises(ValueError, match=r"W1\|W2 must have shape \(8, 20, 16\)"):
+        stacked(torch.randn(4, 16), w12[:-1], w3, b12, b3, ln_w, ln_b)
+    with pytest.raises(ValueError, match="rows of width 16"):
+        stacked(torch.randn(4, 17), w12, w3, b12, b3, ln_w, ln_b)
+    with pytest.raises(ValueError, match="G a multiple of U"):
+        stacked(torch.randn(4, 16), w12, w3, b12, b3, ln_w.repeat(3, 1), ln_b.repeat(3, 1))
+    with pytest.raises(ValueError, match="both b1|b2 and b3, or neither"):
+        stacked(torch.randn(4, 16), w12, w3, b12, None, ln_w, ln_b)
+    with pytest.raises(ValueError, match="same dtype"):
+        stacked(torch.randn(4, 16), w12, w3.double(), b12, b3, ln_w, ln_b)
+    # the flat parameters (the operator's inputs, flat_metric_learner)
+    weights, norms, sizes, eps = _flat(units)
     fwd = torch.ops.pldr.metric_learner_fwd
     options = (eps, torch.float32, torch.float32, False)
-    with pytest.raises(ValueError, match=r"W1\|W2 must have shape \(8, 20, 16\)"):
-        fwd(torch.randn(4, 16), w12[:-1], w3, b12, b3, ln_w, ln_b, *options)
-    with pytest.raises(ValueError, match="rows must have shape"):
-        fwd(torch.randn(4, 17), w12, w3, b12, b3, ln_w, ln_b, *options)
+    with pytest.raises(ValueError, match=r"flat weights must be a vector of 3 x 4 GLUs x hidden 20 x d elements"):
+        fwd(torch.randn(4, 16), weights[:-1], norms, *sizes, *options)
+    with pytest.raises(ValueError, match=r"rows must have width 16"):
+        fwd(torch.randn(4, 17), weights, norms, *sizes, *options)
+    with pytest.raises(ValueError, match=r"flat biases and LayerNorm parameters must be a vector of 64 or 288"):
+        fwd(torch.randn(4, 16), weights, norms[:-1], *sizes, *options)
     with pytest.raises(ValueError, match=r"expected rows \[N, d\]"):
-        fwd(torch.randn(4, 2, 16), w12, w3, b12, b3, ln_w, ln_b, *options)
-    with pytest.raises(ValueError, match="G a multiple of U"):
-        fwd(torch.randn(4, 16), w12, w3, b12, b3, ln_w.repeat(3, 1), ln_b.repeat(3, 1), *options)
-    with pytest.raises(ValueError, match="both b1|b2 and b3, or neither"):
-        fwd(torch.randn(4, 16), w12, w3, b12, None, ln_w, ln_b, *options)
+        fwd(torch.randn(4, 2, 16), weights, norms, *sizes, *options)
+    with pytest.raises(ValueError, match="must be positive"):
+        fwd(torch.randn(4, 16), weights, norms, 0, 2, 20, *options)
     with pytest.raises(ValueError, match="same dtype"):
-        fwd(torch.randn(4, 16), w12, w3.double(), b12, b3, ln_w, ln_b, *options)
+        fwd(torch.randn(4, 16), weights, norms.double(), *sizes, *options)
+    with pytest.raises(ValueError, match="rows of width 16"):
+        ML.flat_metric_learner(torch.randn(3, 5, 17), weights, norms, *sizes, eps)
+    with pytest.raises(ValueError, match="A is torch.float64"):
+        ML.flat_metric_learner(torch.randn(3, 16).double(), weights, norms, *sizes, eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -284,13 +312,13 @@ def test_opcheck(bias):
     units = _learner(units=2, glus=2, bias=bias, std=0.3)
     x = torch.randn(12, 16)
     for save, dtype in ((True, torch.float32), (False, torch.float32), (True, torch.bfloat16)):
-        params, eps = _stacked(units, requires_grad=save)
-        args = (x.clone().requires_grad_(save), *params, eps, dtype, torch.float32, save)
+        weights, norms, sizes, eps = _flat(units, requires_grad=save)
+        args = (x.clone().requires_grad_(save), weights, norms, *sizes, eps, dtype, torch.float32, save)
         torch.library.opcheck(torch.ops.pldr.metric_learner_fwd.default, args)
-    params, eps = _stacked(units)
-    _, *saved = torch.ops.pldr.metric_learner_fwd(x, *params, eps, torch.float32, torch.float32, True)
+    weights, norms, sizes, eps = _flat(units)
+    _, *saved = torch.ops.pldr.metric_learner_fwd(x, weights, norms, *sizes, eps, torch.float32, torch.float32, True)
     for param_grads in (True, False):
-        args = (torch.randn(12, 16), *params, *saved, eps, torch.float32, torch.float32, param_grads)
+        args = (torch.randn(12, 16), weights, norms, *sizes, *saved, eps, torch.float32, torch.float32, param_grads)
         torch.library.opcheck(torch.ops.pldr.metric_learner_bwd.default, args)
 
 
@@ -299,9 +327,9 @@ def test_which_calls_the_kernels_take(monkeypatch):
     monkeypatch.setattr(ML, "_KERNELS_ON_CPU", True)  # CPU tensors stand for GPU ones here (nothing is launched)
     x = torch.zeros(10, 64)
     params = torch.zeros(1)
-    layout = ML._Layout(8, 2, 170, 64, True)
+    layout = ML.LearnerLayout(8, 2, 170, 64, True)
     assert ML._use_kernels(x, params, layout, torch.bfloat16) and ML._use_kernels(x, params, layout, torch.float16)
-    assert not ML._use_kernels(x, params, ML._Layout(8, 2, 170, 48, True), torch.bfloat16)  # d not a power of two
+    assert not ML._use_kernels(x, params, ML.LearnerLayout(8, 2, 170, 48, True), torch.bfloat16)  # d not a power of two
     assert not ML._use_kernels(x.double(), params, layout, torch.float64)
     # float32: cuBLAS unless the kernels' dot precision is named
     assert not ML._use_kernels(x, params, layout, torch.float32)
@@ -497,7 +525,7 @@ def _cuda_case(dtype, bias, rows_shape, frozen=False, seed=0, d=64, hidden=170, 
     exact = _modules(units64, A64)
     exact_grads = _grads(exact, [A64] + [p for p in units64.parameters() if p.requires_grad], gout.double())
     assert dtype == torch.float32 or ML._use_kernels(A.reshape(-1, d), torch.zeros(1, device="cuda"),
-                                                     ML._Layout(n_units, 2, hidden, d, bias), dtype)
+                                                     ML.LearnerLayout(n_units, 2, hidden, d, bias), dtype)
     return run(True), run(False), (exact, exact_grads)
 
 
@@ -584,22 +612,22 @@ def test_cuda_compiled_with_inductor():
 def _power_law_inputs(batch, H=2, d=16, device="cpu", seed=0):
     torch.manual_seed(seed)
     A = torch.randn(*batch, H, d, d, device=device)
-    params = [0.5 * torch.randn(H, d, d, device=device) for _ in range(5)]
+    params = 0.5 * torch.randn(5, H, d, d, device=device)  # W, b, p, a, ba stacked
     params[2] = params[2].abs() + 0.3  # exponents
-    return [A, *params]
+    return [A, params]
 
 
-def _reference_outputs(*inputs):
+def _reference_outputs(A, params):
     """(A_LM, G_LM) of the plain PyTorch power law."""
-    return ML.power_law_reference(*inputs)[1::2]
+    return ML.power_law_reference(A, *params)[1::2]
 
 
 def test_power_law_forward_computes_16_bit_and_mixed_inputs_in_float32():
     # Without gradients a 16-bit model's power law takes its tensors as they are (no casts before it): the result must
     # be that of their float32 values, also for mixed dtypes; float64 stays float64.
     inputs = _power_law_inputs((2,))
-    for dtypes in ([torch.bfloat16] * 6, [torch.float16] * 6, [torch.float32] + [torch.bfloat16] * 5,
-                   [torch.float64] + [torch.float32] * 5):
+    for dtypes in ([torch.bfloat16] * 2, [torch.float16] * 2, [torch.float32, torch.bfloat16],
+                   [torch.float64, torch.float32]):
         given = [t.to(dt) for t, dt in zip(inputs, dtypes)]
         outs = ML.power_law_forward(*given)
         want = _reference_outputs(*[t.float() for t in given])
@@ -754,10 +782,10 @@ def test_cuda_swiglu_kernels_in_the_ffn():
 def test_power_law_opcheck():
     inputs = _power_law_inputs((3,))
     torch.library.opcheck(torch.ops.pldr.power_law_fwd.default, [t.requires_grad_() for t in inputs])
-    A, W, b, p, a, _ = _power_law_inputs((3,))
+    A, params = _power_law_inputs((3,))
     g = torch.randn_like(A)
     for g_A_LM, g_G, param_grads in ((g, g, True), (None, g, True), (g, None, False)):
-        torch.library.opcheck(torch.ops.pldr.power_law_bwd.default, (g_A_LM, g_G, A, W, b, p, a, param_grads))
+        torch.library.opcheck(torch.ops.pldr.power_law_bwd.default, (g_A_LM, g_G, A, params, param_grads))
 
 
 def test_power_law_operator_under_compile_equals_eager():
@@ -776,9 +804,11 @@ def test_power_law_operator_under_compile_equals_eager():
 
 
 def test_power_law_rejects_mismatched_shapes():
-    A, W, b, p, a, ba = _power_law_inputs((2,))
-    with pytest.raises(ValueError, match=r"power law: expected A \[\.\.\., H, d, d\]"):
-        ML.power_law_forward(A[..., :8], W, b, p, a, ba)
+    A, params = _power_law_inputs((2,))
+    for bad in ((A[..., :8], params), (A, params[:4]), (A, list(params))):
+        with pytest.raises(ValueError, match=r"power law: expected A \[\.\.\., H, d, d\] and its parameters W, b, p, a, "
+                                             r"ba stacked \[5, H, d, d\]"):
+            ML.power_law(*bad)
 
 
 _POWER_LAW_INTERPRETER_SCRIPT = r'''
@@ -828,13 +858,13 @@ print(json.dumps(results))
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable, so its kernels cannot be interpreted on CPU")
 def test_power_law_kernels_in_the_interpreter():
     # float32 kernels (one forward, one backward launch) against the float64 power law, as close as the float32
-    # reference path, for losses on both outputs, on G_LM alone and on A_LM alone (p, a, ba then get no gradient)
+    # reference path, for losses on both outputs, on G_LM alone and on A_LM alone (the rows of p, a, ba: zero)
     results = _interpreted(_POWER_LAW_INTERPRETER_SCRIPT)
     assert results.pop("widened torch.bfloat16") == [True, True]
     assert results.pop("widened torch.float16") == [True, True]
     assert len(results) == 12
     for case, row in results.items():
-        assert len(row["kernel"]) == 2 + 6
+        assert len(row["kernel"]) == 2 + 2
         for k, r in zip(row["kernel"], row["reference"]):
             assert (k is None) == (r is None), case
             if k is not None:
@@ -958,7 +988,7 @@ def test_second_derivatives_with_the_kernels_in_the_interpreter():
     for name, row in results.items():
         assert row["launched"] == [forward[name]], (name, row)
         assert row["launched_reference"] == [], (name, row)
-        assert len(row["kernel"]) == {"learner": 8, "power law": 8, "swiglu": 2}[name]
+        assert len(row["kernel"]) == {"learner": 8, "power law": 4, "swiglu": 2}[name]
         for k, r, e in zip(row["kernel"], row["reference"], row["exact_max"]):
             assert e > 0 and k <= max(1e-5, 2 * r), (name, row)  # (no vanishing second derivative: a real check)
 

@@ -517,7 +517,8 @@ def test_convert_missing_files_and_bad_hparams(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------------
 # The power law and q^T q as autograd functions with hand-derived backwards
 # ---------------------------------------------------------------------------------------------------------------------
-def _power_law_by_autograd(A, W, b, p, a, ba):
+def _power_law_by_autograd(A, params):
+    W, b, p, a, ba = params
     z = torch.matmul(W, A) + b
     A_LM = z * F.silu(z) + 1e-9
     return A_LM, torch.matmul(a, torch.pow(A_LM, p)) + ba
@@ -530,9 +531,9 @@ def test_power_law_function_gradients_equal_autograd(batch):
     torch.manual_seed(0)
     H, d = 2, 5
     A = torch.randn(*batch, H, d, d, dtype=torch.float64)
-    params = [0.5 * torch.randn(H, d, d, dtype=torch.float64) for _ in range(5)]
+    params = 0.5 * torch.randn(5, H, d, d, dtype=torch.float64)  # W, b, p, a, ba stacked
     params[2] = params[2].abs() + 0.3  # exponents
-    inputs = [t.requires_grad_() for t in [A, *params]]
+    inputs = [t.requires_grad_() for t in [A, params]]
     torch.autograd.gradcheck(_PowerLawFunction.apply, inputs)
     outs, ref = _PowerLawFunction.apply(*inputs), _power_law_by_autograd(*inputs)
     for o, r in zip(outs, ref):
@@ -547,7 +548,7 @@ def test_power_law_function_gradients_equal_autograd(batch):
         want = torch.autograd.grad([o for o, _ in used_ref], inputs, [g for _, g in used_ref],
                                    retain_graph=True, allow_unused=True)
         for g, w in zip(got, want):
-            assert (g is None) == (w is None)  # (the exponents and the coupling get none from a loss on A_LM alone)
+            assert (g is None) == (w is None)  # (a loss on A_LM alone: zero rows for the exponents and couplings)
             if w is not None:
                 torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
@@ -610,6 +611,6 @@ def test_compiled_training_with_dynamic_shapes_matches_eager():
             loss = fn(input_ids=ids, labels=ids).loss
             loss.backward()
             losses.append(loss.detach())
-            grads.append(model.decoder.dec_layers[0].mha1.plgatt_layer.pwlst.grad.clone())
+            grads.append(model.decoder.dec_layers[0].mha1.plgatt_layer.power_params.grad.clone())
         torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)

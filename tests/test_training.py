@@ -208,10 +208,16 @@ def test_dag_loss_terms_and_gradient_reach_the_metric_learner():
     model.zero_grad()
     value.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    for part in ("reslayerAs.gluw12_weight", "reslayerAs.layernormA_weight", "plgatt_layer.Wlst",
-                 "plgatt_layer.blst", "plgatt_layer.pwlst", "plgatt_layer.alst", "plgatt_layer.balst", "mha1.wq.weight"):
+    learner = model.decoder.dec_layers[0].mha1.reslayerAs
+    for part in ("reslayerAs.glu_weights", "reslayerAs.biases_and_layernorms", "plgatt_layer.power_params",
+                 "mha1.wq.weight"):
         name = next(n for n in grads if n.endswith(part) and "dec_layers.0." in n)
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    # (by kind: the learner's W1|W2 and LayerNorm weights; W, b, the exponents and the couplings a and ba)
+    kinds = learner.layout.unpack_pair(learner.glu_weights.grad, learner.biases_and_layernorms.grad)
+    power = model.decoder.dec_layers[0].mha1.plgatt_layer.power_params.grad
+    for g in (kinds[0], kinds[4], *power):
+        assert g.abs().sum() > 0
     assert DAG_PRESETS == {"paper": (0.001, 0.005, 0.005), "v510_dag": (0.05, 0.05, 0.05)}
 
 
