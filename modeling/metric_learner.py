@@ -299,8 +299,8 @@ def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps
     return a.to(out_dtype), xins, zs, torch.stack(means).view(U, N), torch.stack(rstds).view(U, N), *staged
 
 
-def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds, layout: LearnerLayout, eps, cd, x_dtype,
-                        param_grads):
+def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds, layout: LearnerLayout, eps, cd,
+                        x_dtype, param_grads):
     U, J, h, d, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = gout.shape[0]
     w12, w3 = W12.to(cd).reshape(G, 2 * h, d), W3.to(cd)
@@ -1037,8 +1037,8 @@ def _check_power_law(A, params):
     if not isinstance(params, torch.Tensor) or params.dim() != 4 or params.shape[0] != 5 or A.dim() < 3 or \
             tuple(A.shape[-3:]) != tuple(params.shape[1:]) or params.shape[-1] != params.shape[-2]:
         shape = tuple(params.shape) if isinstance(params, torch.Tensor) else type(params).__name__
-        raise ValueError(f"power law: expected A [..., H, d, d] and its parameters W, b, p, a, ba stacked [5, H, d, d], "
-                         f"got A {tuple(A.shape)} and parameters {shape}")
+        raise ValueError(f"power law: expected A [..., H, d, d] and its parameters W, b, p, a, ba stacked "
+                         f"[5, H, d, d], got A {tuple(A.shape)} and parameters {shape}")
 
 
 def power_law_forward(A, params, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
