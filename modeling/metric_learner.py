@@ -179,16 +179,20 @@ class LearnerLayout:
         """Views W12 [2G, h, d], W3 [G, d, h], B12 [2G, h] or None, B3 [G, d] or None, LNW [U, d], LNB [U, d]."""
         return self._views(flat.split(self.sizes))
 
-    def unpack_pair(self, weights: torch.Tensor, norms: torch.Tensor):
+    def unpack_pair(self, weights: torch.Tensor | None, norms: torch.Tensor | None):
         """:meth:`unpack` of the layout held in two flat tensors: ``weights`` (W1|W2, W3) and ``norms`` (the biases,
-        the LayerNorm weights and biases), as the model stores a learner."""
-        return self._views(weights.split(self.sizes[:2]) + norms.split(self.sizes[2:]))
+        the LayerNorm weights and biases), as the model stores a learner (None for either: None views of its part)."""
+        n = len(self.sizes) - 2
+        return self._views((weights.split(self.sizes[:2]) if weights is not None else (None, None))
+                           + (norms.split(self.sizes[2:]) if norms is not None else (None,) * n))
 
     def _views(self, parts):
         G, h, d, U = self.G, self.hidden, self.d, self.units
-        W12, W3 = parts[0].view(2 * G, h, d), parts[1].view(G, d, h)
-        B12, B3 = (parts[2].view(2 * G, h), parts[3].view(G, d)) if self.bias else (None, None)
-        return W12, W3, B12, B3, parts[-2].view(U, d), parts[-1].view(U, d)
+        shapes = [(2 * G, h, d), (G, d, h)] + ([(2 * G, h), (G, d)] if self.bias else []) + [(U, d), (U, d)]
+        views = [None if part is None else part.view(shape) for part, shape in zip(parts, shapes)]
+        W12, W3, *rest = views
+        B12, B3 = (rest[0], rest[1]) if self.bias else (None, None)
+        return W12, W3, B12, B3, rest[-2], rest[-1]
 
 
 def pack_learner(w12, w3, b12, b3, ln_w, ln_b) -> tuple[torch.Tensor, torch.Tensor]:

@@ -337,6 +337,7 @@ class _PortNamedParameters(nn.Module):
         self.register_load_state_dict_pre_hook(_PortNamedParameters._load_port_names)
 
     def _views(self, stored: dict) -> dict:
+        """{kind: view [n, ...]} of the kinds held in ``stored`` (some or all of the stored tensors, by name)."""
         raise NotImplementedError
 
     @staticmethod
@@ -349,10 +350,7 @@ class _PortNamedParameters(nn.Module):
     @torch.no_grad()
     def _init_stored(self, name: str, tensor: torch.Tensor | None = None):
         """A new model's values for every slice of the stored parameter ``name`` (or of ``tensor`` in its place)."""
-        stored = self._stored()
-        if tensor is not None:
-            stored[name] = tensor
-        views = self._views(stored)
+        views = self._views({name: getattr(self, name) if tensor is None else tensor})
         for kind, i in self._port_names.values():
             if self.KIND_HOME[kind] == name:
                 self._init_slot(kind, i, views[kind][i])
@@ -370,7 +368,7 @@ class _PortNamedParameters(nn.Module):
         stored = {}
         for name in module.FLAT:
             t = state_dict.pop(prefix + name)
-            if hasattr(t, "full_tensor"):  # a sharded (FSDP2 / DTensor) parameter: slices of the whole tensor
+            if _is_dtensor(t):  # a sharded (FSDP2 / DTensor) parameter: slices of the whole tensor
                 t = t.full_tensor()
             stored[name] = t.detach()
         views = module._views(stored)
@@ -384,26 +382,24 @@ class _PortNamedParameters(nn.Module):
                          error_msgs):
         """Writes the port's entries of a state dict into the stored parameters' entries (a state dict that already
         has the stored names loads as it is)."""
-        if not any(prefix + n in state_dict for n in module._port_names):
-            return
         stored = {}
         for name, param in module._stored().items():
-            given = state_dict.get(prefix + name)
-            if given is not None:
-                stored[name] = given
-            elif param.is_meta:
-                device = next(state_dict[prefix + n].device for n in module._port_names if prefix + n in state_dict)
-                stored[name] = torch.empty(param.shape, dtype=param.dtype, device=device)
-                module._init_stored(name, stored[name])
-            else:
-                stored[name] = param.detach().clone()
-        views = module._views(stored)
-        for name in module.FLAT:
-            if prefix + name in state_dict:
-                continue
             slots = [(n, kind, i) for n, (kind, i) in module._port_names.items() if module.KIND_HOME[kind] == name]
             if not any(prefix + n in state_dict for n, _, _ in slots):
-                continue  # (load_state_dict reports the stored name as missing)
+                continue  # (an entry under the stored name loads as it is; none: load_state_dict reports it missing)
+            # The port's entries are written over the entry under the stored name where there is one (e.g. the
+            # parameter's present value, which torch.distributed.checkpoint adds to a whole state dict), else over
+            # the parameter's present value
+            base = state_dict.get(prefix + name, param)
+            if base.is_meta:
+                device = next(state_dict[prefix + n].device for n, _, _ in slots if prefix + n in state_dict)
+                stored[name] = torch.empty(param.shape, dtype=param.dtype, device=device)
+                module._init_stored(name, stored[name])
+            elif _is_dtensor(base):  # (FSDP2: the whole tensor, every rank taking part)
+                stored[name] = base.detach().full_tensor().clone()
+            else:
+                stored[name] = base.detach().clone()
+            views = module._views({name: stored[name]})
             for n, kind, i in slots:
                 t = state_dict.pop(prefix + n, None)
                 if t is None:
@@ -413,6 +409,14 @@ class _PortNamedParameters(nn.Module):
                                       f"from checkpoint, the shape in current model is {tuple(views[kind].shape[1:])}.")
                 else:
                     views[kind][i].copy_(t)
+            if _is_dtensor(param):
+                # A sharded (FSDP2 / DTensor) parameter loads a DTensor: the whole tensor laid out as the parameter
+                # (its port-name entries came whole, as state_dict() gives them and torch.distributed.checkpoint reads
+                # them back)
+                from torch.distributed.tensor import distribute_tensor
+
+                stored[name] = distribute_tensor(stored[name].to(param.to_local().device), param.device_mesh,
+                                                 param.placements)
             state_dict[prefix + name] = stored[name]
 
     def _port_get(self, name: str) -> nn.Parameter:
@@ -448,6 +452,10 @@ class _PortNamedParameters(nn.Module):
             self._init_slot(kind, i, view)
         else:
             view.copy_(value)
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "full_tensor")
 
 
 def _is_placeholder(value) -> bool:
@@ -514,7 +522,7 @@ class PldrMetricLearner(_PortNamedParameters):
         return self._views(self._stored())
 
     def _views(self, stored: dict) -> dict:
-        views = self.layout.unpack_pair(stored["glu_weights"], stored["biases_and_layernorms"])
+        views = self.layout.unpack_pair(stored.get("glu_weights"), stored.get("biases_and_layernorms"))
         return {k: v for k, v in zip(self.KINDS, views) if v is not None}
 
     @staticmethod
