@@ -31,7 +31,12 @@ On CUDA with Triton the operators run Triton kernels (below); elsewhere, and for
 same math in plain PyTorch (:func:`_reference_forward`, :func:`_reference_backward`).
 
 Kernels, per layer and step: forward ONE kernel, after one small kernel that stages the GEMM weights; backward TWO
-kernels (plus one small reduction of the parameter gradients' row splits):
+kernels (plus one small reduction of the parameter gradients' row splits). With ``norm`` (:func:`flat_metric_learner`;
+the model passes the attention's LayerNorm of A so) the LayerNorm before the learner runs in the same kernels: the
+forward normalises the rows it loads (rounded to the dtype the separate LayerNorm would give), the row backward ends
+with the LayerNorm's backward (its statistics recomputed from the rows) and adds its weight and bias partial sums to
+the units' (summed by the parameter kernel, written after them in the flat gradient), where a separate LayerNorm was
+one more kernel forward and about two backward per layer:
 
 * staging (:func:`_stage_weights`): each GLU's W1, W2 and W3^T as one [3, A_dff', d] block in the GEMM dtype, with
   its biases in float32, the hidden units zero-padded to A_dff' (a multiple of the kernels' BLOCK_H: 170 -> 192).
@@ -71,6 +76,7 @@ This file imports only torch and, optionally, triton: it travels with saved mode
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -148,22 +154,29 @@ _AUTOCAST_LAYER_NORM_FP32 = {
 @dataclass(frozen=True)
 class LearnerLayout:
     """Sizes of a learner, and the layout of the flat parameter-gradient tensor of the backward operator: W1|W2, W3,
-    (b1|b2, b3,) LayerNorm weights, LayerNorm biases, each kind stacked as the forward takes it."""
+    (b1|b2, b3,) LayerNorm weights, LayerNorm biases, each kind stacked as the forward takes it, and with ``norm_in``
+    (a LayerNorm on the rows before the learner, in the operator) that LayerNorm's weight and bias [d] each."""
 
     units: int
     glus: int  # per unit
     hidden: int
     d: int
     bias: bool
+    norm_in: bool = False
 
     @property
     def G(self) -> int:
         return self.units * self.glus
 
     @property
-    def sizes(self) -> tuple[int, ...]:
+    def param_sizes(self) -> tuple[int, ...]:
+        """The parts of the learner's own parameters (the layout without the input LayerNorm)."""
         G, h, d, U = self.G, self.hidden, self.d, self.units
         return (G * 2 * h * d, G * d * h) + ((G * 2 * h, G * d) if self.bias else ()) + (U * d, U * d)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.param_sizes + ((self.d, self.d) if self.norm_in else ())
 
     @property
     def total(self) -> int:
@@ -182,9 +195,13 @@ class LearnerLayout:
     def unpack_pair(self, weights: torch.Tensor | None, norms: torch.Tensor | None):
         """:meth:`unpack` of the layout held in two flat tensors: ``weights`` (W1|W2, W3) and ``norms`` (the biases,
         the LayerNorm weights and biases), as the model stores a learner (None for either: None views of its part)."""
-        n = len(self.sizes) - 2
-        return self._views((weights.split(self.sizes[:2]) if weights is not None else (None, None))
-                           + (norms.split(self.sizes[2:]) if norms is not None else (None,) * n))
+        sizes = self.param_sizes
+        return self._views((weights.split(sizes[:2]) if weights is not None else (None, None))
+                           + (norms.split(sizes[2:]) if norms is not None else (None,) * (len(sizes) - 2)))
+
+    def norm_in_views(self, flat: torch.Tensor):
+        """The input LayerNorm's weight and bias [d] in a flat tensor of this layout (``norm_in``)."""
+        return flat.split(self.sizes)[-2:]
 
     def _views(self, parts):
         G, h, d, U = self.G, self.hidden, self.d, self.units
@@ -223,7 +240,7 @@ def _check_flat(x, weights, norms, units: int, glus: int, hidden: int) -> Learne
     if x.shape[1] != d:
         raise ValueError(f"metric learner: rows must have width {d} (the learner's d), got shape {tuple(x.shape)}")
     layouts = [LearnerLayout(units, glus, hidden, d, bias) for bias in (False, True)]
-    sizes = [layout.total - layout.weights_numel for layout in layouts]
+    sizes = [sum(layout.param_sizes) - layout.weights_numel for layout in layouts]
     n = int(norms.numel()) if norms.dim() == 1 else -1
     if n not in sizes:
         raise ValueError(f"metric learner: the flat biases and LayerNorm parameters must be a vector of {sizes[0]} or "
@@ -274,7 +291,7 @@ def _linear(x, w, b):
     return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
 
 
-def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps, cd, out_dtype, save):
+def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps, cd, out_dtype, save, norm=None):
     U, J, h, d, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = x.shape[0]
     w12, w3 = W12.to(cd).reshape(G, 2 * h, d), W3.to(cd)
@@ -282,6 +299,9 @@ def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps
     b3 = B3.to(cd) if B3 is not None else None
     acc = _stream_dtype(cd)
     lnw, lnb = LNW.to(acc), LNB.to(acc)
+    if norm is not None:  # (the input LayerNorm, as the model's separate LayerNorm of A computes it)
+        w_in, b_in = norm
+        x = F.layer_norm(x, (d,), w_in.to(x.dtype), b_in.to(x.dtype), eps).to(_norm_dtype(x, w_in))
     xins = x.new_empty((G, N, d) if save else (0,), dtype=cd)
     zs = x.new_empty((U, N, d) if save else (0,), dtype=acc)
     means, rstds = [], []
@@ -304,7 +324,7 @@ def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps
 
 
 def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds, layout: LearnerLayout, eps, cd,
-                        x_dtype, param_grads):
+                        x_dtype, param_grads, x=None, norm=None):
     U, J, h, d, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = gout.shape[0]
     w12, w3 = W12.to(cd).reshape(G, 2 * h, d), W3.to(cd)
@@ -340,6 +360,14 @@ def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds
                     gB12.view(G, 2 * h)[g].copy_(ghid.sum(0))
             gy = torch.mm(ghid, w12[g])
         gx = gz + gy
+    if norm is not None:  # the input LayerNorm's backward, in x's dtype as the separate LayerNorm's
+        w_in, b_in = (t.to(x.dtype) for t in norm)
+        _, mean0, rstd0 = torch.native_layer_norm(x, (d,), w_in, b_in, eps)
+        gx, g_w_in, g_b_in = torch.ops.aten.native_layer_norm_backward(
+            gx.to(x.dtype), x, (d,), mean0, rstd0, w_in, b_in, [True, param_grads, param_grads])
+        if param_grads:
+            for view, g in zip(layout.norm_in_views(flat), (g_w_in, g_b_in)):
+                view.copy_(g)
     gx = gx.to(x_dtype)
     if not param_grads:
         return gx, W12.new_empty(0)
@@ -373,10 +401,11 @@ if triton is not None:
 
     @triton.jit
     def _learner_fwd_kernel(
-        X, OUT, WS, BS, B3, LNW, LNB, XIN, Z, MEAN, RSTD, N, U, J,
+        X, OUT, WS, BS, B3, LNW, LNB, LNIW, LNIB, XIN, Z, MEAN, RSTD, N, U, J,
         EPS: tl.constexpr,  # (a constant: inductor would pass a Python float argument as float64)
         D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
-        SAVE: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+        SAVE: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, NORM_IN: tl.constexpr,
+        RD: tl.constexpr,
     ):
         # One loop over every (GLU, hidden chunk) of the learner, so that Triton's software pipeliner streams the
         # weight tiles ahead of their products; a GLU's (and a unit's) end is a branch inside it.
@@ -392,6 +421,11 @@ if triton is not None:
         CHUNKS: tl.constexpr = HP // BLOCK_H
         G = U * J
         a = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
+        if NORM_IN:  # the LayerNorm before the learner, its result rounded to RD as the separate LayerNorm's would be
+            a_c = a - (tl.sum(a, axis=1) / D)[:, None]
+            a_r = 1.0 / tl.sqrt(tl.sum(a_c * a_c, axis=1) / D + EPS)
+            a = (a_c * a_r[:, None] * tl.load(LNIW + cols).to(tl.float32)[None, :]
+                 + tl.load(LNIB + cols).to(tl.float32)[None, :]).to(RD).to(tl.float32)
         xin = a.to(CD)
         if SAVE:
             tl.store(XIN + offs, xin, mask=m2)
@@ -435,10 +469,11 @@ if triton is not None:
 
     @triton.jit
     def _learner_bwd_rows_kernel(
-        GOUT, GX, WS, BS, LNW, XIN, Z, MEAN, RSTD, GY, LNPART, N, U, J,
+        GOUT, GX, WS, BS, LNW, XIN, Z, MEAN, RSTD, GY, LNPART, X, LNIW, N, U, J, UP,
         D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
-        PARAM_GRADS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+        PARAM_GRADS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, NORM_IN: tl.constexpr, EPS: tl.constexpr,
     ):
+        # (LNPART: per program UP = U (+ 1 with NORM_IN: the input LayerNorm's, last) partial sums)
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
@@ -456,7 +491,7 @@ if triton is not None:
             rstd = tl.load(RSTD + u * N + rows, mask=rmask, other=0.0)
             xhat = (z - mean[:, None]) * rstd[:, None]
             if PARAM_GRADS:  # this block's share of the LayerNorm weight and bias gradients
-                part = LNPART + (pid * U + u) * 2 * D
+                part = LNPART + (pid * UP + u) * 2 * D
                 tl.store(part + cols, tl.sum(gx * xhat, axis=0))
                 tl.store(part + D + cols, tl.sum(gx, axis=0))
             lnw = tl.load(LNW + u * D + cols).to(tl.float32)
@@ -489,11 +524,23 @@ if triton is not None:
                     gin += tl.dot(gh2.to(CD), w2, input_precision=PREC)
                 gy = gin
             gx = gz + gy
+        if NORM_IN:  # the input LayerNorm's backward, its statistics recomputed from the rows
+            a = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
+            a_c = a - (tl.sum(a, axis=1) / D)[:, None]
+            a_r = 1.0 / tl.sqrt(tl.sum(a_c * a_c, axis=1) / D + EPS)
+            xhat = a_c * a_r[:, None]
+            if PARAM_GRADS:
+                part = LNPART + (pid * UP + U) * 2 * D
+                tl.store(part + cols, tl.sum(gx * xhat, axis=0))
+                tl.store(part + D + cols, tl.sum(gx, axis=0))
+            gxh = gx * tl.load(LNIW + cols).to(tl.float32)[None, :]
+            gx = a_r[:, None] * (gxh - (tl.sum(gxh, axis=1) / D)[:, None]
+                                 - xhat * (tl.sum(gxh * xhat, axis=1) / D)[:, None])
         tl.store(GX + offs, gx.to(GX.dtype.element_ty), mask=m2)
 
     @triton.jit
     def _learner_bwd_params_kernel(
-        XIN, GY, WS, BS, LNPART, PART, N, H, U, J, ROW_PROGRAMS, ROWS_PER_SPLIT, ROW_PROGRAMS_PER_SPLIT, TOTAL,
+        XIN, GY, WS, BS, LNPART, PART, N, H, U, J, UP, ROW_PROGRAMS, ROWS_PER_SPLIT, ROW_PROGRAMS_PER_SPLIT, TOTAL,
         D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
         HAS_BIAS: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
     ):
@@ -516,17 +563,21 @@ if triton is not None:
             pp = tl.arange(0, BLOCK_P)
             p_lo = split * ROW_PROGRAMS_PER_SPLIT
             p_hi = tl.minimum(p_lo + ROW_PROGRAMS_PER_SPLIT, ROW_PROGRAMS)
-            for u in range(U):
+            for u in range(UP):  # (u = U: the input LayerNorm's, stored after the units')
                 accw = tl.zeros([D], dtype=tl.float32)
                 accb = tl.zeros([D], dtype=tl.float32)
                 for p0 in range(p_lo, p_hi, BLOCK_P):
                     pr = p0 + pp
                     pm = (pr < p_hi)[:, None]
-                    base = LNPART + (pr[:, None] * U + u) * 2 * D + cols[None, :]
+                    base = LNPART + (pr[:, None] * UP + u) * 2 * D + cols[None, :]
                     accw += tl.sum(tl.load(base, mask=pm, other=0.0), axis=0)
                     accb += tl.sum(tl.load(base + D, mask=pm, other=0.0), axis=0)
-                tl.store(out + off_ln + u * D + cols, accw)
-                tl.store(out + off_ln + (U + u) * D + cols, accb)
+                if u < U:
+                    tl.store(out + off_ln + u * D + cols, accw)
+                    tl.store(out + off_ln + (U + u) * D + cols, accb)
+                else:
+                    tl.store(out + off_ln + 2 * U * D + cols, accw)
+                    tl.store(out + off_ln + 2 * U * D + D + cols, accb)
         else:
             # dW1, dW2 (rows of the chunk), dW3 (columns of the chunk) and bias gradients of one GLU over this split's
             # rows, from the saved GLU inputs and output gradients.
@@ -684,7 +735,7 @@ def _on_device(x: torch.Tensor):
     return torch.cuda.device(x.device)
 
 
-def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps, cd, out_dtype, save, wrap):
+def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps, cd, out_dtype, save, wrap, norm=None):
     U, J, D, G = layout.units, layout.glus, layout.d, layout.G
     N = x.shape[0]
     out = torch.empty((N, D), dtype=out_dtype, device=x.device)
@@ -699,11 +750,14 @@ def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps, c
             bm, bh, warps, stages = _row_config("fwd", N, D, x.device)
             saved = (xins, zs, mean, rstd) if save else (x,) * 4  # (not written without save)
             biases = (bs, B3) if layout.bias else (ws, ws)  # (not read without biases)
+            norm_in = (LNW, LNB) if norm is None else norm  # (not read without the input LayerNorm)
             kernel = wrap_triton(_learner_fwd_kernel) if wrap else _learner_fwd_kernel
             kernel[(triton.cdiv(N, bm),)](
-                x, out, ws, biases[0], biases[1], LNW, LNB, *saved, N, U, J,
+                x, out, ws, biases[0], biases[1], LNW, LNB, *norm_in, *saved, N, U, J,
                 EPS=float(eps), D=D, HP=ws.shape[2], BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, SAVE=save,
-                CD=_TL_DTYPES[cd], PREC=_dot_precision(cd), STAGES=stages, num_warps=warps, num_stages=stages,
+                CD=_TL_DTYPES[cd], PREC=_dot_precision(cd), STAGES=stages, NORM_IN=norm is not None,
+                RD=_TL_DTYPES[x.dtype if norm is None else _norm_dtype(x, norm[0])], num_warps=warps,
+                num_stages=stages,
             )
     if not save:
         ws, bs = ws.new_empty(0), bs.new_empty(0)
@@ -711,7 +765,7 @@ def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps, c
 
 
 def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, ws, bs, layout: LearnerLayout, cd, x_dtype,
-                     param_grads, wrap):
+                     param_grads, wrap, eps=0.0, x=None, norm_weight=None):
     U, J, H, D, G = layout.units, layout.glus, layout.hidden, layout.d, layout.G
     N = gout.shape[0]
     gx = torch.empty((N, D), dtype=x_dtype, device=gout.device)
@@ -725,13 +779,15 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, ws, bs, layo
         bm, bh, warps, stages = _row_config("bwd_rows", N, D, gout.device)
         row_programs = triton.cdiv(N, bm)
         gys = gout.new_empty((G, N, D), dtype=cd) if param_grads else gx
-        lnpart = gout.new_empty((row_programs, U, 2, D), dtype=torch.float32) if param_grads else gx
+        up = U + layout.norm_in  # (LayerNorms with partial sums: the units', then the input one's)
+        lnpart = gout.new_empty((row_programs, up, 2, D), dtype=torch.float32) if param_grads else gx
         biases = bs if layout.bias else ws  # (not read without biases)
         kernel = wrap_triton(_learner_bwd_rows_kernel) if wrap else _learner_bwd_rows_kernel
         kernel[(row_programs,)](
-            gout, gx, ws, biases, LNW, xins, zs, mean, rstd, gys, lnpart, N, U, J,
+            gout, gx, ws, biases, LNW, xins, zs, mean, rstd, gys, lnpart, gout if x is None else x,
+            LNW if norm_weight is None else norm_weight, N, U, J, up,
             D=D, HP=hp, BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, PARAM_GRADS=param_grads, CD=_TL_DTYPES[cd],
-            PREC=prec, num_warps=warps, num_stages=stages,
+            PREC=prec, NORM_IN=layout.norm_in, EPS=float(eps), num_warps=warps, num_stages=stages,
         )
         if not param_grads:
             return gx, W12.new_empty(0)
@@ -745,7 +801,7 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, ws, bs, layo
         part = torch.empty((splits, layout.total), dtype=torch.float32, device=gout.device)
         kernel = wrap_triton(_learner_bwd_params_kernel) if wrap else _learner_bwd_params_kernel
         kernel[(tiles, splits)](
-            xins, gys, ws, biases, lnpart, part, N, H, U, J, row_programs, rows_per_split,
+            xins, gys, ws, biases, lnpart, part, N, H, U, J, up, row_programs, rows_per_split,
             triton.cdiv(row_programs, splits), layout.total,
             D=D, HP=hp, BLOCK_M=bm, BLOCK_H=bh, BLOCK_P=16, HAS_BIAS=layout.bias, CD=_TL_DTYPES[cd], PREC=prec,
             num_warps=warps, num_stages=stages,
@@ -757,32 +813,47 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, ws, bs, layo
 # ----------------------------------------------------------------------------------------------------------------------
 # The operators
 # ----------------------------------------------------------------------------------------------------------------------
-def _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save, wrap):
-    """The learner on rows x [N, d]. Returns the output [N, d] (``out_dtype``) and, with ``save``, what the backward
-    needs: each GLU's input [G, N, d] (``compute_dtype``), each unit's pre-LayerNorm sum [U, N, d] with its mean
-    and reciprocal standard deviation [U, N] (float32), and the kernels' staged weights and biases
-    (:func:`_stage_weights`; empty on the reference path); without ``save`` these are empty. ``wrap``: launch the
-    kernels through ``wrap_triton`` (inside the operator, so that torch.compile traces them)."""
+def _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save, wrap, norm=None):
+    """The learner on rows x [N, d] (with ``norm`` = (weight, bias) [d], on the rows after that LayerNorm, of eps
+    ``eps`` too, as the model's LayerNorm of A). Returns the output [N, d] (``out_dtype``) and, with ``save``, what the
+    backward needs: each GLU's input [G, N, d] (``compute_dtype``), each unit's pre-LayerNorm sum [U, N, d] with its
+    mean and reciprocal standard deviation [U, N] (float32), and the kernels' staged weights and biases
+    (:func:`_stage_weights`; empty on the reference path); without ``save`` these are empty (the backward also takes
+    x itself with ``norm``). ``wrap``: launch the kernels through ``wrap_triton`` (inside the operator, so that
+    torch.compile traces them)."""
     layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
+    _check_norm(x, norm)
     args = [t if t is None else t.contiguous() for t in (x, w12, w3, b12, b3, ln_w, ln_b)]
-    if _use_kernels(args[0], args[1], layout, compute_dtype):
-        return _kernel_forward(*args, layout, eps, compute_dtype, out_dtype, save, wrap)
+    norm = None if norm is None else tuple(t.contiguous() for t in norm)
+    if norm is not None:
+        layout = dataclasses.replace(layout, norm_in=True)
+    if _use_kernels(args[0], args[1], layout, compute_dtype) and _norm_kernels(args[0], norm):
+        return _kernel_forward(*args, layout, eps, compute_dtype, out_dtype, save, wrap, norm)
     with torch.autocast(x.device.type, enabled=False):
-        return _reference_forward(*args, layout, eps, compute_dtype, out_dtype, save)
+        return _reference_forward(*args, layout, eps, compute_dtype, out_dtype, save, norm)
 
 
 def _fwd_impl(
-    x: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, units: int, glus: int, hidden: int, eps: float,
-    compute_dtype: torch.dtype, out_dtype: torch.dtype, save: bool,
+    x: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None, units: int, glus: int, hidden: int, eps: float, compute_dtype: torch.dtype,
+    out_dtype: torch.dtype, save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``pldr::metric_learner_fwd``: :func:`_forward` on the flat parameters (:func:`pack_learner`), with its kernels
-    visible to torch.compile."""
+    """``pldr::metric_learner_fwd``: :func:`_forward` on the flat parameters (:func:`pack_learner`), after the input
+    LayerNorm where ``norm_weight`` and ``norm_bias`` are given, with its kernels visible to torch.compile."""
     kinds = _check_flat(x, weights, norms, units, glus, hidden).unpack_pair(weights, norms)
-    return _forward(x, *kinds, eps, compute_dtype, out_dtype, save, _TRACEABLE_KERNELS)
+    return _forward(x, *kinds, eps, compute_dtype, out_dtype, save, _TRACEABLE_KERNELS,
+                    _norm_pair(norm_weight, norm_bias))
 
 
-def _fwd_fake(x, weights, norms, units, glus, hidden, eps, compute_dtype, out_dtype, save):
+def _norm_pair(norm_weight, norm_bias):
+    if (norm_weight is None) != (norm_bias is None):
+        raise ValueError("metric learner: give the input LayerNorm's weight and bias, or neither")
+    return None if norm_weight is None else (norm_weight, norm_bias)
+
+
+def _fwd_fake(x, weights, norms, norm_weight, norm_bias, units, glus, hidden, eps, compute_dtype, out_dtype, save):
     layout = _check_flat(x, weights, norms, units, glus, hidden)
+    _check_norm(x, _norm_pair(norm_weight, norm_bias))
     N, d = x.shape
     U = layout.units
     out = x.new_empty((N, d), dtype=out_dtype)
@@ -797,66 +868,81 @@ def _fwd_fake(x, weights, norms, units, glus, hidden, eps, compute_dtype, out_dt
 
 
 def _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps, compute_dtype,
-                   x_dtype, param_grads, wrap):
+                   x_dtype, param_grads, wrap, x=None, norm=None):
     """Gradient of the rows (``x_dtype``) and, with ``param_grads``, of the parameters as one flat tensor in their
-    dtype, laid out as :class:`LearnerLayout` says (else empty)."""
+    dtype, laid out as :class:`LearnerLayout` says (else empty); with ``norm`` (the input LayerNorm, which also needs
+    the rows x), the gradient of x and the flat tensor with the LayerNorm's weight and bias gradients last."""
     layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
     N, d = grad_out.shape
     if xins.shape != (layout.G, N, d) or zs.shape != (layout.units, N, d) or mean.shape != (layout.units, N):
         raise ValueError("metric learner backward: the saved tensors do not match the rows and the learner's sizes")
+    if norm is not None:
+        if x is None or tuple(x.shape) != (N, d):
+            raise ValueError("metric learner backward: the input LayerNorm needs the rows x [N, d]")
+        _check_norm(x, norm)
+        layout = dataclasses.replace(layout, norm_in=True)
+        x, norm = x.contiguous(), tuple(t.contiguous() for t in norm)
     grad_out = grad_out.contiguous()
-    if _use_kernels(grad_out, w12, layout, compute_dtype):
+    if _use_kernels(grad_out, w12, layout, compute_dtype) and (norm is None or _norm_kernels(x, norm)):
         return _kernel_backward(grad_out, w12.contiguous(), w3.contiguous(), None if b12 is None else b12.contiguous(),
                                 ln_w.contiguous(), xins, zs, mean, rstd, ws, bs, layout, compute_dtype, x_dtype,
-                                param_grads, wrap)
+                                param_grads, wrap, eps, x, None if norm is None else norm[0])
     with torch.autocast(grad_out.device.type, enabled=False):
         return _reference_backward(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, layout, eps,
-                                   compute_dtype, x_dtype, param_grads)
+                                   compute_dtype, x_dtype, param_grads, x, norm)
 
 
 def _bwd_impl(
-    grad_out: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, units: int, glus: int, hidden: int,
+    grad_out: torch.Tensor, x: torch.Tensor | None, weights: torch.Tensor, norms: torch.Tensor,
+    norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None, units: int, glus: int, hidden: int,
     xins: torch.Tensor, zs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor,
     eps: float, compute_dtype: torch.dtype, x_dtype: torch.dtype, param_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pldr::metric_learner_bwd``: :func:`_backward_math` on the flat parameters, with its kernels visible to
-    torch.compile. The parameters' gradient is one flat tensor, the weights' part first (:class:`LearnerLayout`)."""
+    """``pldr::metric_learner_bwd``: :func:`_backward_math` on the flat parameters (the rows x are read only with the
+    input LayerNorm), with its kernels visible to torch.compile. The parameters' gradient is one flat tensor, the
+    weights' part first, the input LayerNorm's last (:class:`LearnerLayout`)."""
     kinds = _check_flat(grad_out, weights, norms, units, glus, hidden).unpack_pair(weights, norms)
     return _backward_math(grad_out, *kinds, xins, zs, mean, rstd, ws, bs, eps, compute_dtype, x_dtype, param_grads,
-                          _TRACEABLE_KERNELS)
+                          _TRACEABLE_KERNELS, x, _norm_pair(norm_weight, norm_bias))
 
 
-def _bwd_fake(grad_out, weights, norms, units, glus, hidden, xins, zs, mean, rstd, ws, bs, eps, compute_dtype, x_dtype,
-              param_grads):
+def _bwd_fake(grad_out, x, weights, norms, norm_weight, norm_bias, units, glus, hidden, xins, zs, mean, rstd, ws, bs,
+              eps, compute_dtype, x_dtype, param_grads):
     layout = _check_flat(grad_out, weights, norms, units, glus, hidden)
-    return grad_out.new_empty(grad_out.shape, dtype=x_dtype), weights.new_empty(layout.total if param_grads else 0)
+    total = layout.total + (2 * layout.d if norm_weight is not None else 0)
+    return grad_out.new_empty(grad_out.shape, dtype=x_dtype), weights.new_empty(total if param_grads else 0)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, norms, units, glus, hidden, eps, compute_dtype, out_dtype, save = inputs
+    x, weights, norms, norm_weight, norm_bias, units, glus, hidden, eps, compute_dtype, out_dtype, save = inputs
     _, xins, zs, mean, rstd, ws, bs = output
-    ctx.save_for_backward(weights, norms, xins, zs, mean, rstd, ws, bs)
+    # (x itself only for the input LayerNorm's backward)
+    ctx.save_for_backward(None if norm_weight is None else x, weights, norms, norm_weight, norm_bias, xins, zs, mean,
+                          rstd, ws, bs)
     ctx.options = (units, glus, hidden, eps, compute_dtype, x.dtype, save)
     ctx.mark_non_differentiable(xins, zs, mean, rstd, ws, bs)
 
 
-def _split_param_grads(flat, needs, weights) -> list:
-    """The flat weights' and norms' gradients from the backward's one flat tensor: views of it (None where not
-    needed)."""
-    n = weights.numel()
-    return [flat[:n] if needs[0] else None, flat[n:] if needs[1] else None]
+def _split_param_grads(flat, needs, weights, norms, d: int) -> list:
+    """The gradients of the flat weights and norms (and, for 4 ``needs``, of the input LayerNorm's weight and bias
+    [d]) from the backward's one flat tensor: views of it (None where not needed)."""
+    n, m = weights.numel(), norms.numel()
+    parts = [flat[:n], flat[n:n + m]] + ([flat[n + m:n + m + d], flat[n + m + d:]] if len(needs) > 2 else [])
+    return [part if need else None for part, need in zip(parts, needs)]
 
 
 def _backward(ctx, grad_out, *_):
-    weights, norms, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
+    x, weights, norms, norm_weight, norm_bias, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
     units, glus, hidden, eps, compute_dtype, x_dtype, save = ctx.options
     if not save:
         raise RuntimeError("pldr::metric_learner_fwd ran with save=False, so it cannot be differentiated; call it with "
                            "save=True when gradients are needed (fused_metric_learner does)")
-    needs = ctx.needs_input_grad[1:3]
-    gx, flat = torch.ops.pldr.metric_learner_bwd(grad_out, weights, norms, units, glus, hidden, xins, zs, mean, rstd,
-                                                 ws, bs, eps, compute_dtype, x_dtype, any(needs))
-    return gx, *_split_param_grads(flat, needs, weights), None, None, None, None, None, None, None
+    needs = ctx.needs_input_grad[1:5] if norm_weight is not None else ctx.needs_input_grad[1:3]
+    gx, flat = torch.ops.pldr.metric_learner_bwd(grad_out, x, weights, norms, norm_weight, norm_bias, units, glus,
+                                                 hidden, xins, zs, mean, rstd, ws, bs, eps, compute_dtype, x_dtype,
+                                                 any(needs))
+    grads = _split_param_grads(flat, needs, weights, norms, grad_out.shape[-1])
+    return gx, *(grads + [None] * (4 - len(grads))), None, None, None, None, None, None, None
 
 
 def _define_ops(name: str, fwd_impl, bwd_impl, fwd_fake, bwd_fake, backward, setup_context):
@@ -1901,14 +1987,16 @@ def learner_tensors(units: nn.ModuleList):
     return w12, w3, (b12 if bias else None), (b3 if bias else None), lnw, lnb, eps.pop()
 
 
-def _output_dtype(A: torch.Tensor, compute_dtype: torch.dtype, autocast: bool, param_dtype: torch.dtype):
+def _output_dtype(A: torch.Tensor, compute_dtype: torch.dtype, autocast: bool, param_dtype: torch.dtype,
+                  a_dtype: torch.dtype):
     """The dtype the modules give: under autocast the pre-LayerNorm sum is ``A + GLU output`` (compute dtype), and
-    autocast runs layer_norm in float32 on CUDA (not on CPU); without autocast everything is the parameters' dtype."""
+    autocast runs layer_norm in float32 on CUDA (not on CPU); without autocast everything is the parameters' dtype.
+    ``a_dtype``: the dtype of the rows that enter the learner."""
     if not autocast:
         return param_dtype
     if _AUTOCAST_LAYER_NORM_FP32.get(A.device.type, True):
         return torch.float32
-    return torch.promote_types(A.dtype, compute_dtype)
+    return torch.promote_types(a_dtype, compute_dtype)
 
 
 class _LearnerFunction(torch.autograd.Function):
@@ -1917,58 +2005,94 @@ class _LearnerFunction(torch.autograd.Function):
     batches. Under torch.compile the custom operators run instead (opaque to inductor, no graph break)."""
 
     @staticmethod
-    def forward(ctx, x, weights, norms, layout, eps, compute_dtype, out_dtype):
+    def forward(ctx, x, weights, norms, norm_weight, norm_bias, layout, eps, compute_dtype, out_dtype):
         kinds = layout.unpack_pair(weights, norms)
-        out, xins, zs, mean, rstd, ws, bs = _forward(x, *kinds, eps, compute_dtype, out_dtype, True, False)
-        # (x itself only for a second derivative: rows [N, d], a fraction of what the GLU inputs xins take)
-        ctx.save_for_backward(x, weights, norms, xins, zs, mean, rstd, ws, bs)
+        norm = _norm_pair(norm_weight, norm_bias)
+        out, xins, zs, mean, rstd, ws, bs = _forward(x, *kinds, eps, compute_dtype, out_dtype, True, False, norm)
+        # (x itself for the input LayerNorm's backward and for a second derivative: rows [N, d], a fraction of what
+        # the GLU inputs xins take)
+        ctx.save_for_backward(x, weights, norms, norm_weight, norm_bias, xins, zs, mean, rstd, ws, bs)
         ctx.options = (layout, eps, compute_dtype, out_dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weights, norms, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
+        x, weights, norms, norm_weight, norm_bias, xins, zs, mean, rstd, ws, bs = ctx.saved_tensors
         layout, eps, compute_dtype, out_dtype = ctx.options
+        norm = _norm_pair(norm_weight, norm_bias)
         if torch.is_grad_enabled():  # (a backward with create_graph=True, for second derivatives)
-            def reference(x, weights, norms):
+            def reference(x, weights, norms, norm_weight, norm_bias):
                 with torch.autocast(x.device.type, enabled=False):
                     return _reference_forward(x, *layout.unpack_pair(weights, norms), layout, eps, compute_dtype,
-                                              out_dtype, False)[0]
+                                              out_dtype, False, _norm_pair(norm_weight, norm_bias))[0]
 
-            grads = _recomputed_grads(reference, (x, weights, norms), ctx.needs_input_grad[:3], grad_out)
+            grads = _recomputed_grads(reference, (x, weights, norms, norm_weight, norm_bias),
+                                      ctx.needs_input_grad[:5], grad_out)
             return *grads, None, None, None, None
-        needs = ctx.needs_input_grad[1:3]
+        needs = ctx.needs_input_grad[1:5] if norm is not None else ctx.needs_input_grad[1:3]
         gx, flat = _backward_math(grad_out, *layout.unpack_pair(weights, norms), xins, zs, mean, rstd, ws, bs, eps,
-                                  compute_dtype, x.dtype, any(needs), False)
-        return gx, *_split_param_grads(flat, needs, weights), None, None, None, None
+                                  compute_dtype, x.dtype, any(needs), False, x, norm)
+        grads = _split_param_grads(flat, needs, weights, norms, x.shape[-1])
+        return gx, *(grads + [None] * (4 - len(grads))), None, None, None, None
 
 
-def _dtypes(A: torch.Tensor, param_dtype: torch.dtype):
-    """(compute dtype, output dtype) of the learner on A, or None when the modules would reject the combination."""
+def _dtypes(A: torch.Tensor, param_dtype: torch.dtype, a_dtype: torch.dtype | None = None):
+    """(compute dtype, output dtype) of the learner on A (rows entering the learner in ``a_dtype``, by default A's),
+    or None when the modules would reject the combination."""
     device = A.device.type
+    a_dtype = A.dtype if a_dtype is None else a_dtype
     autocast = torch.is_autocast_enabled(device)
     if autocast:
         compute_dtype = torch.get_autocast_dtype(device)
-    elif A.dtype != param_dtype:
+    elif a_dtype != param_dtype:
         return None
     else:
         compute_dtype = param_dtype
     if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         return None
-    return compute_dtype, _output_dtype(A, compute_dtype, autocast, param_dtype)
+    return compute_dtype, _output_dtype(A, compute_dtype, autocast, param_dtype, a_dtype)
 
 
-def _run(A: torch.Tensor, weights, norms, layout: LearnerLayout, eps: float, compute_dtype, out_dtype) -> torch.Tensor:
-    """The learner on the rows of A [..., d] with the flat parameters (see :func:`pack_learner`)."""
+def _norm_dtype(x: torch.Tensor, norm_weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the input LayerNorm's result, as the model's separate LayerNorm of A gives it: x's (computed with
+    float32 parameters), or the parameters' own 16-bit (or float64) dtype, rounded to it."""
+    return x.dtype if norm_weight.dtype == torch.float32 else norm_weight.dtype
+
+
+def _check_norm(x: torch.Tensor, norm) -> None:
+    if norm is None:
+        return
+    d = x.shape[-1]
+    for name, t in zip(("weight", "bias"), norm):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (d,) or not t.is_floating_point():
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"metric learner: the input LayerNorm's {name} must be a floating-point vector of the "
+                             f"rows' width {d}, got {shape}")
+
+
+def _norm_kernels(x: torch.Tensor, norm) -> bool:
+    """Whether the kernels take the input LayerNorm (dtypes they read and round to)."""
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    return norm is None or (norm[0].dtype in floats and norm[1].dtype in floats and _norm_dtype(x, norm[0]) in floats)
+
+
+def _run(A: torch.Tensor, weights, norms, layout: LearnerLayout, eps: float, compute_dtype, out_dtype,
+         norm=None) -> torch.Tensor:
+    """The learner on the rows of A [..., d] with the flat parameters (see :func:`pack_learner`), after the input
+    LayerNorm ``norm`` = (weight, bias) if given."""
     x = A.reshape(-1, layout.d)
-    needs_grad = torch.is_grad_enabled() and (A.requires_grad or weights.requires_grad or norms.requires_grad)
+    norm_weight, norm_bias = (None, None) if norm is None else norm
+    needs_grad = torch.is_grad_enabled() and (A.requires_grad or weights.requires_grad or norms.requires_grad or (
+        norm is not None and (norm_weight.requires_grad or norm_bias.requires_grad)))
     if torch.compiler.is_compiling():
-        out = torch.ops.pldr.metric_learner_fwd(x, weights, norms, layout.units, layout.glus, layout.hidden,
-                                                float(eps), compute_dtype, out_dtype, needs_grad)[0]
+        out = torch.ops.pldr.metric_learner_fwd(x, weights, norms, norm_weight, norm_bias, layout.units, layout.glus,
+                                                layout.hidden, float(eps), compute_dtype, out_dtype, needs_grad)[0]
     elif needs_grad:
-        out = _LearnerFunction.apply(x, weights, norms, layout, float(eps), compute_dtype, out_dtype)
+        out = _LearnerFunction.apply(x, weights, norms, norm_weight, norm_bias, layout, float(eps), compute_dtype,
+                                     out_dtype)
     else:
-        out = _forward(x, *layout.unpack_pair(weights, norms), float(eps), compute_dtype, out_dtype, False, False)[0]
+        out = _forward(x, *layout.unpack_pair(weights, norms), float(eps), compute_dtype, out_dtype, False, False,
+                       norm)[0]
     return out.view(A.shape)
 
 
@@ -1980,24 +2104,28 @@ def _check_rows(A: torch.Tensor, d: int):
 
 
 def flat_metric_learner(A: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, units: int, glus: int,
-                        hidden: int, eps: float) -> torch.Tensor:
+                        hidden: int, eps: float, norm: tuple | None = None) -> torch.Tensor:
     """The learner on the rows of A [..., d] from its parameters in two flat tensors (the model's
     ``PldrMetricLearner`` stores them so; :func:`pack_learner` makes them from the kinds): ``weights`` = W1|W2 [2G, h, d]
     (gluw1 and gluw2 of each GLU in turn) then W3 [G, d, h], ``norms`` = b1|b2 [2G, h] and b3 [G, d] (without biases:
     none), then the LayerNorm weights and biases [U, d]; ``units`` U of ``glus`` J GLUs (G = U J) of width ``hidden``.
-    Their gradients come out of the backward as they are laid out, with no copy. Returns a tensor of A's shape with
-    the dtype the modules would give; raises a ValueError for sizes that do not match, rows of the wrong width or a
-    dtype the modules would reject."""
+    Their gradients come out of the backward as they are laid out, with no copy. ``norm`` = (weight, bias) [d]: a
+    LayerNorm (of the same eps) on the rows first, computed inside the operator as the model's LayerNorm of A (its
+    result in A's dtype for float32 weights, else rounded to theirs). Returns a tensor of A's shape with the dtype the
+    modules would give; raises a ValueError for sizes that do not match, rows of the wrong width or a dtype the
+    modules would reject."""
     if A.dim() < 1:
         raise ValueError(f"metric learner: A must have rows, got shape {tuple(A.shape)}")
     layout = _check_flat(weights.new_empty(0, weights.numel() // max(1, 3 * units * glus * hidden)), weights, norms,
                          units, glus, hidden)
     _check_rows(A, layout.d)
-    dtypes = _dtypes(A, weights.dtype)
+    _check_norm(A, norm)
+    a_dtype = A.dtype if norm is None else _norm_dtype(A, norm[0])
+    dtypes = _dtypes(A, weights.dtype, a_dtype)
     if dtypes is None:
-        raise ValueError(f"metric learner: A is {A.dtype} but the learner's parameters are {weights.dtype} (and no "
+        raise ValueError(f"metric learner: A is {a_dtype} but the learner's parameters are {weights.dtype} (and no "
                          f"autocast is active); cast A or the model to one dtype")
-    return _run(A, weights, norms, layout, eps, *dtypes)
+    return _run(A, weights, norms, layout, eps, *dtypes, norm)
 
 
 def stacked_metric_learner(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, eps: float) -> torch.Tensor:
@@ -2010,20 +2138,23 @@ def stacked_metric_learner(A: torch.Tensor, w12, w3, b12, b3, ln_w, ln_b, eps: f
                                layout.hidden, eps)
 
 
-def runs_kernels_only(A: torch.Tensor, weights, norms, units: int, glus: int, hidden: int, power_params) -> bool:
-    """Whether the flat learner (:func:`flat_metric_learner`) on A [..., d] (after its LayerNorm) and then the power
-    law with ``power_params`` [5, H, d, d] run their Triton kernels alone, with no cuBLAS or other library GEMM, under
-    the present autocast state: where a layer's deduction is recorded as CUDA graphs (the tested case; float32 learners
-    without autocast run on cuBLAS, see FLOAT32_KERNELS)."""
-    dtypes = _dtypes(A, weights.dtype)
-    if dtypes is None:
-        return False
+def runs_kernels_only(A: torch.Tensor, weights, norms, units: int, glus: int, hidden: int, power_params,
+                      norm: tuple | None = None) -> bool:
+    """Whether the flat learner (:func:`flat_metric_learner`, with its input LayerNorm ``norm``) on A [..., d] and
+    then the power law with ``power_params`` [5, H, d, d] run their Triton kernels alone, with no cuBLAS or other
+    library GEMM, under the present autocast state: where a layer's deduction is recorded as CUDA graphs (the tested
+    case; float32 learners without autocast run on cuBLAS, see FLOAT32_KERNELS)."""
     x = A.reshape(-1, A.shape[-1])
     try:
         layout = _check_flat(x, weights, norms, units, glus, hidden)
+        _check_norm(x, norm)
     except ValueError:
         return False
-    return _use_kernels(x, weights, layout, dtypes[0]) and _power_law_kernels(A.float(), power_params.float())
+    dtypes = _dtypes(A, weights.dtype, A.dtype if norm is None else _norm_dtype(A, norm[0]))
+    if dtypes is None:
+        return False
+    return (_use_kernels(x, weights, layout, dtypes[0]) and _norm_kernels(x, norm)
+            and _power_law_kernels(A.float(), power_params.float()))
 
 
 def fused_metric_learner(units: nn.ModuleList, A: torch.Tensor) -> torch.Tensor | None:

@@ -511,9 +511,11 @@ class PldrMetricLearner(_PortNamedParameters):
     def __len__(self) -> int:
         return self.num_units
 
-    def forward(self, A: torch.Tensor) -> torch.Tensor:
+    def forward(self, A: torch.Tensor, norm: tuple | None = None) -> torch.Tensor:
+        """The learner on the rows of A; ``norm`` = (weight, bias): a LayerNorm of the rows first (of this learner's
+        eps), inside the operator (the attention passes its LayerNorm of A so)."""
         return flat_metric_learner(A, self.glu_weights, self.biases_and_layernorms, self.num_units, self.num_glus,
-                                   self.hidden, self.eps)
+                                   self.hidden, self.eps, norm)
 
     def kinds(self) -> dict[str, torch.Tensor]:
         """The parameters by kind, as views of the flat ones (with gradients): ``gluw12_weight`` [2G, h, d],
@@ -716,16 +718,15 @@ def _normed_metric(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 def _deduction_runs_kernels(A, ln_weight, ln_bias, weights, norms, power_params, *, sizes: tuple, eps: float):
     """Whether :func:`_deduce` on these tensors runs Triton kernels and no library GEMM (what its CUDA graphs record;
     asked once per shape, dtype and autocast state)."""
-    with torch.no_grad():
-        normed = _normed_metric(A, ln_weight, ln_bias, eps)
-    return runs_kernels_only(normed, weights, norms, *sizes, power_params)
+    return runs_kernels_only(A, weights, norms, *sizes, power_params, norm=(ln_weight, ln_bias))
 
 
 def _deduce(A, ln_weight, ln_bias, weights, norms, power_params, *, sizes: tuple, eps: float):
-    """A layer's deduction from its metric sum A: ``(A, A_LM, G_LM)`` after the LayerNorm, the metric learner
-    (:class:`PldrMetricLearner`'s flat parameters, ``sizes`` its units, GLUs per unit and hidden width) and the power
-    law. What the modules compute, as a function of tensors, so that :class:`DeductionGraphs` can record it."""
-    A = flat_metric_learner(_normed_metric(A, ln_weight, ln_bias, eps), weights, norms, *sizes, eps)
+    """A layer's deduction from its metric sum A: ``(A, A_LM, G_LM)`` after the LayerNorm and the metric learner (one
+    operator: :class:`PldrMetricLearner`'s flat parameters, ``sizes`` its units, GLUs per unit and hidden width) and
+    the power law. What the modules compute, as a function of tensors, so that :class:`DeductionGraphs` can record
+    it."""
+    A = flat_metric_learner(A, weights, norms, *sizes, eps, norm=(ln_weight, ln_bias))
     return (A, *_power_law_step(A, power_params))
 
 
@@ -948,8 +949,12 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         return gram(q, mask, torch.float32)
 
     def _learned_metric(self, A: torch.Tensor) -> torch.Tensor:
-        """The LayerNorm of the metric sum A, then the metric learner."""
-        ln = self.layernorm1
+        """The LayerNorm of the metric sum A, then the metric learner: one operator, where the LayerNorm and the
+        stored learner are plain (no hooks: a hook on the learner sees the normalised A it takes as a module)."""
+        ln, learner = self.layernorm1, self.reslayerAs
+        if (isinstance(learner, PldrMetricLearner) and ln.eps == learner.eps and plain_layer_norms(ln)
+                and not _has_hooks(learner)):
+            return learner(A, norm=(ln.weight, ln.bias))
         A = ln(A) if ln.weight.dtype == torch.float32 else _normed_metric(A, ln.weight, ln.bias, ln.eps)
         # The metric learner as one operator per layer (Triton kernels on GPU), in training, inference and under
         # torch.compile. Learners kept as modules (use_metric_learner_modules) run through the same operator unless

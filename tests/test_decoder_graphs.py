@@ -123,9 +123,11 @@ def test_second_derivatives_through_the_recorded_stack(emulated):
             (g,) = torch.autograd.grad(loss, embeds, create_graph=True)
             results.append(torch.autograd.grad(g.pow(2).sum(), embeds)[0])
     assert stack(on).replays >= 1
-    # (the operators differentiated again inside the graphs' backward: the same math, sums in another order)
+    # (the operators differentiated again inside the graphs' backward: the same math, sums in another order. Measured:
+    # 9.3e-7 before the LayerNorm of A moved into the learner operator, 1.1e-6 after; a float64 model, whose sum A and
+    # power law stay float32, 7.2e-7 and 7.6e-7: float32 noise. A lost or wrong term would be of order 1.)
     err = ((results[0] - results[1]).abs().max() / results[1].abs().max()).item()
-    assert err < 1e-6, err
+    assert err < 4e-6, err
 
 
 def test_parameters_at_new_addresses_frozen_ones_and_moved_models(emulated):

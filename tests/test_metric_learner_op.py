@@ -175,7 +175,7 @@ def test_no_grad_path_saves_nothing():
         assert out.grad_fn is None and not out.requires_grad
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     weights, norms, sizes, eps = _flat(units)
-    _, *kept = torch.ops.pldr.metric_learner_fwd(A.detach().reshape(-1, 16), weights, norms, *sizes, eps,
+    _, *kept = torch.ops.pldr.metric_learner_fwd(A.detach().reshape(-1, 16), weights, norms, None, None, *sizes, eps,
                                                  torch.float32, torch.float32, False)
     assert len(kept) == 6 and all(t.numel() == 0 for t in kept)  # GLU inputs, sums, means, rstds, staged weights
 
@@ -261,7 +261,9 @@ def test_wrong_shapes_raise_value_error():
         stacked(torch.randn(4, 16), w12, w3.double(), b12, b3, ln_w, ln_b)
     # the flat parameters (the operator's inputs, flat_metric_learner)
     weights, norms, sizes, eps = _flat(units)
-    fwd = torch.ops.pldr.metric_learner_fwd
+    def fwd(x, weights, norms, *rest):
+        return torch.ops.pldr.metric_learner_fwd(x, weights, norms, None, None, *rest)
+
     options = (eps, torch.float32, torch.float32, False)
     with pytest.raises(ValueError, match=r"flat weights must be a vector of 3 x 4 GLUs x hidden 20 x d elements"):
         fwd(torch.randn(4, 16), weights[:-1], norms, *sizes, *options)
@@ -311,15 +313,22 @@ def test_compiles_without_graph_breaks_and_matches_eager():
 def test_opcheck(bias):
     units = _learner(units=2, glus=2, bias=bias, std=0.3)
     x = torch.randn(12, 16)
-    for save, dtype in ((True, torch.float32), (False, torch.float32), (True, torch.bfloat16)):
+    norm = (1 + 0.1 * torch.randn(16), 0.1 * torch.randn(16))  # (the input LayerNorm in the operator)
+    for save, dtype, with_norm in ((True, torch.float32, False), (False, torch.float32, False),
+                                   (True, torch.bfloat16, False), (True, torch.float32, True),
+                                   (False, torch.bfloat16, True)):
         weights, norms, sizes, eps = _flat(units, requires_grad=save)
-        args = (x.clone().requires_grad_(save), weights, norms, *sizes, eps, dtype, torch.float32, save)
+        n = [t.clone().requires_grad_(save) for t in norm] if with_norm else [None, None]
+        args = (x.clone().requires_grad_(save), weights, norms, *n, *sizes, eps, dtype, torch.float32, save)
         torch.library.opcheck(torch.ops.pldr.metric_learner_fwd.default, args)
     weights, norms, sizes, eps = _flat(units)
-    _, *saved = torch.ops.pldr.metric_learner_fwd(x, weights, norms, *sizes, eps, torch.float32, torch.float32, True)
-    for param_grads in (True, False):
-        args = (torch.randn(12, 16), weights, norms, *sizes, *saved, eps, torch.float32, torch.float32, param_grads)
-        torch.library.opcheck(torch.ops.pldr.metric_learner_bwd.default, args)
+    for n in ([None, None], list(norm)):
+        _, *saved = torch.ops.pldr.metric_learner_fwd(x, weights, norms, *n, *sizes, eps, torch.float32, torch.float32,
+                                                      True)
+        for param_grads in (True, False):
+            args = (torch.randn(12, 16), x, weights, norms, *n, *sizes, *saved, eps, torch.float32, torch.float32,
+                    param_grads)
+            torch.library.opcheck(torch.ops.pldr.metric_learner_bwd.default, args)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
@@ -497,6 +506,105 @@ def test_triton_kernels_in_the_interpreter():
     assert len(kernel) == 1 + 1 + 2 * 2 * 6 + 2 * 2  # out, A, 4 GLUs x 6 parameters, 2 LayerNorms x 2
 
 
+def _normed(A, norm, eps):
+    """The model's separate LayerNorm of A (float32 weights: in A's dtype; else rounded to the weights' dtype)."""
+    w, b = norm
+    out = torch.nn.functional.layer_norm(A, (A.shape[-1],), w.to(A.dtype), b.to(A.dtype), eps)
+    return out if w.dtype == torch.float32 else out.to(w.dtype)
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16_autocast", "bf16_model"])
+def test_input_layer_norm_in_the_operator_computes_the_separate_layer_norm(case):
+    # The attention's LayerNorm of A runs inside the learner operator (norm=): the same output as the LayerNorm then
+    # the learner, and the same gradients of A, the learner's parameters and the LayerNorm's weight and bias (the
+    # reference path on CPU; the kernels: the interpreter test below and the CUDA test)
+    units = _learner(units=2, glus=2, bias=True, d=16, hidden=20, seed=3)
+    weights, norms, sizes, eps = _flat(units)
+    torch.manual_seed(1)
+    norm = (1 + 0.2 * torch.randn(16), 0.2 * torch.randn(16))
+    A = 3 * torch.randn(2, 3, 16, 16) + 1
+    if case == "bf16_model":
+        weights, norms, norm = weights.bfloat16(), norms.bfloat16(), tuple(t.bfloat16() for t in norm)
+    leaves = [A, weights, norms, *norm]
+    gout = torch.randn(2, 3, 16, 16)
+
+    def run(fused):
+        x = [t.detach().clone().requires_grad_() for t in leaves]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16_autocast"):
+            if fused:
+                out = ML.flat_metric_learner(x[0], x[1], x[2], *sizes, eps, norm=(x[3], x[4]))
+            else:
+                out = ML.flat_metric_learner(_normed(x[0], (x[3], x[4]), eps), x[1], x[2], *sizes, eps)
+        return out, torch.autograd.grad(out, x, gout.to(out.dtype))
+
+    (out, grads), (ref, ref_grads) = run(True), run(False)
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype
+        # float32 (also under autocast: the LayerNorm is float32 there): the same backward ops; a bf16 model: the
+        # separate path rounds the gradient of the normalised A to bf16 on its way, the operator does not
+        tol = 1e-6 if case != "bf16_model" else 2e-2
+        assert _rel(g, r) <= tol, case
+    with pytest.raises(ValueError, match=r"input LayerNorm's weight must be a floating-point vector of the rows' width "
+                                         r"16, got \(15,\)"):
+        ML.flat_metric_learner(A, weights, norms, *sizes, eps, norm=(norm[0][:15], norm[1]))
+
+
+_NORM_INTERPRETER_SCRIPT = _INTERPRETER_PATCHES + r'''
+from test_metric_learner_op import _flat, _learner, _grads, _record_launches, _rel
+from pldr_hf.modeling import metric_learner as ML
+
+# (as the learner's interpreter test: 70 rows = 4 blocks of 16 + 6 masked rows, two hidden chunks, two row splits)
+ML.KERNEL_CONFIGS.update(fwd={16: (32, 4, 1)}, bwd_rows={16: (32, 4, 1)}, bwd_params=(16, 32, 4, 1))
+ML.PARAM_GRAD_SPLITS = 2
+ML.FLOAT32_KERNELS = "ieee"
+launched = _record_launches(ML, ("_learner_fwd_kernel", "_learner_bwd_rows_kernel", "_learner_bwd_params_kernel"))
+units = _learner(units=2, glus=2, bias=True, d=32, hidden=40, seed=1)
+weights, norms, sizes, eps = _flat(units)
+torch.manual_seed(2)
+norm = [1 + 0.2 * torch.randn(32), 0.2 * torch.randn(32)]
+A = 3 * torch.randn(5, 14, 32) + 1
+gout = torch.randn(5, 14, 32)
+
+def run(leaves, kernels, autocast):
+    ML._KERNELS_ON_CPU = kernels
+    x = [t.detach().clone().requires_grad_() for t in leaves]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = ML.flat_metric_learner(x[0], x[1], x[2], *sizes, eps, norm=(x[3], x[4]))
+    return out, _grads(out, x, gout.to(out.dtype))
+
+results = {}
+for case, (to, autocast) in {"fp32": (torch.float32, False), "bf16_autocast": (torch.float32, True),
+                             "bf16_model": (torch.bfloat16, False)}.items():
+    leaves = [A] + [t.to(to) for t in (weights, norms, *norm)]
+    launched.clear()
+    out, grads = run(leaves, True, autocast)
+    assert launched == ["_learner_fwd_kernel", "_learner_bwd_rows_kernel", "_learner_bwd_params_kernel"], launched
+    ref, ref_grads = run(leaves, False, autocast)
+    exact, exact_grads = run([t.double() for t in leaves], False, False)
+    assert out.dtype == ref.dtype
+    results[case] = {
+        "kernel": [_rel(out, exact)] + [_rel(g, e) for g, e in zip(grads, exact_grads)],
+        "reference": [_rel(ref, exact)] + [_rel(g, e) for g, e in zip(ref_grads, exact_grads)],
+    }
+print(json.dumps(results))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable, so its kernels cannot be interpreted on CPU")
+def test_input_layer_norm_kernels_in_the_interpreter():
+    # the forward kernel's LayerNorm prologue, the row kernel's LayerNorm backward and the parameter kernel's sum of
+    # its partials: float32 as exact as the modules, bf16 (autocast, or a bf16 model rounding the normalised A)
+    # within its noise, as close as the reference path, for A, the learner's parameters and the LayerNorm's
+    results = _interpreted(_NORM_INTERPRETER_SCRIPT)
+    assert max(results["fp32"]["kernel"]) <= 1e-5, results["fp32"]
+    for case in ("bf16_autocast", "bf16_model"):
+        kernel, reference = results[case]["kernel"], results[case]["reference"]
+        assert len(kernel) == 1 + 5
+        for k, r in zip(kernel, reference):
+            assert k <= max(2e-2, 2 * r), (case, results[case])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # CUDA: the compiled kernels against the reference path and the modules
 # ---------------------------------------------------------------------------------------------------------------------
@@ -604,6 +712,48 @@ def test_cuda_compiled_with_inductor():
     for kernel in ("_learner_fwd_kernel", "_learner_bwd_rows_kernel", "_learner_bwd_params_kernel"):
         assert kernel in code
     assert "pldr.metric_learner_fwd" not in code and "pldr.metric_learner_bwd" not in code
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("case", ["bf16_autocast", "bf16_model"])
+def test_cuda_input_layer_norm_in_the_kernels(case):
+    # the learner with the attention's LayerNorm of A inside its kernels, at the papers' sizes: eager and compiled,
+    # as close to float64 as the reference path, and compiled, inductor launches the three kernels itself
+    from torch._inductor.utils import run_and_get_code
+
+    units = _learner(units=8, glus=2, d=64, hidden=170, seed=4, device="cuda")
+    weights, norms, sizes, eps = _flat(units)
+    torch.manual_seed(5)
+    norm = [1 + 0.2 * torch.randn(64, device="cuda"), 0.2 * torch.randn(64, device="cuda")]
+    A = 3 * torch.randn(4, 14, 64, 64, device="cuda") + 1
+    gout = torch.randn_like(A)
+    to = torch.bfloat16 if case == "bf16_model" else torch.float32
+    leaves = [A] + [t.to(to) for t in (weights, norms, *norm)]
+    autocast = case == "bf16_autocast"
+
+    def learner(x):
+        return ML.flat_metric_learner(x[0], x[1], x[2], *sizes, eps, norm=(x[3], x[4]))
+
+    def run(fn, tensors, kernels, with_autocast):
+        orig = ML._use_kernels
+        ML._use_kernels = lambda *a: kernels and orig(*a)
+        try:
+            x = [t.detach().clone().requires_grad_() for t in tensors]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=with_autocast):
+                out = fn(x)
+            return out, _grads(out, x, gout.to(out.dtype))
+        finally:
+            ML._use_kernels = orig
+
+    exact, exact_grads = run(learner, [t.double() for t in leaves], False, False)
+    ref, ref_grads = run(learner, leaves, False, autocast)
+    (out, grads), codes = run_and_get_code(lambda: run(torch.compile(learner, fullgraph=True), leaves, True, autocast))
+    for got in (run(learner, leaves, True, autocast), (out, grads)):
+        for k, r, e in zip((got[0], *got[1]), (ref, *ref_grads), (exact, *exact_grads)):
+            assert _rel(k, e) <= max(2e-2, 2 * _rel(r, e)), case
+    code = "\n".join(codes)
+    for kernel in ("_learner_fwd_kernel", "_learner_bwd_rows_kernel", "_learner_bwd_params_kernel"):
+        assert kernel in code
 
 
 # ---------------------------------------------------------------------------------------------------------------------
