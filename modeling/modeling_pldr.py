@@ -380,8 +380,9 @@ class _PortNamedParameters(nn.Module):
     @torch.no_grad()
     def _load_port_names(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                          error_msgs):
-        """Writes the port's entries of a state dict into the stored parameters' entries (a state dict that already
-        has the stored names loads as it is)."""
+        """Writes the port's entries of a state dict into the stored parameters' entries: over the entry under the
+        stored name where the state dict has both, else over the parameter's present value (a state dict with only
+        the stored names loads as it is). A sharded parameter gets a DTensor laid out as it is."""
         stored = {}
         for name, param in module._stored().items():
             slots = [(n, kind, i) for n, (kind, i) in module._port_names.items() if module.KIND_HOME[kind] == name]
