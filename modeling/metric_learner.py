@@ -223,9 +223,9 @@ def pack_learner(w12, w3, b12, b3, ln_w, ln_b) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(flat(w12) + flat(w3)), torch.cat([t for k in kinds for t in flat(k)])
 
 
-def _check_flat(x, weights, norms, units: int, glus: int, hidden: int) -> LearnerLayout:
-    """The learner's layout from the flat operator inputs (rows x [N, d], the pair of :func:`pack_learner`); a
-    ValueError that says what is wrong otherwise."""
+def _flat_layout(weights, norms, units: int, glus: int, hidden: int) -> LearnerLayout:
+    """The learner's layout from its flat parameters (the pair of :func:`pack_learner`; d follows from the weights'
+    size); a ValueError that says what is wrong otherwise."""
     units, glus, hidden = int(units), int(glus), int(hidden)  # (sizes of the parameters: never dynamic)
     if min(units, glus, hidden) < 1:
         raise ValueError(f"metric learner: units, GLUs per unit and hidden size must be positive, got {units}, {glus}, "
@@ -235,10 +235,6 @@ def _check_flat(x, weights, norms, units: int, glus: int, hidden: int) -> Learne
         raise ValueError(f"metric learner: the flat weights must be a vector of 3 x {G} GLUs x hidden {hidden} x d "
                          f"elements (W1|W2, then W3), got shape {tuple(weights.shape)}")
     d = int(weights.numel()) // (3 * G * hidden)
-    if x.dim() != 2:
-        raise ValueError(f"metric learner: expected rows [N, d], got a tensor of shape {tuple(x.shape)}")
-    if x.shape[1] != d:
-        raise ValueError(f"metric learner: rows must have width {d} (the learner's d), got shape {tuple(x.shape)}")
     layouts = [LearnerLayout(units, glus, hidden, d, bias) for bias in (False, True)]
     sizes = [sum(layout.param_sizes) - layout.weights_numel for layout in layouts]
     n = int(norms.numel()) if norms.dim() == 1 else -1
@@ -252,6 +248,17 @@ def _check_flat(x, weights, norms, units: int, glus: int, hidden: int) -> Learne
         raise ValueError(f"metric learner: all parameters must have the same dtype, got {weights.dtype} and "
                          f"{norms.dtype}")
     return layouts[sizes.index(n)]
+
+
+def _check_flat(x, weights, norms, units: int, glus: int, hidden: int) -> LearnerLayout:
+    """:func:`_flat_layout`, and rows x [N, d] of the learner's width."""
+    layout = _flat_layout(weights, norms, units, glus, hidden)
+    if x.dim() != 2:
+        raise ValueError(f"metric learner: expected rows [N, d], got a tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != layout.d:
+        raise ValueError(f"metric learner: rows must have width {layout.d} (the learner's d), got shape "
+                         f"{tuple(x.shape)}")
+    return layout
 
 
 def _check(x, w12, w3, b12, b3, ln_w, ln_b) -> LearnerLayout:
@@ -380,6 +387,25 @@ def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds
 if triton is not None:
 
     @triton.jit
+    def _row_stats(z, D: tl.constexpr, EPS: tl.constexpr):
+        # A LayerNorm's statistics of the rows z [BLOCK_M, D] (float32): mean, z centred, reciprocal standard deviation
+        mean = tl.sum(z, axis=1) / D
+        zc = z - mean[:, None]
+        return mean, zc, 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
+
+    @triton.jit
+    def _layer_norm_backward(g, xhat, rstd, W, cols, PART, D: tl.constexpr, PARAM_GRADS: tl.constexpr):
+        # The gradient of a LayerNorm's input rows for the gradient g of its output (xhat its normalised input, rstd
+        # its reciprocal standard deviations, W its weight); with PARAM_GRADS this block's partial sums of its weight's
+        # and bias's gradients, written to PART [2, D]
+        if PARAM_GRADS:
+            tl.store(PART + cols, tl.sum(g * xhat, axis=0))
+            tl.store(PART + D + cols, tl.sum(g, axis=0))
+        gxh = g * tl.load(W + cols).to(tl.float32)[None, :]
+        return rstd[:, None] * (gxh - (tl.sum(gxh, axis=1) / D)[:, None]
+                                - xhat * (tl.sum(gxh * xhat, axis=1) / D)[:, None])
+
+    @triton.jit
     def _learner_stage_kernel(W12, W3, B12, WS, BS, H, HP, D: tl.constexpr, BLOCK: tl.constexpr,
                               HAS_BIAS: tl.constexpr):
         # The GEMM weights of GLU g as the kernels read them: WS[g] = [W1; W2; W3^T] [3, HP, D] in the GEMM dtype,
@@ -422,8 +448,7 @@ if triton is not None:
         G = U * J
         a = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
         if NORM_IN:  # the LayerNorm before the learner, its result rounded to RD as the separate LayerNorm's would be
-            a_c = a - (tl.sum(a, axis=1) / D)[:, None]
-            a_r = 1.0 / tl.sqrt(tl.sum(a_c * a_c, axis=1) / D + EPS)
+            _, a_c, a_r = _row_stats(a, D, EPS)
             a = (a_c * a_r[:, None] * tl.load(LNIW + cols).to(tl.float32)[None, :]
                  + tl.load(LNIB + cols).to(tl.float32)[None, :]).to(RD).to(tl.float32)
         xin = a.to(CD)
@@ -447,9 +472,7 @@ if triton is not None:
                 u = g // J
                 if g - u * J == J - 1:  # unit u done: residual sum and LayerNorm
                     z = a + acc
-                    mean = tl.sum(z, axis=1) / D
-                    zc = z - mean[:, None]
-                    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
+                    mean, zc, rstd = _row_stats(z, D, EPS)
                     if SAVE:
                         tl.store(Z + u * N * D + offs, z, mask=m2)
                         tl.store(MEAN + u * N + rows, mean, mask=rmask)
@@ -490,14 +513,9 @@ if triton is not None:
             mean = tl.load(MEAN + u * N + rows, mask=rmask, other=0.0)
             rstd = tl.load(RSTD + u * N + rows, mask=rmask, other=0.0)
             xhat = (z - mean[:, None]) * rstd[:, None]
-            if PARAM_GRADS:  # this block's share of the LayerNorm weight and bias gradients
-                part = LNPART + (pid * UP + u) * 2 * D
-                tl.store(part + cols, tl.sum(gx * xhat, axis=0))
-                tl.store(part + D + cols, tl.sum(gx, axis=0))
-            lnw = tl.load(LNW + u * D + cols).to(tl.float32)
-            gxh = gx * lnw[None, :]
-            gz = rstd[:, None] * (gxh - (tl.sum(gxh, axis=1) / D)[:, None]
-                                  - xhat * (tl.sum(gxh * xhat, axis=1) / D)[:, None])
+            # (and this block's share of the LayerNorm weight and bias gradients)
+            gz = _layer_norm_backward(gx, xhat, rstd, LNW + u * D, cols, LNPART + (pid * UP + u) * 2 * D, D,
+                                      PARAM_GRADS)
             gy = gz
             for jj in range(J):
                 g = u * J + J - 1 - jj
@@ -525,17 +543,9 @@ if triton is not None:
                 gy = gin
             gx = gz + gy
         if NORM_IN:  # the input LayerNorm's backward, its statistics recomputed from the rows
-            a = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
-            a_c = a - (tl.sum(a, axis=1) / D)[:, None]
-            a_r = 1.0 / tl.sqrt(tl.sum(a_c * a_c, axis=1) / D + EPS)
-            xhat = a_c * a_r[:, None]
-            if PARAM_GRADS:
-                part = LNPART + (pid * UP + U) * 2 * D
-                tl.store(part + cols, tl.sum(gx * xhat, axis=0))
-                tl.store(part + D + cols, tl.sum(gx, axis=0))
-            gxh = gx * tl.load(LNIW + cols).to(tl.float32)[None, :]
-            gx = a_r[:, None] * (gxh - (tl.sum(gxh, axis=1) / D)[:, None]
-                                 - xhat * (tl.sum(gxh * xhat, axis=1) / D)[:, None])
+            _, a_c, a_r = _row_stats(tl.load(X + offs, mask=m2, other=0.0).to(tl.float32), D, EPS)
+            gx = _layer_norm_backward(gx, a_c * a_r[:, None], a_r, LNIW, cols, LNPART + (pid * UP + U) * 2 * D, D,
+                                      PARAM_GRADS)
         tl.store(GX + offs, gx.to(GX.dtype.element_ty), mask=m2)
 
     @triton.jit
@@ -756,7 +766,7 @@ def _kernel_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps, c
                 x, out, ws, biases[0], biases[1], LNW, LNB, *norm_in, *saved, N, U, J,
                 EPS=float(eps), D=D, HP=ws.shape[2], BLOCK_M=bm, BLOCK_H=bh, HAS_BIAS=layout.bias, SAVE=save,
                 CD=_TL_DTYPES[cd], PREC=_dot_precision(cd), STAGES=stages, NORM_IN=norm is not None,
-                RD=_TL_DTYPES[x.dtype if norm is None else _norm_dtype(x, norm[0])], num_warps=warps,
+                RD=tl.float32 if norm is None else _TL_DTYPES[_norm_dtype(x, norm[0])], num_warps=warps,
                 num_stages=stages,
             )
     if not save:
@@ -813,15 +823,15 @@ def _kernel_backward(gout, W12, W3, B12, LNW, xins, zs, mean, rstd, ws, bs, layo
 # ----------------------------------------------------------------------------------------------------------------------
 # The operators
 # ----------------------------------------------------------------------------------------------------------------------
-def _forward(x, w12, w3, b12, b3, ln_w, ln_b, eps, compute_dtype, out_dtype, save, wrap, norm=None):
-    """The learner on rows x [N, d] (with ``norm`` = (weight, bias) [d], on the rows after that LayerNorm, of eps
+def _forward(x, w12, w3, b12, b3, ln_w, ln_b, layout, eps, compute_dtype, out_dtype, save, wrap, norm=None):
+    """The learner (of sizes ``layout``, which the caller checked) on rows x [N, d] (with ``norm`` = (weight, bias) [d],
+    on the rows after that LayerNorm, of eps
     ``eps`` too, as the model's LayerNorm of A). Returns the output [N, d] (``out_dtype``) and, with ``save``, what the
     backward needs: each GLU's input [G, N, d] (``compute_dtype``), each unit's pre-LayerNorm sum [U, N, d] with its
     mean and reciprocal standard deviation [U, N] (float32), and the kernels' staged weights and biases
     (:func:`_stage_weights`; empty on the reference path); without ``save`` these are empty (the backward also takes
     x itself with ``norm``). ``wrap``: launch the kernels through ``wrap_triton`` (inside the operator, so that
     torch.compile traces them)."""
-    layout = _check(x, w12, w3, b12, b3, ln_w, ln_b)
     _check_norm(x, norm)
     args = [t if t is None else t.contiguous() for t in (x, w12, w3, b12, b3, ln_w, ln_b)]
     norm = None if norm is None else tuple(t.contiguous() for t in norm)
@@ -840,9 +850,9 @@ def _fwd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``pldr::metric_learner_fwd``: :func:`_forward` on the flat parameters (:func:`pack_learner`), after the input
     LayerNorm where ``norm_weight`` and ``norm_bias`` are given, with its kernels visible to torch.compile."""
-    kinds = _check_flat(x, weights, norms, units, glus, hidden).unpack_pair(weights, norms)
-    return _forward(x, *kinds, eps, compute_dtype, out_dtype, save, _TRACEABLE_KERNELS,
-                    _norm_pair(norm_weight, norm_bias))
+    layout = _check_flat(x, weights, norms, units, glus, hidden)
+    return _forward(x, *layout.unpack_pair(weights, norms), layout, eps, compute_dtype, out_dtype, save,
+                    _TRACEABLE_KERNELS, _norm_pair(norm_weight, norm_bias))
 
 
 def _norm_pair(norm_weight, norm_bias):
@@ -867,12 +877,12 @@ def _fwd_fake(x, weights, norms, norm_weight, norm_bias, units, glus, hidden, ep
             x.new_empty((U, N), dtype=f32), x.new_empty((U, N), dtype=f32), *staged)
 
 
-def _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, eps, compute_dtype,
+def _backward_math(grad_out, w12, w3, b12, b3, ln_w, ln_b, xins, zs, mean, rstd, ws, bs, layout, eps, compute_dtype,
                    x_dtype, param_grads, wrap, x=None, norm=None):
     """Gradient of the rows (``x_dtype``) and, with ``param_grads``, of the parameters as one flat tensor in their
     dtype, laid out as :class:`LearnerLayout` says (else empty); with ``norm`` (the input LayerNorm, which also needs
-    the rows x), the gradient of x and the flat tensor with the LayerNorm's weight and bias gradients last."""
-    layout = _check(grad_out, w12, w3, b12, b3, ln_w, ln_b)
+    the rows x), the gradient of x and the flat tensor with the LayerNorm's weight and bias gradients last. ``layout``:
+    the learner's sizes, which the caller checked."""
     N, d = grad_out.shape
     if xins.shape != (layout.G, N, d) or zs.shape != (layout.units, N, d) or mean.shape != (layout.units, N):
         raise ValueError("metric learner backward: the saved tensors do not match the rows and the learner's sizes")
@@ -901,9 +911,9 @@ def _bwd_impl(
     """``pldr::metric_learner_bwd``: :func:`_backward_math` on the flat parameters (the rows x are read only with the
     input LayerNorm), with its kernels visible to torch.compile. The parameters' gradient is one flat tensor, the
     weights' part first, the input LayerNorm's last (:class:`LearnerLayout`)."""
-    kinds = _check_flat(grad_out, weights, norms, units, glus, hidden).unpack_pair(weights, norms)
-    return _backward_math(grad_out, *kinds, xins, zs, mean, rstd, ws, bs, eps, compute_dtype, x_dtype, param_grads,
-                          _TRACEABLE_KERNELS, x, _norm_pair(norm_weight, norm_bias))
+    layout = _check_flat(grad_out, weights, norms, units, glus, hidden)
+    return _backward_math(grad_out, *layout.unpack_pair(weights, norms), xins, zs, mean, rstd, ws, bs, layout, eps,
+                          compute_dtype, x_dtype, param_grads, _TRACEABLE_KERNELS, x, _norm_pair(norm_weight, norm_bias))
 
 
 def _bwd_fake(grad_out, x, weights, norms, norm_weight, norm_bias, units, glus, hidden, xins, zs, mean, rstd, ws, bs,
@@ -923,11 +933,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(xins, zs, mean, rstd, ws, bs)
 
 
-def _split_param_grads(flat, needs, weights, norms, d: int) -> list:
-    """The gradients of the flat weights and norms (and, for 4 ``needs``, of the input LayerNorm's weight and bias
-    [d]) from the backward's one flat tensor: views of it (None where not needed)."""
+def _split_param_grads(flat, needs, weights, norms) -> list:
+    """The gradients of the flat weights and norms and of the input LayerNorm's weight and bias (the flat tensor's
+    last two equal parts, where it has them) from the backward's one flat tensor: views of it, None where ``needs``
+    (four flags) says no."""
     n, m = weights.numel(), norms.numel()
-    parts = [flat[:n], flat[n:n + m]] + ([flat[n + m:n + m + d], flat[n + m + d:]] if len(needs) > 2 else [])
+    d = (flat.numel() - n - m) // 2
+    parts = [flat[:n], flat[n:n + m], flat[n + m:n + m + d], flat[n + m + d:]]
     return [part if need else None for part, need in zip(parts, needs)]
 
 
@@ -937,12 +949,11 @@ def _backward(ctx, grad_out, *_):
     if not save:
         raise RuntimeError("pldr::metric_learner_fwd ran with save=False, so it cannot be differentiated; call it with "
                            "save=True when gradients are needed (fused_metric_learner does)")
-    needs = ctx.needs_input_grad[1:5] if norm_weight is not None else ctx.needs_input_grad[1:3]
+    needs = ctx.needs_input_grad[1:5]  # (the input LayerNorm's: False without it)
     gx, flat = torch.ops.pldr.metric_learner_bwd(grad_out, x, weights, norms, norm_weight, norm_bias, units, glus,
                                                  hidden, xins, zs, mean, rstd, ws, bs, eps, compute_dtype, x_dtype,
                                                  any(needs))
-    grads = _split_param_grads(flat, needs, weights, norms, grad_out.shape[-1])
-    return gx, *(grads + [None] * (4 - len(grads))), None, None, None, None, None, None, None
+    return gx, *_split_param_grads(flat, needs, weights, norms), None, None, None, None, None, None, None
 
 
 def _define_ops(name: str, fwd_impl, bwd_impl, fwd_fake, bwd_fake, backward, setup_context):
@@ -2008,7 +2019,8 @@ class _LearnerFunction(torch.autograd.Function):
     def forward(ctx, x, weights, norms, norm_weight, norm_bias, layout, eps, compute_dtype, out_dtype):
         kinds = layout.unpack_pair(weights, norms)
         norm = _norm_pair(norm_weight, norm_bias)
-        out, xins, zs, mean, rstd, ws, bs = _forward(x, *kinds, eps, compute_dtype, out_dtype, True, False, norm)
+        out, xins, zs, mean, rstd, ws, bs = _forward(x, *kinds, layout, eps, compute_dtype, out_dtype, True, False,
+                                                     norm)
         # (x itself for the input LayerNorm's backward and for a second derivative: rows [N, d], a fraction of what
         # the GLU inputs xins take)
         ctx.save_for_backward(x, weights, norms, norm_weight, norm_bias, xins, zs, mean, rstd, ws, bs)
@@ -2029,11 +2041,10 @@ class _LearnerFunction(torch.autograd.Function):
             grads = _recomputed_grads(reference, (x, weights, norms, norm_weight, norm_bias),
                                       ctx.needs_input_grad[:5], grad_out)
             return *grads, None, None, None, None
-        needs = ctx.needs_input_grad[1:5] if norm is not None else ctx.needs_input_grad[1:3]
-        gx, flat = _backward_math(grad_out, *layout.unpack_pair(weights, norms), xins, zs, mean, rstd, ws, bs, eps,
-                                  compute_dtype, x.dtype, any(needs), False, x, norm)
-        grads = _split_param_grads(flat, needs, weights, norms, x.shape[-1])
-        return gx, *(grads + [None] * (4 - len(grads))), None, None, None, None
+        needs = ctx.needs_input_grad[1:5]  # (the input LayerNorm's: False without it)
+        gx, flat = _backward_math(grad_out, *layout.unpack_pair(weights, norms), xins, zs, mean, rstd, ws, bs, layout,
+                                  eps, compute_dtype, x.dtype, any(needs), False, x, norm)
+        return gx, *_split_param_grads(flat, needs, weights, norms), None, None, None, None
 
 
 def _dtypes(A: torch.Tensor, param_dtype: torch.dtype, a_dtype: torch.dtype | None = None):
@@ -2091,8 +2102,8 @@ def _run(A: torch.Tensor, weights, norms, layout: LearnerLayout, eps: float, com
         out = _LearnerFunction.apply(x, weights, norms, norm_weight, norm_bias, layout, float(eps), compute_dtype,
                                      out_dtype)
     else:
-        out = _forward(x, *layout.unpack_pair(weights, norms), float(eps), compute_dtype, out_dtype, False, False,
-                       norm)[0]
+        out = _forward(x, *layout.unpack_pair(weights, norms), layout, float(eps), compute_dtype, out_dtype, False,
+                       False, norm)[0]
     return out.view(A.shape)
 
 
@@ -2114,10 +2125,7 @@ def flat_metric_learner(A: torch.Tensor, weights: torch.Tensor, norms: torch.Ten
     result in A's dtype for float32 weights, else rounded to theirs). Returns a tensor of A's shape with the dtype the
     modules would give; raises a ValueError for sizes that do not match, rows of the wrong width or a dtype the
     modules would reject."""
-    if A.dim() < 1:
-        raise ValueError(f"metric learner: A must have rows, got shape {tuple(A.shape)}")
-    layout = _check_flat(weights.new_empty(0, weights.numel() // max(1, 3 * units * glus * hidden)), weights, norms,
-                         units, glus, hidden)
+    layout = _flat_layout(weights, norms, units, glus, hidden)
     _check_rows(A, layout.d)
     _check_norm(A, norm)
     a_dtype = A.dtype if norm is None else _norm_dtype(A, norm[0])

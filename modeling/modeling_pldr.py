@@ -498,11 +498,10 @@ class PldrMetricLearner(_PortNamedParameters):
 
     def __init__(self, config: PldrConfig):
         super().__init__()
-        U, J, h, d = config.num_reslayerA, config.num_denseA, config.A_dff, config.head_dim
-        self.num_units, self.num_glus, self.hidden, self.d = U, J, h, d
         self.eps = config.layer_norm_eps
         self.config_for_modules = config
-        self.layout = LearnerLayout(U, J, h, d, bool(config.glu_bias))
+        self.layout = LearnerLayout(config.num_reslayerA, config.num_denseA, config.A_dff, config.head_dim,
+                                    bool(config.glu_bias))
         n = self.layout.weights_numel
         self.glu_weights = nn.Parameter(torch.empty(n))
         self.biases_and_layernorms = nn.Parameter(torch.empty(self.layout.total - n))
@@ -510,13 +509,14 @@ class PldrMetricLearner(_PortNamedParameters):
         self._init_stored("biases_and_layernorms")  # (no random numbers: zeros, and LayerNorm weights 1)
 
     def __len__(self) -> int:
-        return self.num_units
+        return self.layout.units
 
     def forward(self, A: torch.Tensor, norm: tuple | None = None) -> torch.Tensor:
         """The learner on the rows of A; ``norm`` = (weight, bias): a LayerNorm of the rows first (of this learner's
         eps), inside the operator (the attention passes its LayerNorm of A so)."""
-        return flat_metric_learner(A, self.glu_weights, self.biases_and_layernorms, self.num_units, self.num_glus,
-                                   self.hidden, self.eps, norm)
+        lay = self.layout
+        return flat_metric_learner(A, self.glu_weights, self.biases_and_layernorms, lay.units, lay.glus, lay.hidden,
+                                   self.eps, norm)
 
     def kinds(self) -> dict[str, torch.Tensor]:
         """The parameters by kind, as views of the flat ones (with gradients): ``gluw12_weight`` [2G, h, d],
@@ -540,31 +540,32 @@ class PldrMetricLearner(_PortNamedParameters):
             nn.init.zeros_(t)
 
     def extra_repr(self) -> str:
-        return (f"units={self.num_units}, glus_per_unit={self.num_glus}, d={self.d}, hidden={self.hidden}, "
-                f"bias={self.layout.bias}")
+        lay = self.layout
+        return f"units={lay.units}, glus_per_unit={lay.glus}, d={lay.d}, hidden={lay.hidden}, bias={lay.bias}"
 
     def _port_slots(self):
         """(name relative to this module in the port's layout, kind, index in it), kinds in :attr:`KINDS` order."""
-        bias = self.layout.bias
+        lay = self.layout
         slots = {kind: [] for kind in self.KINDS}
-        for u in range(self.num_units):
-            for j in range(self.num_glus):
-                g = u * self.num_glus + j
+        for u in range(lay.units):
+            for j in range(lay.glus):
+                g = u * lay.glus + j
                 p = f"{u}.denseAs.{j}."
                 slots["gluw12_weight"] += [(p + "gluw1.weight", 2 * g), (p + "gluw2.weight", 2 * g + 1)]
                 slots["gluw3_weight"].append((p + "gluw3.weight", g))
-                if bias:
+                if lay.bias:
                     slots["gluw12_bias"] += [(p + "gluw1.bias", 2 * g), (p + "gluw2.bias", 2 * g + 1)]
                     slots["gluw3_bias"].append((p + "gluw3.bias", g))
             slots["layernormA_weight"].append((f"{u}.layernormA.weight", u))
             slots["layernormA_bias"].append((f"{u}.layernormA.bias", u))
-        for kind, entries in slots.items():
-            for name, i in sorted(entries, key=lambda e: e[1]):
+        for kind, entries in slots.items():  # (each kind's entries in index order)
+            for name, i in entries:
                 yield name, kind, i
 
     def __getattr__(self, name: str):
         # transformers' loader reaches a checkpoint entry by attribute path (``learner.0.denseAs.1.gluw1.weight``)
-        if name.isdigit() and int(name) < self.__dict__.get("num_units", 0):
+        layout = self.__dict__.get("layout")
+        if name.isdigit() and layout is not None and int(name) < layout.units:
             return _PortNameView(self, name + ".")
         return super().__getattr__(name)
 
@@ -573,7 +574,7 @@ class PldrMetricLearner(_PortNamedParameters):
     def to_units(self) -> nn.ModuleList:
         """The same learner as a ModuleList of :class:`PldrResidualMetricUnit` (the port's modules), with copies of
         the weights on the same device and dtype."""
-        units = nn.ModuleList([PldrResidualMetricUnit(self.config_for_modules) for _ in range(self.num_units)])
+        units = nn.ModuleList([PldrResidualMetricUnit(self.config_for_modules) for _ in range(self.layout.units)])
         units.to(device=self.glu_weights.device, dtype=self.glu_weights.dtype)
         own = dict(units.named_parameters())
         for name in self._port_names:
@@ -1200,13 +1201,12 @@ class PldrPreTrainedModel(PreTrainedModel):
 
     def get_parameter_or_buffer(self, target: str):
         """``PreTrainedModel.get_parameter_or_buffer``, which transformers' loader asks for each parameter a checkpoint
-        lacks; a power law's port names (``...plgatt_layer.pwlst``) are views of its stored parameter, given as an
+        lacks; a port name that reads as a view of a stored parameter (``...plgatt_layer.pwlst``) is given as an
         ``nn.Parameter`` on its memory (:meth:`_PortNamedParameters._port_get`)."""
         path, _, name = target.rpartition(".")
-        if name in PldrPowerLaw.NAMES:
-            module = self.get_submodule(path)
-            if isinstance(module, PldrPowerLaw):
-                return module._port_get(name)
+        module = self.get_submodule(path)
+        if isinstance(module, _PortNamedParameters) and name in module._port_names:
+            return module._port_get(name)
         return super().get_parameter_or_buffer(target)
 
     def use_metric_learner_modules(self):
