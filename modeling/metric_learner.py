@@ -1920,8 +1920,11 @@ def _module_types():
 
 
 def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling the module may do more than its class's forward: torch hooks on it, or a forward replaced on
+    the instance (accelerate's offloading and device-placement hooks wrap ``module.forward`` so, bringing the
+    weights onto the device only inside that call)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+                or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
 def _global_hooks() -> bool:

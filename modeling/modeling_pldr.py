@@ -21,7 +21,7 @@ import functools
 import inspect
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -425,7 +425,41 @@ class _PortNamedParameters(nn.Module):
         for parameters; it is not the stored parameter: gradients do not reach the model through it)."""
         kind, i = self._port_names[name]
         param = getattr(self, self.KIND_HOME[kind])
+        if param.is_meta:
+            # One object per port name while the stored tensor is on the meta device (offloaded by accelerate):
+            # transformers' save of an offloaded model tells a state dict's meta entries apart by the identity of
+            # what this answers (a new object each time could reuse a freed one's id: "shared tensors")
+            cache = self.__dict__.setdefault("_meta_port_params", {})
+            hit = cache.get(name)
+            if hit is None or hit[0] is not param:
+                hit = cache[name] = (param, nn.Parameter(self._views({self.KIND_HOME[kind]: param})[kind].detach()[i],
+                                                         requires_grad=param.requires_grad))
+            return hit[1]
         return nn.Parameter(self._views(self._stored())[kind].detach()[i], requires_grad=param.requires_grad)
+
+    def __setattr__(self, name: str, value):
+        if name == "_hf_hook":  # (accelerate attaching its hook: see _PortNamedWeights)
+            _read_offloaded_weights_by_stored_names(self, value)
+        super().__setattr__(name, value)
+
+    @torch.no_grad()
+    def _assemble(self, name: str, weights) -> torch.Tensor:
+        """The stored parameter ``name`` made from the port's entries of ``weights`` (a mapping by port name)."""
+        slots = [(n, kind, i) for n, (kind, i) in self._port_names.items() if self.KIND_HOME[kind] == name]
+        lacking = [n for n, _, _ in slots if n not in weights]
+        if lacking:
+            raise KeyError(f"{self.WHAT}: the offloaded weights hold neither {name!r} nor the port's entries "
+                           f"{lacking[:3]}{' ...' if len(lacking) > 3 else ''} it is made of")
+        first = weights[slots[0][0]]
+        stored = torch.empty(getattr(self, name).shape, dtype=first.dtype, device=first.device)
+        views = self._views({name: stored})
+        for n, kind, i in slots:
+            t = weights[n]
+            if tuple(t.shape) != tuple(views[kind].shape[1:]):
+                raise ValueError(f"{self.WHAT}: offloaded weight {n} has shape {tuple(t.shape)}, the model's is "
+                                 f"{tuple(views[kind].shape[1:])}")
+            views[kind][i].copy_(t)
+        return stored
 
     @torch.no_grad()
     def _port_set(self, name: str, value: torch.Tensor, placeholder: bool = False):
@@ -453,6 +487,50 @@ class _PortNamedParameters(nn.Module):
             self._init_slot(kind, i, view)
         else:
             view.copy_(value)
+
+
+class _PortNamedWeights(Mapping):
+    """An offloaded module's weights as accelerate's hook reads them before each forward (``weights_map[name]`` for
+    each of the module's own parameters), for a :class:`_PortNamedParameters` module: by the stored parameters'
+    names. A map made from a state dict or a checkpoint (disk offloading, ``from_pretrained(device_map=...)`` with
+    layers on "cpu" or "disk", ``dispatch_model`` writing ``state_dict()`` to disk) holds the port's names instead;
+    a stored parameter is then made from its port entries at each read (offloaded weights are read at each forward
+    anyway)."""
+
+    def __init__(self, module: "_PortNamedParameters", weights):
+        self.module, self.weights = module, weights
+
+    def __getitem__(self, key: str):
+        module = self.module
+        if key in module.FLAT:
+            try:
+                return self.weights[key]
+            except KeyError:
+                return module._assemble(key, self.weights)
+        if key in module._port_names:  # (transformers' save of an offloaded model reads them by the port's names)
+            try:
+                return self.weights[key]
+            except KeyError:
+                kind, i = module._port_names[key]
+                home = module.KIND_HOME[kind]
+                return module._views({home: self.weights[home]})[kind][i].clone()
+        return self.weights[key]
+
+    def __iter__(self):
+        return iter([name for name, _ in self.module.named_parameters(recurse=False)]
+                    + [name for name, _ in self.module.named_buffers(recurse=False)])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+def _read_offloaded_weights_by_stored_names(module: "_PortNamedParameters", hook) -> None:
+    """Lets an accelerate hook that offloads ``module`` (its ``weights_map``; also inside a ``SequentialHook``) read
+    the stored parameters from a map by the port's names (:class:`_PortNamedWeights`)."""
+    for h in getattr(hook, "hooks", None) or (hook,):
+        weights = getattr(h, "weights_map", None)
+        if weights is not None and not isinstance(weights, _PortNamedWeights):
+            h.weights_map = _PortNamedWeights(module, weights)
 
 
 def _is_dtensor(t) -> bool:

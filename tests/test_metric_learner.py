@@ -219,6 +219,45 @@ def test_checkpoint_missing_entries_get_a_new_models_values(tmp_path):
     assert torch.isfinite(loaded(input_ids=ids).logits).all()
 
 
+def test_offloaded_layers_run_generate_and_save_as_the_loaded_model(tmp_path, monkeypatch):
+    # accelerate's offloading (from_pretrained with layers on "cpu"/"disk", dispatch_model, disk_offload) keeps each
+    # offloaded module's weights in a map by name and brings them in around the module's forward: the stored learner
+    # and power law must be made from maps by the port's names, and the attention must not read the offloaded
+    # LayerNorm's or projections' weights outside their modules' own calls (they are on the meta device there)
+    from accelerate import disk_offload, dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(M.PldrAttention, "JOINT_ON_CPU", True)  # (the GPU's joint q|k|v GEMM on large inputs)
+    model = _tiny_model(glu_bias=True).eval()
+    model.save_pretrained(tmp_path / "model")
+    small, large = torch.randint(4, 64, (2, 9)), torch.randint(4, 64, (20, 60))  # (1200 rows: the joint GEMM's size)
+    with torch.no_grad():
+        ref = [model(input_ids=x).logits for x in (small, large)]
+    ref_tokens = model.generate(small, max_new_tokens=6, do_sample=False)
+    layout = {"decoder.embedding": "cpu", "decoder.layernorm1": "cpu", "decoder.dec_layers.0": "cpu",
+              "decoder.dec_layers.1": "disk", "final_layer": "disk"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=layout,
+                                                  offload_folder=tmp_path / "offload").eval()
+    assert loaded.decoder.dec_layers[1].mha1.reslayerAs.glu_weights.is_meta  # (offloaded indeed)
+    with torch.no_grad():
+        for x, want in zip((small, large), ref):
+            torch.testing.assert_close(loaded(input_ids=x).logits, want, atol=0, rtol=0)
+    assert torch.equal(loaded.generate(small, max_new_tokens=6, do_sample=False), ref_tokens)
+    # saving the offloaded model writes every weight (the offloaded ones read back by the port's names)
+    loaded.save_pretrained(tmp_path / "resaved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved").eval()
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    # accelerate's own entry points write the model's state dict (the port's names) to disk and read it back
+    for offload in (lambda m: disk_offload(m, str(tmp_path / "disk"), execution_device="cpu"),
+                    lambda m: dispatch_model(m, {"decoder.embedding": "cpu", "decoder.layernorm1": "cpu",
+                                                 "decoder.dec_layers": "disk", "final_layer": "cpu"},
+                                             offload_dir=str(tmp_path / "dispatch"))):
+        with torch.no_grad():
+            torch.testing.assert_close(offload(_tiny_model(glu_bias=True).eval())(input_ids=large).logits, ref[1],
+                                       atol=0, rtol=0)
+
+
 def test_the_power_law_is_one_parameter_with_the_ports_names():
     model = _tiny_model()
     power = model.decoder.dec_layers[1].mha1.plgatt_layer
