@@ -6,9 +6,11 @@
     python scripts/bench.py --modes eager --profile prof/     # also a torch.profiler table per run (2 steps)
     python scripts/bench.py --packed_mean_doc_len 350         # rows packed with ~3 documents (position ids restart)
     python scripts/bench.py --tiny --device cpu --modes eager --steps 2 --warmup 1   # smoke run anywhere
+    python scripts/bench.py --host_proxy --device cpu --dtype fp32 --threads 1 --shapes 1x32 --models pldr,llama_aligned
+                                                              # host (CPU) cost per step: the 110M structure, tiny widths
 
-Every run is a full optimizer step (forward, backward, clip by value, fused AdamW) under bf16 autocast on random
-token ids. Models, built in the same process:
+Every run is a full optimizer step (forward, backward, clip by value, fused AdamW) under bf16 autocast (``--dtype
+fp32``: without) on random token ids. Models, built in the same process:
 
 * ``pldr``: PLDR-LLM, ``PldrConfig()`` defaults (the papers' 110M: 5 layers, 14 heads x 64, FFN 2389, metric learner
   8 units x 2 GLUs of width 170, vocab 32000);
@@ -36,6 +38,15 @@ of kernel (GEMMs, attention, PLDR-LLM's learner / power law / SwiGLU / rotary op
 optimiser's multi-tensor kernels, other), where two models' GPU work differs. The host's speed drifts on shared GPU
 machines (one model's back-to-back runs differ by tens of percent), and alternating spreads that drift over all models
 alike. Peak memory is measured per model above what the models built before it hold, i.e. as if it ran alone.
+
+``--host_proxy`` keeps the 110M structure (5 layers, 4 heads, a metric learner of 8 units x 2 GLUs, so as many
+operators and parameter tensors as the papers' model) with tiny widths (hidden 64, heads of 16, FFN 96, A_dff 24,
+vocab 256): run on a CPU (``--device cpu --dtype fp32 --threads 1``, a small shape such as 1x32), the step's time is
+then mostly host work (operator dispatch, autograd, the per-parameter phases), what sets the pace of a GPU step at
+small batches. ``host_ms_by_phase`` splits it by phase; compare models and code versions within one run. On a CPU
+PLDR-LLM's own operators run their PyTorch reference math (the learner's 16 GLUs as separate GEMMs, where a GPU runs
+three Triton kernels a layer), so the forward and backward phases stand for the GPU's only roughly; the phases per
+parameter tensor (clip, optimizer, zero_grad) and ``param_tensors`` do.
 
 Modes: ``eager`` and ``compile`` (``torch.compile(model)``, default mode, what Trainer's ``torch_compile=True`` does;
 each shape compiled with static shapes, as in a fresh process).
@@ -87,6 +98,10 @@ class BenchArguments:
     attn_implementation: str = field(default="sdpa")
     gradient_checkpointing: bool = field(default=False)
     tiny: bool = field(default=False, metadata={"help": "tiny configs (smoke test)"})
+    host_proxy: bool = field(default=False, metadata={
+        "help": "the 110M structure (5 layers, learner of 8 x 2 GLUs) with tiny widths: host cost per step on a CPU"})
+    dtype: str = field(default="bf16", metadata={"help": "bf16 (autocast, the default) or fp32 (no autocast)"})
+    threads: int = field(default=0, metadata={"help": "torch.set_num_threads on CPU (0: torch's default)"})
     profile: str = field(default="", metadata={"help": "write a torch.profiler table of 2 steps per run to this folder"})
     packed_mean_doc_len: int = field(
         default=0, metadata={"help": "pack documents of this mean length into each row (position ids restart); 0: off"})
@@ -120,15 +135,18 @@ def packed_position_ids(batch: int, seq: int, mean_doc_len: int, seed: int, devi
     return torch.tensor(rows, device=device)
 
 
-def model_configs(tiny: bool, seq_len: int) -> dict:
+def model_configs(tiny: bool, seq_len: int, host_proxy: bool = False) -> dict:
     """PLDR-LLM and the two Llamas, with max_position_embeddings raised to ``seq_len`` where it is longer."""
     if tiny:
         pldr = PldrConfig(vocab_size=128, hidden_size=32, num_attention_heads=2, head_dim=16, num_hidden_layers=2,
                           intermediate_size=85, A_dff=24, num_reslayerA=2, num_denseA=2, max_position_embeddings=256)
+    elif host_proxy:  # (the papers' layer count and learner units x GLUs; tiny widths)
+        pldr = PldrConfig(vocab_size=256, hidden_size=64, num_attention_heads=4, head_dim=16, intermediate_size=96,
+                          A_dff=24, max_position_embeddings=64)
     else:
         pldr = PldrConfig()
     pldr.max_position_embeddings = max(pldr.max_position_embeddings, seq_len)
-    align = 8 if tiny else 64
+    align = 8 if tiny or host_proxy else 64
     no_graphs, no_stack_graphs = copy.deepcopy(pldr), copy.deepcopy(pldr)
     no_graphs.deduction_cuda_graphs = no_graphs.decoder_cuda_graphs = no_stack_graphs.decoder_cuda_graphs = False
     configs = {"pldr": (PldrForCausalLM, pldr), "pldr_no_graphs": (PldrForCausalLM, no_graphs),
@@ -259,10 +277,11 @@ class TrainRun:
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=cuda)
+        # (fused AdamW on CPU too: one kernel per dtype and device group there as well, as on the GPU)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=True)
         step_model = torch.compile(model) if mode == "compile" else model
         ids = torch.randint(4, config.vocab_size, (batch, seq), device=device)
-        amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+        amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
         layouts = [packed_position_ids(batch, seq, args.packed_mean_doc_len, seed, device)
                    for seed in range(8 if args.packed_mean_doc_len else 0)]
         calls = iter(range(10**9))
@@ -316,6 +335,7 @@ class TrainRun:
             "batch_size": batch,
             "seq_len": seq,
             "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "param_tensors": len(list(model.parameters())),  # (each costs host work per step: autograd, optimizer)
             "ffn_width": config.intermediate_size,
             "warmup_s": round(warmup_s, 1),
         }
@@ -445,13 +465,23 @@ def main(argv=None):
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"bench: unknown mode {mode!r} in --modes (expected {', '.join(MODES)})")
+    if args.dtype not in ("bf16", "fp32"):
+        raise SystemExit(f"bench: unknown --dtype {args.dtype!r} (expected bf16 or fp32)")
+    if args.tiny and args.host_proxy:
+        raise SystemExit("bench: --tiny and --host_proxy pick different configs; give one")
+    if args.threads < 0:
+        raise SystemExit(f"bench: --threads must be 0 (torch's default) or more, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for option in ("steps", "rounds"):
         if getattr(args, option) < 1:
             raise SystemExit(f"bench: --{option} must be at least 1, got {getattr(args, option)}")
     shapes = parse_shapes(args)
     results = {"task": "train", "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-               "dtype": "bf16-autocast", "optimizer": "AdamW (fused on GPU), clip by value 1.0",
+               "dtype": "bf16-autocast" if args.dtype == "bf16" else "fp32", "optimizer": "fused AdamW, clip by value 1.0",
+               "config": "tiny" if args.tiny else "host_proxy" if args.host_proxy else "papers_110m",
+               "threads": torch.get_num_threads(),
                "gradient_checkpointing": args.gradient_checkpointing, "attn_implementation": args.attn_implementation,
                "steps": args.steps, "rounds": args.rounds, "packed_mean_doc_len": args.packed_mean_doc_len, "runs": []}
     if "compile" in modes and hasattr(torch._dynamo.config, "automatic_dynamic_local_pgo"):
@@ -460,7 +490,7 @@ def main(argv=None):
         # compile the next run with dynamic shapes.
         torch._dynamo.config.automatic_dynamic_local_pgo = False
     for batch, seq in shapes:
-        configs = model_configs(args.tiny, seq)
+        configs = model_configs(args.tiny, seq, args.host_proxy)
         for mode in modes:
             for run in bench_group(models, configs, args, batch, seq, mode):
                 results["runs"].append(run)

@@ -50,6 +50,9 @@ def test_bench_train_reports_every_model_and_ratio_to_the_best_llama(bench, caps
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--stpes", "2"], r"not used by the HfArgumentParser: \['--stpes', '2'\]"),
+    (["--dtype", "fp16"], "unknown --dtype 'fp16'"),
+    (["--host_proxy"], "--tiny and --host_proxy pick different configs"),
+    (["--threads", "-1"], "--threads must be 0"),
 ])
 def test_bench_rejects_bad_arguments_by_name(bench, argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -69,6 +72,27 @@ def test_bench_reports_host_time_per_phase_and_profile(bench, tmp_path):
         assert r["profiled"]["wall_ms_per_step"] > 0 and "gpu_busy_ms_per_step" not in r["profiled"]  # (no GPU)
         text = (tmp_path / f"profile_{r['model']}_eager_2x32.txt").read_text()
         assert text.startswith(f"{r['model']}_eager_2x32: 0 kernel launches per step")
+
+
+def test_bench_host_proxy_has_the_papers_structure_at_tiny_widths(bench):
+    # The CPU proxy of a host-bound GPU step: as many layers, learner units and parameter tensors as the 110M model
+    # (PLDR-LLM 120 tensors, the Llama 48), tiny widths, float32 without autocast, the threads asked for
+    threads = torch.get_num_threads()
+    try:
+        res = bench.main(["--host_proxy", "--device", "cpu", "--dtype", "fp32", "--threads", "1", "--modes", "eager",
+                          "--models", "pldr,llama_aligned", "--shapes", "1x16", "--steps", "1", "--warmup", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res["config"] == "host_proxy" and res["dtype"] == "fp32" and res["threads"] == 1
+    runs = {r["model"]: r for r in res["runs"]}
+    assert runs["pldr"]["param_tensors"] == 120 and runs["llama_aligned"]["param_tensors"] == 48
+    assert runs["pldr"]["ffn_width"] == 96 and runs["llama_aligned"]["ffn_width"] == 96
+    full = bench.model_configs(False, 1024)["pldr"][1]
+    proxy = bench.model_configs(False, 32, host_proxy=True)["pldr"][1]
+    for key in ("num_hidden_layers", "num_reslayerA", "num_denseA"):
+        assert getattr(proxy, key) == getattr(full, key), key
+    assert proxy.hidden_size == 64 and proxy.A_dff == 24
+    assert all("error" not in r and 0 < r["final_loss"] < 20 for r in res["runs"])
 
 
 def test_busy_time_is_the_union_of_kernel_intervals(bench):
