@@ -258,6 +258,31 @@ def test_offloaded_layers_run_generate_and_save_as_the_loaded_model(tmp_path, mo
                                        atol=0, rtol=0)
 
 
+@needs_cuda
+def test_cuda_layers_offloaded_to_cpu_and_disk_run_as_on_the_gpu(tmp_path):
+    # With a GPU, accelerate's "cpu" offloading keeps the weights in host memory and brings them to the GPU around
+    # each module's call (a map made from the model's state dict: the port's names); "disk" reads the checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_model(glu_bias=True).eval()
+    model.save_pretrained(tmp_path / "model")
+    gpu = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map={"": 0}).eval()
+    layout = {"decoder.embedding": 0, "decoder.layernorm1": 0, "decoder.dec_layers.0": "cpu",
+              "decoder.dec_layers.1": "disk", "final_layer": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=layout,
+                                                     offload_folder=tmp_path / "offload").eval()
+    assert offloaded.decoder.dec_layers[0].mha1.plgatt_layer.power_params.is_meta
+    for shape in ((2, 9), (20, 60)):
+        ids = torch.randint(4, 64, shape, device="cuda")
+        with torch.no_grad():
+            # (the offloaded layers run module by module, the GPU model's through the fused operators)
+            torch.testing.assert_close(offloaded(input_ids=ids).logits, gpu(input_ids=ids).logits,
+                                       atol=2e-4, rtol=2e-4)
+    ids = torch.randint(4, 64, (2, 9), device="cuda")
+    assert torch.equal(offloaded.generate(ids, max_new_tokens=6, do_sample=False),
+                       gpu.generate(ids, max_new_tokens=6, do_sample=False))
+
+
 def test_the_power_law_is_one_parameter_with_the_ports_names():
     model = _tiny_model()
     power = model.decoder.dec_layers[1].mha1.plgatt_layer
