@@ -1461,6 +1461,12 @@ class PldrModel(PldrPreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else c.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else c.output_hidden_states
         output_pldr_attentions = output_pldr_attentions if output_pldr_attentions is not None else c.output_pldr_attentions
+        if output_attentions and c._attn_implementation != "eager":
+            # (as transformers' own SDPA and flash functions warn for an in-tree model)
+            logger.warning_once(
+                f"`output_attentions=True` with attn_implementation {c._attn_implementation!r}: its kernels do not "
+                "materialise the attention weights, so `attentions` holds None for every layer. Use "
+                "`model.set_attn_implementation(\"eager\")` (or `attn_implementation=\"eager\"` when loading) to get them.")
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
 

@@ -242,6 +242,30 @@ def test_set_attn_implementation_flash_needs_the_package():
         assert model.config._attn_implementation == "flash_attention_2"
 
 
+def test_output_attentions_warns_where_the_kernel_has_no_weights_and_eager_gives_them():
+    # As transformers' SDPA and flash attention functions do for an in-tree model: attentions asked for from a kernel
+    # that never materialises them is said, not silently None; eager gives the causal softmax weights
+    from transformers.testing_utils import CaptureLogger
+
+    model = make(3, attn="sdpa")
+    x = tokens(3, 7, batch=2)
+    model_logger = modeling_pldr.logger
+    type(model_logger).warning_once.cache_clear()  # (warning_once warns once per process and message)
+    with CaptureLogger(model_logger) as captured, torch.no_grad():
+        out = model(x, output_attentions=True)
+    assert "attn_implementation 'sdpa'" in captured.out and 'set_attn_implementation("eager")' in captured.out
+    assert out.attentions == (None,) * TINY["num_hidden_layers"]
+    model.set_attn_implementation("eager")
+    with CaptureLogger(model_logger) as captured, torch.no_grad():
+        eager = model(x, output_attentions=True)
+    assert captured.out == ""
+    torch.testing.assert_close(eager.logits, out.logits, **TOL)
+    for weights in eager.attentions:
+        assert weights.shape == (2, TINY["num_attention_heads"], 7, 7)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, TINY["num_attention_heads"], 7))
+        assert torch.equal(weights.triu(1), torch.zeros_like(weights))  # (causal)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Compiled static-cache decoding: no recompiles
 # ----------------------------------------------------------------------------------------------------------------------
