@@ -1452,10 +1452,23 @@ class PldrModel(PldrPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}.")
+        if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool):
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
         if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size):
             raise ValueError(
                 f"inputs_embeds must have shape [batch, seq_len, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}."
             )
+        if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
+            raise ValueError("input_ids / inputs_embeds hold no positions (sequence length 0).")
+        if input_ids is not None and input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            # (on CPU the check costs a few microseconds; on an accelerator reading the ids back would stall the host
+            # at every forward, so an id outside the table is torch's own device-side error there)
+            size = getattr(self.embedding, "num_embeddings", None)
+            if size is not None and input_ids.numel():
+                low, high = torch.aminmax(input_ids)
+                if low < 0 or high >= size:
+                    raise ValueError(f"input_ids hold token id {int(low if low < 0 else high)}, outside the "
+                                     f"embedding table's 0 ... {size - 1} (vocab_size {self.config.vocab_size}).")
         c = self.config
         use_cache = use_cache if use_cache is not None else c.use_cache
         output_attentions = output_attentions if output_attentions is not None else c.output_attentions

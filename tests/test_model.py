@@ -432,6 +432,18 @@ def test_bad_inputs_give_clear_errors():
         model(ids(1, (2, 5)), labels=ids(1, (2, 4)))
     with pytest.raises(TypeError, match="past_key_values must be a transformers Cache"):
         model(ids(1, (1, 5)), past_key_values=((torch.zeros(1),),))
+    # token ids outside the embedding table (on CPU; torch's own IndexError names no id), of a float dtype, or none
+    for bad, id_ in ((64, 64), (-1, -1)):
+        x = ids(1, (2, 5))
+        x[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"token id {id_}, outside the embedding table's 0 \.\.\. 63"):
+            model(x)
+    with pytest.raises(ValueError, match=r"input_ids must be integer token ids, got dtype torch.float32"):
+        model(ids(1, (2, 5)).float())
+    with pytest.raises(ValueError, match=r"hold no positions \(sequence length 0\)"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"hold no positions"):
+        model(inputs_embeds=torch.zeros(1, 0, 16))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
