@@ -1921,10 +1921,16 @@ def _module_types():
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling the module may do more than its class's forward: torch hooks on it, or a forward replaced on
-    the instance (accelerate's offloading and device-placement hooks wrap ``module.forward`` so, bringing the
-    weights onto the device only inside that call)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__)
+    the instance, except by an accelerate hook that does not offload. (accelerate wraps ``module.forward``; an
+    offloading hook brings the weights onto the device only inside that call, so they must not be read around it,
+    while one that only moves inputs to the device its weights already live on, as ``device_map`` splits over
+    several GPUs give, leaves the module what its weights say.)"""
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return True
+    if "forward" not in module.__dict__:
+        return False
+    hook = module.__dict__.get("_hf_hook")
+    return hook is None or any(getattr(h, "offload", True) for h in (getattr(hook, "hooks", None) or (hook,)))
 
 
 def _global_hooks() -> bool:

@@ -248,6 +248,14 @@ def test_offloaded_layers_run_generate_and_save_as_the_loaded_model(tmp_path, mo
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved").eval()
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+    assert ML._has_hooks(loaded.decoder.dec_layers[1].mha1.reslayerAs)  # (its weights come in around its call)
+    # hooks that only place inputs on the weights' device (a device_map over several GPUs) keep the fused paths
+    placed = dispatch_model(_tiny_model(glu_bias=True).eval(), {"": "cpu"}, force_hooks=True)
+    attention = placed.decoder.dec_layers[0].mha1
+    assert hasattr(attention.wq, "_hf_hook") and hasattr(attention.reslayerAs, "_hf_hook")
+    assert not any(ML._has_hooks(m) for m in (attention.wq, attention.layernorm1, attention.reslayerAs))
+    with torch.no_grad():
+        torch.testing.assert_close(placed(input_ids=large).logits, ref[1], atol=0, rtol=0)
     # accelerate's own entry points write the model's state dict (the port's names) to disk and read it back
     for offload in (lambda m: disk_offload(m, str(tmp_path / "disk"), execution_device="cpu"),
                     lambda m: dispatch_model(m, {"decoder.embedding": "cpu", "decoder.layernorm1": "cpu",
