@@ -4,6 +4,7 @@
     python scripts/bench_metric_learner.py                    # GPU: 110M sizes (d 64, A_dff 170, 8 units x 2 GLUs)
     python scripts/bench_metric_learner.py --sweep            # + block-size sweep of each Triton kernel (GPU time)
     python scripts/bench_metric_learner.py --device cpu --cases 512:fp32 --compiled none   # smoke run anywhere
+    python scripts/bench_metric_learner.py --cases --compiled none --rotary 16x1024,4x1024  # the rotary operator only
 
 For rows = batch * heads * d = 14336 and 3584 (batch 16 and 4 at 14 heads x 64) under bf16 autocast, and 14336 in
 float32 (exact, and with TF32 allowed), the median time (triton.testing.do_bench on CUDA) of
@@ -19,6 +20,14 @@ as ``fwd`` (no gradient: inference), ``fwd_train`` (forward keeping what the bac
 and backward, all parameter gradients), in milliseconds; ``launches``: CUDA kernels of one forward + backward; and
 ``error``: the largest relative error (max |x - exact| / max |exact|) of the output and of the gradients of A and of
 each parameter against the modules in float64.
+
+With ``--rotary BATCHxSEQ,...`` also the rotary operator on the joint q|k|v projection (``--heads`` heads of ``--d``,
+bf16 on CUDA, float32 on CPU) per shape, in microseconds: ``fwd_us`` / ``bwd_us`` (rotate q and k, pass v; its
+backward) for interleaved pairs (the papers' ``reference_rope``) and half-split pairs, next to ``clone_us`` (a copy
+of the projection: the memory traffic's floor); and the backward with the metric sum's gradient inside
+(``metric_sum_bwd_us``: dq += q (dA + dA^T) in the rotary kernel) against the separate GEMM, add and rotary backward
+(``separate_bwd_us``), with the largest difference of their results (``max_abs_diff``). GPU time through CUDA graphs
+on CUDA (no host time), wall time of the PyTorch path on CPU.
 """
 
 import argparse
@@ -192,6 +201,45 @@ def measure(fn, name, A, A_req, gout, params, exact, exact_grads, autocast, benc
     return entry
 
 
+def bench_rotary(args, batch, seq) -> dict:
+    """The rotary operator's kernels at one shape (see the module's docstring)."""
+    device, H, d = args.device, args.heads, args.d
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    if device == "cuda":
+        import triton.testing
+
+        def bench(fn):
+            return round(triton.testing.do_bench_cudagraph(fn, return_mode="median") * 1000, 2)
+    else:
+        def bench(fn):
+            return round(timer(device)(fn) * 1000, 2)
+
+    qkv = torch.randn(batch, seq, 3 * H * d, device=device, dtype=dtype, generator=gen)
+    dq, dk, dv = (torch.randn(batch, H, seq, d, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    dA = torch.randn(batch, H, d, d, device=device, generator=gen)
+    positions = torch.arange(seq, device=device)[None].expand(batch, seq)
+    out = {"clone_us": bench(lambda: qkv.clone())}
+    for name, interleaved in (("interleaved", True), ("half_split", False)):
+        cos, sin = M.rotary_tables(positions, d, 10000.0, interleaved)
+        out[name] = {"fwd_us": bench(lambda: ML.rotary_qkv_forward(qkv, cos, sin, H, interleaved)),
+                     "bwd_us": bench(lambda: ML.rotary_qkv_backward(dq, dk, dv, cos, sin, interleaved))}
+    cos, sin = M.rotary_tables(positions, d, 10000.0, True)
+    q = ML.rotary_qkv_forward(qkv, cos, sin, H, True)[0]
+
+    def separate():
+        gq = torch.matmul(q, (dA + dA.transpose(-1, -2)).to(q.dtype))
+        return ML.rotary_qkv_backward(dq + gq, dk, dv, cos, sin, True)
+
+    def fused():
+        return ML.rotary_qkv_metric_sum_backward(dq, dk, dv, dA, q, None, cos, sin, True)
+
+    out["metric_sum_bwd_us"] = bench(fused)
+    out["separate_bwd_us"] = bench(separate)
+    out["max_abs_diff"] = (fused().float() - separate().float()).abs().max().item()
+    return out
+
+
 def sweep(args, rows, learner):
     """GPU time in ms (CUDA graphs: no host time, which would hide the kernels' own at small row counts) of each
     Triton kernel for block configurations around the defaults, the other kernels at their defaults (bf16). The row
@@ -247,8 +295,11 @@ def sweep(args, rows, learner):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--cases", nargs="+", default=["14336:bf16", "3584:bf16", "14336:fp32", "14336:tf32"],
-                        help="rows:mode, rows = batch * heads * d; mode bf16 (autocast), fp32, tf32 (fp32 with TF32)")
+    parser.add_argument("--cases", nargs="*", default=["14336:bf16", "3584:bf16", "14336:fp32", "14336:tf32"],
+                        help="rows:mode, rows = batch * heads * d; mode bf16 (autocast), fp32, tf32 (fp32 with TF32);"
+                             " none given: no learner cases")
+    parser.add_argument("--rotary", default="", help="BATCHxSEQ,...: also the rotary operator at these shapes")
+    parser.add_argument("--heads", type=int, default=14, help="attention heads (the rotary operator)")
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=170)
     parser.add_argument("--units", type=int, default=8)
@@ -275,7 +326,19 @@ def main(argv=None):
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
 
-    cases = [(int(case.split(":")[0]), case.split(":")[1]) for case in args.cases]
+    try:
+        cases = [(int(case.split(":")[0]), case.split(":")[1]) for case in args.cases]
+        rotary = [tuple(int(n) for n in shape.lower().split("x")) for shape in args.rotary.split(",") if shape]
+    except (ValueError, IndexError):
+        sys.exit(f"bench_metric_learner: --cases takes rows:mode (e.g. 14336:bf16), --rotary BATCHxSEQ (e.g. "
+                 f"16x1024); got {args.cases} and {args.rotary!r}")
+    if any(len(shape) != 2 for shape in rotary):
+        sys.exit(f"bench_metric_learner: --rotary takes BATCHxSEQ shapes, got {args.rotary!r}")
+    for batch, seq in rotary:
+        t = time.time()
+        report.setdefault("rotary", {})[f"{batch}x{seq}"] = bench_rotary(args, batch, seq)
+        print(f"rotary {batch}x{seq}: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+        save()
     for rows, mode in cases:
         t = time.time()
         report["results"][f"rows{rows}_{mode}"] = run_case(args, rows, mode, learner)
@@ -289,7 +352,7 @@ def main(argv=None):
             save()
         print(f"sweep: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
         save()
-    if args.compiled != "none":  # last: compiling ~350 ops takes a while (first size, bf16, forward + backward only)
+    if args.compiled != "none" and cases:  # last: compiling ~350 ops takes a while (first size, bf16, forward + backward only)
         t = time.time()
         compiled = {"kernel_compiled": torch.compile(lambda x: ML.fused_metric_learner(learner, x), fullgraph=True)}
         if args.compiled == "both":
@@ -304,6 +367,7 @@ def main(argv=None):
         print(f"compiled: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
         save()
     print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

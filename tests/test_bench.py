@@ -243,3 +243,31 @@ def test_bench_decode_pldr_without_the_recorded_stack(bench_decode, monkeypatch)
     assert report["results"]["pldr_layers_kv_g@b2"]["tokens_per_s"] > 0
     assert report["pldr_decoder_graphs"] == {"b2": {"recorded_keys": 0, "recordings": 0, "replays": 0,
                                                     "disabled": None}}  # (no CUDA graphs on CPU)
+
+
+@pytest.fixture
+def bench_learner(monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_metric_learner.py"
+    spec = importlib.util.spec_from_file_location("pldr_bench_learner", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pldr_bench_learner", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_metric_learner_times_the_rotary_operator_and_checks_its_metric_sum_backward(bench_learner, capsys):
+    # --rotary alone (no learner cases): per shape the rotary forward and backward for both pair layouts, the copy
+    # floor, and the metric-sum backward next to the separate ops, whose results it must reproduce
+    report = bench_learner.main(["--device", "cpu", "--cases", "--compiled", "none", "--rotary", "2x16,1x24",
+                                 "--d", "16", "--heads", "2"])
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["results"] == {} and list(report["rotary"]) == ["2x16", "1x24"]
+    for shape in report["rotary"].values():
+        assert shape["clone_us"] > 0 and shape["metric_sum_bwd_us"] > 0 and shape["separate_bwd_us"] > 0
+        for pairs in ("interleaved", "half_split"):
+            assert shape[pairs]["fwd_us"] > 0 and shape[pairs]["bwd_us"] > 0
+        assert shape["max_abs_diff"] < 1e-5
+    with pytest.raises(SystemExit, match="--rotary takes BATCHxSEQ"):
+        bench_learner.main(["--device", "cpu", "--cases", "--compiled", "none", "--rotary", "16x1024x2"])
+    with pytest.raises(SystemExit, match=r"--cases takes rows:mode"):
+        bench_learner.main(["--device", "cpu", "--cases", "512", "--compiled", "none"])
