@@ -97,7 +97,8 @@ def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | No
     """The cache a forward got, under either name."""
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("Got two different caches, as past_key_values= and as cache=: pass one (transformers >= 5.24 "
-                         "calls it cache).")
+                         "calls it cache; generate() passes its own, so a library that adds a past_key_values= of its "
+                         "own, as PEFT's prefix tuning does, meets this).")
     return cache if cache is not None else past_key_values
 
 
