@@ -1,5 +1,6 @@
 """scripts/bench.py: JSON with PLDR-LLM and both Llamas (same FFN width, aligned width) per shape and mode, ratios
-against the best Llama, sequence lengths past the configs' context honoured, clear errors for bad arguments."""
+against the best Llama, sequence lengths past the configs' context honoured, clear errors for bad arguments; and
+bench_decode.py and bench_metric_learner.py (its rotary micro-benchmark) run on CPU."""
 
 import importlib.util
 import json
@@ -10,13 +11,18 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("pldr_bench", Path(__file__).resolve().parents[1] / "scripts" / "bench.py")
+def _script(monkeypatch, filename: str, name: str):
+    """scripts/<filename> imported as a module named ``name``."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / filename)
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "pldr_bench", module)  # dataclasses resolve annotations through sys.modules
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    return _script(monkeypatch, "bench.py", "pldr_bench")
 
 
 def test_bench_train_reports_every_model_and_ratio_to_the_best_llama(bench, capsys):
@@ -166,12 +172,7 @@ def test_bench_train_alternates_models_in_rotating_rounds(bench, monkeypatch):
 
 @pytest.fixture
 def bench_decode(monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("pldr_bench_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "pldr_bench_decode", module)
-    spec.loader.exec_module(module)
-    return module
+    return _script(monkeypatch, "bench_decode.py", "pldr_bench_decode")
 
 
 def test_bench_decode_alternates_variants_and_reports_ratios(bench_decode, monkeypatch, tmp_path, capsys):
@@ -247,12 +248,7 @@ def test_bench_decode_pldr_without_the_recorded_stack(bench_decode, monkeypatch)
 
 @pytest.fixture
 def bench_learner(monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_metric_learner.py"
-    spec = importlib.util.spec_from_file_location("pldr_bench_learner", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "pldr_bench_learner", module)
-    spec.loader.exec_module(module)
-    return module
+    return _script(monkeypatch, "bench_metric_learner.py", "pldr_bench_learner")
 
 
 def test_bench_metric_learner_times_the_rotary_operator_and_checks_its_metric_sum_backward(bench_learner, capsys):
