@@ -15,7 +15,7 @@ from pathlib import Path
 RAW = argparse.RawDescriptionHelpFormatter
 
 # Measured wall time of `pldr-hf quickstart` with the defaults (see README.md, "Install and run").
-QUICKSTART_TIME = "about 6 minutes on 2 CPU cores"
+QUICKSTART_TIME = "2.5-6 minutes on 2 CPU cores"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -25,7 +25,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
     result = run_quickstart(out_dir=args.out, max_steps=args.steps, vocab_size=args.vocab_size,
-                            block_size=args.block_size, batch_size=args.batch_size, seed=args.seed)
+                            block_size=args.block_size, batch_size=args.batch_size, seed=args.seed,
+                            prompt=args.prompt)
     return 0 if result["learned"] else 1
 
 
@@ -59,6 +60,7 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--block-size", type=int, default=128, help="tokens per training block (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="blocks per step (default 16)")
     p.add_argument("--seed", type=int, default=42, help="random seed of the tokenizer, the model and the batches")
+    p.add_argument("--prompt", default=None, help="text to continue at the end (default: 'Return a new list')")
     p.set_defaults(func=_cmd_quickstart)
 
     p = sub.add_parser(

@@ -78,5 +78,5 @@ def load_english_corpus(max_chars: int | None = None) -> dict:
         "name": "CPython standard library docstrings + language reference topics",
         "licence": "PSF License Agreement",
         "documents": docs,
-        "prompt": "The return statement",
+        "prompt": "Return a new list",
     }

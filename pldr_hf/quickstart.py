@@ -15,6 +15,10 @@ from pathlib import Path
 
 from .corpus import load_english_corpus
 
+# The demo continuation: greedy (deterministic, so the runs with and without the G-cache can be compared token for
+# token), without the loops of repeated phrases that a model this small falls into under plain greedy decoding.
+DEMO_DECODING = {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
+
 
 def unigram_perplexity(train_ids: list[list[int]], val_ids: list[list[int]], vocab_size: int) -> float:
     """Perplexity of the held-out tokens under add-one-smoothed unigram frequencies of the training tokens."""
@@ -167,15 +171,16 @@ def run_quickstart(out_dir: str = "runs/quickstart", max_steps: int = 800, vocab
     gens = {}
     for use_g in (True, False):
         with torch.no_grad():
-            model.generate(**enc, max_new_tokens=4, do_sample=False, use_g_cache=use_g)  # warm-up
+            model.generate(**enc, max_new_tokens=4, do_sample=False, use_g_cache=use_g, **DEMO_DECODING)  # warm-up
             t0 = time.perf_counter()
             ids = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 use_g_cache=use_g, pad_token_id=tokenizer.pad_token_id)
+                                 use_g_cache=use_g, pad_token_id=tokenizer.pad_token_id, **DEMO_DECODING)
             dt = time.perf_counter() - t0
         text = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         gens[use_g] = (ids[0].tolist(), text, new_tokens / dt)
     same = gens[True][0] == gens[False][0]
-    log(f"[5/5] greedy continuation of {prompt!r}:\n      {prompt}{gens[True][1]}")
+    log(f"[5/5] greedy continuation of {prompt!r} (no repeated 3-grams, repetition penalty "
+        f"{DEMO_DECODING['repetition_penalty']}):\n      {prompt}{gens[True][1]}")
     log(f"      with G-cache {gens[True][2]:.1f} tokens/s, without {gens[False][2]:.1f} tokens/s; "
         f"same tokens: {same}")
     wall = time.perf_counter() - t_start
@@ -184,7 +189,8 @@ def run_quickstart(out_dir: str = "runs/quickstart", max_steps: int = 800, vocab
         "corpus": corpus["name"], "licence": corpus["licence"], "steps": max_steps, "block_size": block_size,
         "batch_size": batch_size, "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()),
         "loss_curve": losses, "perplexity_before": ppl_before, "perplexity_after": ppl_after,
-        "unigram_perplexity": uni, "generation": gens[True][1], "tokens_per_s_g_cache": gens[True][2],
+        "unigram_perplexity": uni, "generation": gens[True][1], "generation_settings": dict(DEMO_DECODING),
+        "generation_token_ids": gens[True][0], "tokens_per_s_g_cache": gens[True][2],
         "tokens_per_s_no_g_cache": gens[False][2], "g_cache_same_tokens": same, "wall_s": wall, "learned": learned,
         "output_dir": str(out),
     }

@@ -452,10 +452,16 @@ def test_quickstart_small_learns(tmp_path):
     from pldr_hf.quickstart import run_quickstart
 
     r = run_quickstart(out_dir=str(tmp_path / "qs"), max_steps=40, vocab_size=300, block_size=64, batch_size=8,
-                       max_chars=150_000, new_tokens=8, log=lambda *a: None)
+                       max_chars=150_000, new_tokens=24, log=lambda *a: None)
     assert r["perplexity_after"] < r["perplexity_before"] / 3
     assert r["perplexity_after"] < r["unigram_perplexity"] and r["learned"]
     assert r["g_cache_same_tokens"]
+    # the demo continuation (prompt + 24 tokens) repeats no 3-gram of tokens: plain greedy decoding of a model this
+    # small loops over a phrase
+    ids = r["generation_token_ids"]
+    grams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
+    assert r["generation_settings"] == {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
+    assert len(ids) > 24 and len(set(grams)) == len(grams)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "qs")

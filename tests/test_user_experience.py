@@ -115,6 +115,17 @@ def test_every_command_and_option_has_help_and_an_example():
                 assert action.help, f"pldr-hf {name}: {'/'.join(action.option_strings) or action.dest} has no help"
 
 
+def test_quickstart_options_reach_the_run(monkeypatch):
+    import pldr_hf.quickstart as quickstart
+
+    got = {}
+    monkeypatch.setattr(quickstart, "run_quickstart", lambda **kw: got.update(kw) or {"learned": True})
+    assert cli_main(["quickstart", "--steps", "5", "--prompt", "Open a file", "--out", "somewhere"]) == 0
+    assert got["prompt"] == "Open a file" and got["max_steps"] == 5 and got["out_dir"] == "somewhere"
+    cli_main(["quickstart"])
+    assert got["prompt"] is None and got["max_steps"] == 800  # (None: the corpus's own prompt)
+
+
 HELP_THEN_REGISTER = r"""
 import sys, time
 from pldr_hf.cli import main
