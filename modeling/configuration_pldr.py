@@ -120,6 +120,11 @@ class PldrConfig(PreTrainedConfig):
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"PldrConfig: `head_dim` must be even for rotary embeddings, got {self.head_dim}.")
+        from transformers.activations import ACT2FN
+
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(f"PldrConfig: `hidden_act` must name a transformers activation (e.g. 'silu', as the "
+                             f"papers' model), got {self.hidden_act!r}.")
         if self.custom_G_type not in CUSTOM_G_TYPES:
             raise ValueError(
                 f"PldrConfig: `custom_G_type` must be one of {list(CUSTOM_G_TYPES)}, got {self.custom_G_type!r}."

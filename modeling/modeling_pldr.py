@@ -889,9 +889,10 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         self.dense = nn.Linear(D, D, bias=config.attention_bias)
         if self.learned_G:
             self.layernorm1 = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
-            if config.hidden_act in _SILU_ACTS:
+            if config.hidden_act in _SILU_ACTS and config.num_reslayerA and config.num_denseA:
                 self.reslayerAs = PldrMetricLearner(config)
-            else:  # the operator computes SwiGLUs only: other activations keep the modules
+            else:  # the operator computes SwiGLUs only: other activations keep the modules (as do learners without
+                # units, the identity, or units without GLUs, which the config allows)
                 self.reslayerAs = nn.ModuleList([PldrResidualMetricUnit(config) for _ in range(config.num_reslayerA)])
             self.plgatt_layer = PldrPowerLaw(config)
             options = dict(eps=config.layer_norm_eps, sizes=(config.num_reslayerA, config.num_denseA, config.A_dff))

@@ -95,11 +95,36 @@ def test_published_config_json_loads(tmp_path):
         (dict(head_dim=7, hidden_size=14, num_attention_heads=2), "head_dim"),
         (dict(tie_word_embeddings=True), "tie_word_embeddings"),
         (dict(intermediate_size="big"), "intermediate_size"),
+        (dict(hidden_act="bogus"), "hidden_act"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_key(kwargs, key):
     with pytest.raises(ValueError, match=f"`{key}`"):
         PldrConfig(**{**TINY, **kwargs})
+
+
+def test_config_allows_a_learner_without_units_or_without_glus(tmp_path):
+    # num_reslayerA = 0 (the learner is the identity) and num_denseA = 0 (each unit is LayerNorm(A + A)) are valid
+    # configs: such models build (with the learner as modules), train, save, load and generate
+    for over in (dict(num_reslayerA=0), dict(num_denseA=0)):
+        model = tiny_model(3, **over)
+        learner = model.decoder.dec_layers[0].mha1.reslayerAs
+        A = torch.randn(2, 2, 8, 8)
+        want = A if over.get("num_reslayerA") == 0 else F.layer_norm(2 * A, (8,), eps=model.config.layer_norm_eps)
+        got = A
+        for unit in learner:
+            got = unit(got)
+        torch.testing.assert_close(got, want)
+        x = ids(3, (2, 7))
+        out = model.train()(x, labels=x)
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and model.decoder.dec_layers[0].mha1.wq.weight.grad.abs().sum() > 0
+        model.eval().save_pretrained(tmp_path / str(over))
+        loaded = PldrForCausalLM.from_pretrained(tmp_path / str(over)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+        assert torch.equal(loaded.generate(x, max_new_tokens=3, do_sample=False),
+                           model.generate(x, max_new_tokens=3, do_sample=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
