@@ -1492,12 +1492,6 @@ class PldrModel(PldrPreTrainedModel):
             raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {B}.")
 
         past_key_values = _one_cache(past_key_values, cache)
-        if past_key_values is not None and torch.compiler.is_exporting():
-            raise NotImplementedError(
-                "Exporting PLDR-LLM with a cache (torch.export, ExecuTorch's exporters) is not supported: the exported "
-                "program would not keep the deductive cache (A, A_LM and G_LM of each layer) from one call to the "
-                "next, so its decoding steps would not compute what generate() does. A forward without a cache "
-                "(use_cache=False) exports.")
         fresh_input = past_key_values is None
         if use_cache:
             past_key_values = PldrDynamicCache(config=c) if past_key_values is None else as_pldr_cache(past_key_values)

@@ -262,7 +262,7 @@ def test_bench_metric_learner_times_the_rotary_operator_and_checks_its_metric_su
         assert shape["clone_us"] > 0 and shape["metric_sum_bwd_us"] > 0 and shape["separate_bwd_us"] > 0
         for pairs in ("interleaved", "half_split"):
             assert shape[pairs]["fwd_us"] > 0 and shape[pairs]["bwd_us"] > 0
-        assert shape["max_abs_diff"] < 1e-5
+        assert shape["max_rel_diff"] < 1e-6  # (float32 on CPU: the same sums)
     with pytest.raises(SystemExit, match="--rotary takes BATCHxSEQ"):
         bench_learner.main(["--device", "cpu", "--cases", "--compiled", "none", "--rotary", "16x1024x2"])
     with pytest.raises(SystemExit, match=r"--cases takes rows:mode"):
