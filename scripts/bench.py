@@ -3,7 +3,7 @@
 
     python scripts/bench.py                                   # GPU: 110M config, 16 x 1024, eager and torch.compile
     python scripts/bench.py --shapes 16x1024,4x1024,8x2048    # several batch x sequence shapes in one run
-    python scripts/bench.py --modes eager --profile prof/     # also a torch.profiler table per run (2 steps)
+    python scripts/bench.py --modes eager --profile prof/     # also a torch.profiler table and trace per run (2 steps)
     python scripts/bench.py --packed_mean_doc_len 350         # rows packed with ~3 documents (position ids restart)
     python scripts/bench.py --tiny --device cpu --modes eager --steps 2 --warmup 1   # smoke run anywhere
     python scripts/bench.py --host_proxy --device cpu --dtype fp32 --threads 1 --shapes 1x32 --models pldr,llama_aligned
@@ -102,7 +102,7 @@ class BenchArguments:
         "help": "the 110M structure (5 layers, learner of 8 x 2 GLUs) with tiny widths: host cost per step on a CPU"})
     dtype: str = field(default="bf16", metadata={"help": "bf16 (autocast, the default) or fp32 (no autocast)"})
     threads: int = field(default=0, metadata={"help": "torch.set_num_threads on CPU (0: torch's default)"})
-    profile: str = field(default="", metadata={"help": "write a torch.profiler table of 2 steps per run to this folder"})
+    profile: str = field(default="", metadata={"help": "write a torch.profiler table and trace of 2 steps per run to this folder"})
     packed_mean_doc_len: int = field(
         default=0, metadata={"help": "pack documents of this mean length into each row (position ids restart); 0: off"})
 
@@ -252,6 +252,8 @@ def _write_profile(args, tag, step) -> dict:
         line += (f", GPU busy {out['gpu_busy_ms_per_step']:.2f} ms of a {wall_ms:.2f} ms step (profiled; a GPU busy for"
                  f" much less than the step means the host sets the pace)\nGPU ms per step by kind of kernel: "
                  + ", ".join(f"{k} {v:.3f}" for k, v in out["gpu_ms_by_kind"].items()))
+    # (the timeline too, for chrome://tracing or Perfetto: where the host's time goes between the kernels)
+    prof.export_chrome_trace(os.path.join(args.profile, f"trace_{tag}.json.gz"))
     with open(os.path.join(args.profile, f"profile_{tag}.txt"), "w") as f:
         f.write(line + "\n\n")
         if cuda:

@@ -2,6 +2,7 @@
 against the best Llama, sequence lengths past the configs' context honoured, clear errors for bad arguments; and
 bench_decode.py and bench_metric_learner.py (its rotary micro-benchmark) run on CPU."""
 
+import gzip
 import importlib.util
 import json
 import sys
@@ -78,6 +79,9 @@ def test_bench_reports_host_time_per_phase_and_profile(bench, tmp_path):
         assert r["profiled"]["wall_ms_per_step"] > 0 and "gpu_busy_ms_per_step" not in r["profiled"]  # (no GPU)
         text = (tmp_path / f"profile_{r['model']}_eager_2x32.txt").read_text()
         assert text.startswith(f"{r['model']}_eager_2x32: 0 kernel launches per step")
+        with gzip.open(tmp_path / f"trace_{r['model']}_eager_2x32.json.gz", "rt") as f:
+            events = json.load(f)["traceEvents"]
+        assert any(e.get("name") == "aten::mm" for e in events)  # (the timeline of the steps' operators)
 
 
 def test_bench_host_proxy_has_the_papers_structure_at_tiny_widths(bench):

@@ -318,6 +318,46 @@ def test_static_cache_generate_matches_dynamic(model):
     assert torch.equal(gen(model, p, cache_implementation="static", use_g_cache=False), gen(model, p))
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_static_cache_decoding_masks_equal_transformers_masks(monkeypatch, attn):
+    # The model builds a one-token decoding step's 4D mask itself (three operations instead of transformers' host-side
+    # mask functions, before every compiled step): at every step of a left-padded batch it must equal, in values, shape,
+    # dtype and strides (a compiled step guards on them), what transformers' create_masks_for_generate gives, and only
+    # the other cases (the prompt's forward, eager attention) may go to transformers' function.
+    import transformers.masking_utils as masking
+
+    m = make_model(3, attn_implementation=attn)
+    ids, mask = left_pad([prompt(40, 6), prompt(41, 3), prompt(42, 5)])
+    reference, steps, delegated = masking.create_masks_for_generate, [], []
+
+    def counted(*args, **kwargs):
+        delegated.append(kwargs["inputs_embeds"].shape[1])
+        return reference(*args, **kwargs)
+
+    monkeypatch.setattr(masking, "create_masks_for_generate", counted)
+    own = m.create_masks_for_generate
+
+    def compared(config, inputs_embeds, attention_mask, **kwargs):
+        built = own(config, inputs_embeds, attention_mask, **kwargs)
+        want = reference(config, inputs_embeds, attention_mask, **kwargs).contiguous()
+        assert built.shape == want.shape and built.dtype == want.dtype and built.stride() == want.stride()
+        assert torch.equal(built, want)
+        steps.append(inputs_embeds.shape[1])
+        return built
+
+    monkeypatch.setattr(m, "create_masks_for_generate", compared)
+    with torch.no_grad():
+        out = m.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                         cache_implementation="static")
+    assert steps == [6] + [1] * (N - 1)
+    assert delegated == ([6] if attn == "sdpa" else steps)
+    monkeypatch.setattr(m, "create_masks_for_generate", lambda config, inputs_embeds, attention_mask, **kw: reference(
+        config, inputs_embeds, attention_mask, **kw))
+    with torch.no_grad():
+        assert torch.equal(out, m.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N,
+                                           do_sample=False, cache_implementation="static"))
+
+
 def test_decode_step_compiles_fullgraph_without_graph_breaks(model):
     import torch._dynamo as dynamo
 
