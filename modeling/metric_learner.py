@@ -1534,18 +1534,24 @@ if triton is not None:
         return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [BLOCK_S, D])
 
     @triton.jit
-    def _rotary_block(COS, SIN, S, H, s_cb, s_cs, D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr):
-        # This program's rows (the positions s of one batch entry b and head h) and their tables' pairs.
+    def _rotary_index(S, H, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # This program's rows: the positions s of one batch entry b and head h. (Apart from the tables' loads: inductor
+        # reads a kernel's writes from its Triton IR, and a store address computed from a call that also took the
+        # tables' pointers would count the tables as written, which makes it copy them before every launch.)
         bh = tl.program_id(1)
         b = bh // H
         s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-        j = tl.arange(0, D)[None, :]
         m = (s < S)[:, None]
-        s64 = s[:, None].to(tl.int64)
-        tab = b.to(tl.int64) * s_cb + s64 * s_cs + j
+        return bh.to(tl.int64), b.to(tl.int64), bh - b * H, s[:, None].to(tl.int64), tl.arange(0, D)[None, :], m
+
+    @triton.jit
+    def _rotary_tables(COS, SIN, b, s64, j, m, s_cb, s_cs, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                       INTERLEAVED: tl.constexpr):
+        # The rows' pairs of the tables
+        tab = b * s_cb + s64 * s_cs + j
         ca, cb = _rotary_pairs(tl.load(COS + tab, mask=m, other=0.0), BLOCK_S, D, INTERLEAVED)
         sa, sb = _rotary_pairs(tl.load(SIN + tab, mask=m, other=0.0), BLOCK_S, D, INTERLEAVED)
-        return bh.to(tl.int64), b.to(tl.int64), bh - b * H, s64, j, m, ca, cb, sa, sb
+        return ca, cb, sa, sb
 
     @triton.jit
     def _rotated(x, ca, cb, sa, sb, BLOCK_S: tl.constexpr, D: tl.constexpr, INTERLEAVED: tl.constexpr):
@@ -1558,7 +1564,8 @@ if triton is not None:
     def _rotary_qkv_fwd_kernel(QKV, COS, SIN, Q, K, V, S, H, s_qb, s_qs, s_cb, s_cs,
                                D: tl.constexpr, BLOCK_S: tl.constexpr, INTERLEAVED: tl.constexpr):
         # q and k rotated (float32, then x's dtype), v copied, into [B, H, S, D]
-        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(COS, SIN, S, H, s_cb, s_cs, D, BLOCK_S, INTERLEAVED)
+        bh, b, h, s64, j, m = _rotary_index(S, H, D, BLOCK_S)
+        ca, cb, sa, sb = _rotary_tables(COS, SIN, b, s64, j, m, s_cb, s_cs, D, BLOCK_S, INTERLEAVED)
         src = QKV + b * s_qb + s64 * s_qs + h * D + j
         dst = (bh * S + s64) * D + j
         y = _rotated(tl.load(src, mask=m, other=0.0), ca, cb, sa, sb, BLOCK_S, D, INTERLEAVED)
@@ -1574,7 +1581,8 @@ if triton is not None:
                                HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
         # the joint gradient [B, S, 3 H D]: dq and dk rotated back (float32, then its dtype), dv copied. With GRAM dq
         # first gains mask_s q_s (dA + dA^T), the gradient of the metric sum A of the rows' batch entry and head.
-        bh, b, h, s64, j, m, ca, cb, sa, sb = _rotary_block(COS, SIN, S, H, s_cb, s_cs, D, BLOCK_S, INTERLEAVED)
+        bh, b, h, s64, j, m = _rotary_index(S, H, D, BLOCK_S)
+        ca, cb, sa, sb = _rotary_tables(COS, SIN, b, s64, j, m, s_cb, s_cs, D, BLOCK_S, INTERLEAVED)
         HD = H * D
         dst = OUT + (b * S + s64) * (3 * HD) + h * D + j
         g = tl.load(DQ + b * s_qb + h * s_qh + s64 * s_qs + j, mask=m, other=0.0)
@@ -1624,6 +1632,12 @@ def rotary_metric_sum_kernels(t: torch.Tensor, d: int) -> bool:
     return _rotary_kernels(t, d) and 16 <= d <= 128
 
 
+def _rotary_table_inputs(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 tables as the kernels read them, contiguous; tables broadcast over the batch (stride 0, as the model
+    expands them) kept as their one row rather than copied out per batch entry."""
+    return tuple((t[:1] if t.shape[0] > 1 and t.stride(0) == 0 else t).float().contiguous() for t in (cos, sin))
+
+
 def _table_strides(t: torch.Tensor) -> tuple[int, int]:
     """(batch, position) strides of a [B or 1, S, 1, d] table; 0 for a batch of 1 (shared by every row)."""
     return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
@@ -1664,7 +1678,7 @@ def rotary_qkv_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     if not _rotary_kernels(qkv, d):
         return _rotary_reference(qkv, cos, sin, heads, interleaved)
     x = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-    c, s_ = cos.float().contiguous(), sin.float().contiguous()
+    c, s_ = _rotary_table_inputs(cos, sin)
     q, k, v = (x.new_empty((B, heads, S, d)) for _ in range(3))
     if q.numel():
         with _on_device(x):
@@ -1688,7 +1702,7 @@ def rotary_qkv_metric_sum_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: tor
 def _rotary_launch_backward(dq, dk, dv, cos, sin, interleaved, wrap, gram: tuple | None):
     B, H, S, d = dq.shape
     grads = [t if t.stride(-1) == 1 else t.contiguous() for t in (dq, dk, dv)]
-    c, s_ = cos.float().contiguous(), sin.float().contiguous()
+    c, s_ = _rotary_table_inputs(cos, sin)
     out = dq.new_empty((B, S, 3 * H * d))
     dA, q, w = gram if gram is not None else (None, None, None)
     if gram is not None:

@@ -261,8 +261,8 @@ def sweep(args, rows, learner):
     default = copy.deepcopy(active)
     row_options = [(64, 4, 2), (64, 4, 1), (64, 4, 3), (64, 8, 2), (32, 4, 3)]
     candidates = {
-        "fwd": [{bm: option} for bm in (64, 32) for option in row_options],
-        "bwd_rows": [{bm: option} for bm in (64, 32) for option in row_options],
+        "fwd": [{bm: option} for bm in (64, 32, 16) for option in row_options],
+        "bwd_rows": [{bm: option} for bm in (64, 32, 16) for option in row_options],
         "bwd_params": [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
     }
     saved = ML._kernel_forward(x, w12, w3, b12, b3, ln_w, ln_b, layout, eps, cd, f32, True, False)[1:]

@@ -349,6 +349,74 @@ def test_which_calls_the_kernels_take(monkeypatch):
     assert not ML._use_kernels(x, params, layout, torch.bfloat16)
 
 
+# What each Triton kernel writes, by argument name: its outputs and nothing else. Under torch.compile inductor reads a
+# kernel's writes from its Triton IR and copies every input it finds written before each launch (on an H200 the rotary
+# kernels' cos and sin tables were copied per layer, forward and backward: ten launches a step at 4 x 1024).
+KERNEL_WRITES = {
+    "_learner_stage_kernel": {"WS", "BS"},
+    "_learner_fwd_kernel": {"OUT", "XIN", "Z", "MEAN", "RSTD"},
+    "_learner_bwd_rows_kernel": {"GX", "GY", "LNPART"},
+    "_learner_bwd_params_kernel": {"PART"},
+    "_power_law_fwd_kernel": {"A_LM", "G"},
+    "_power_law_bwd_kernel": {"GA", "PART"},
+    "_swiglu_fwd_kernel": {"out_ptr"},
+    "_swiglu_bwd_kernel": {"dh_ptr"},
+    "_rotary_qkv_fwd_kernel": {"Q", "K", "V"},
+    "_rotary_qkv_bwd_kernel": {"OUT"},
+}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_compile_sees_each_kernel_write_only_its_outputs(monkeypatch):
+    # Every kernel the model's training step and the operators launch (recorded on CPU tensors, not run), analysed as
+    # inductor analyses it, from the Triton IR made for a Hopper GPU (no GPU needed to make it).
+    import triton.runtime
+    from torch._higher_order_ops import triton_kernel_wrap
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    analyse = getattr(triton_kernel_wrap, "identify_accessed_tensors", None)
+    if analyse is None:
+        pytest.skip("this torch has no identify_accessed_tensors")
+
+    class Hopper:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", Hopper())
+    monkeypatch.setattr(ML, "_KERNELS_ON_CPU", True)
+    monkeypatch.setattr(ML, "_sm_count", lambda device: 132)
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self.fn.__name__, {**dict(zip(self.arg_names, args)), **kwargs}))
+
+    monkeypatch.setattr(JITFunction, "run", record)
+    cfg = PldrConfig(vocab_size=64, hidden_size=32, num_attention_heads=2, head_dim=16, num_hidden_layers=1,
+                     intermediate_size=42, A_dff=12, num_reslayerA=2, num_denseA=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = M.PldrForCausalLM(cfg).train()
+    ids = torch.randint(4, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    ML.joint_swiglu(torch.randn(4, 8, 64, dtype=torch.bfloat16, requires_grad=True)).float().sum().backward()
+    B, S, H, d = 2, 32, 2, 16
+    qkv = torch.randn(B, S, 3 * H * d, requires_grad=True)
+    cos, sin = (torch.randn(1, S, 1, d).expand(B, -1, -1, -1) for _ in range(2))  # (as the model expands them)
+    q, k, v, A = ML.rotary_qkv_metric_sum(qkv, cos, sin, H, True, torch.ones(B, S))
+    (q.sum() + k.sum() + v.sum() + A.sum()).backward()
+    q, k, v = ML.rotary_qkv(qkv, cos, sin, H, True)
+    (q.sum() + k.sum() + v.sum()).backward()
+
+    assert {name for name, _ in launches} == set(KERNEL_WRITES)
+    for name, args in launches:
+        kwargs = {k: v for k, v in args.items() if k not in ("num_warps", "num_stages")}
+        writes = {dep.name for dep in analyse(getattr(ML, name), kwargs, {}).read_writes.writes}
+        assert writes == KERNEL_WRITES[name], (name, sorted(writes))
+        if name.startswith("_rotary"):  # broadcast tables are read as their one row, not copied out per batch entry
+            assert args["COS"].shape[0] == 1 and args["SIN"].shape[0] == 1
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 def test_row_blocks_and_staged_hidden_size(monkeypatch):
     # The row kernels take the largest row block that gives every SM a program (measured fastest on an H200 at the
