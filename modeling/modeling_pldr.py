@@ -1840,13 +1840,15 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
                  and attention_mask.shape[0] == inputs_embeds.shape[0] and not attention_mask.is_floating_point()
                  and isinstance(cache, Cache) and getattr(cache, "is_compileable", False)
                  and cache.layers and all(type(layer) is StaticLayer for layer in cache.layers)
-                 and all(kwargs.get(k) is None for k in ("or_mask_function", "and_mask_function", "block_sequence_ids")))
+                 and all(kwargs.get(k) is None for k in ("or_mask_function", "and_mask_function",
+                                                          "block_sequence_ids")))
         if plain:
             kv_length, kv_offset = cache.get_mask_sizes(1, 0)
             plain = isinstance(kv_length, int) and kv_offset == 0 and attention_mask.shape[1] <= kv_length
         if not plain:
             from transformers.masking_utils import create_masks_for_generate
-            return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                             **kwargs)
         device = inputs_embeds.device
         positions = self._mask_positions.get((device, kv_length))
         if positions is None:

@@ -102,7 +102,8 @@ class BenchArguments:
         "help": "the 110M structure (5 layers, learner of 8 x 2 GLUs) with tiny widths: host cost per step on a CPU"})
     dtype: str = field(default="bf16", metadata={"help": "bf16 (autocast, the default) or fp32 (no autocast)"})
     threads: int = field(default=0, metadata={"help": "torch.set_num_threads on CPU (0: torch's default)"})
-    profile: str = field(default="", metadata={"help": "write a torch.profiler table and trace of 2 steps per run to this folder"})
+    profile: str = field(default="", metadata={
+        "help": "write a torch.profiler table and trace of 2 steps per run to this folder"})
     packed_mean_doc_len: int = field(
         default=0, metadata={"help": "pack documents of this mean length into each row (position ids restart); 0: off"})
 
