@@ -48,6 +48,10 @@ PLDR-LLM's own operators run their PyTorch reference math (the learner's 16 GLUs
 three Triton kernels a layer), so the forward and backward phases stand for the GPU's only roughly; the phases per
 parameter tensor (clip, optimizer, zero_grad) and ``param_tensors`` do.
 
+``--use_cache false`` runs the training forward as Trainer does (``TrainingArguments.use_cache`` is False unless set):
+without building a cache. By default the models' configs decide (on), and the forward returns k and v per layer
+(PLDR-LLM also A, A_LM and G_LM), which a compiled backward gives zero gradients; ``returns_cache`` says which.
+
 Modes: ``eager`` and ``compile`` (``torch.compile(model)``, default mode, what Trainer's ``torch_compile=True`` does;
 each shape compiled with static shapes, as in a fresh process).
 For each shape and mode the JSON's ``summary`` gives PLDR-LLM's throughput and peak memory as a ratio to the best
@@ -104,6 +108,9 @@ class BenchArguments:
     threads: int = field(default=0, metadata={"help": "torch.set_num_threads on CPU (0: torch's default)"})
     profile: str = field(default="", metadata={
         "help": "write a torch.profiler table and trace of 2 steps per run to this folder"})
+    use_cache: str = field(default="config", metadata={
+        "help": "config (the models' own default: on, the forward returns a cache), true, or false (Trainer's setting: "
+                "TrainingArguments.use_cache is False unless set)"})
     packed_mean_doc_len: int = field(
         default=0, metadata={"help": "pack documents of this mean length into each row (position ids restart); 0: off"})
 
@@ -291,15 +298,21 @@ class TrainRun:
         # Host (CPU) time of each phase of the timed steps, taken without synchronising: the time the host spent
         # issuing that phase's work (including any wait for the GPU's queue to drain).
         self.phase_s: list[tuple[float, ...]] = []
+        self.returns_cache = None  # (whether the training forward returns a cache: its tensors are autograd outputs,
+        # each given a zero gradient by a compiled backward)
         self.record_phases = False
 
+        cache = {} if args.use_cache == "config" else {"use_cache": args.use_cache == "true"}
+
         def step():
-            packed = {}
+            packed = cache
             if args.packed_mean_doc_len:
                 packed = {"position_ids": layouts[next(calls) % len(layouts)], "use_cache": False}
             t = [time.perf_counter()]
             with amp:
-                loss = step_model(input_ids=ids, labels=ids, **packed).loss
+                out = step_model(input_ids=ids, labels=ids, **packed)
+            loss, self.returns_cache = out.loss, out.past_key_values is not None
+            del out  # (as a training loop keeps only the loss: logits and cache go before the backward)
             t.append(time.perf_counter())
             loss.backward()
             t.append(time.perf_counter())
@@ -360,7 +373,7 @@ class TrainRun:
         out = dict(self.out, tokens_per_s=round(self.tokens / best, 1), step_ms=round(1000 * best, 2),
                    tokens_per_s_median=round(self.tokens / statistics.median(self.round_s), 1),
                    round_step_ms=[round(1000 * t, 2) for t in self.round_s],
-                   final_loss=round(float(self.loss.detach()), 4))
+                   final_loss=round(float(self.loss.detach()), 4), returns_cache=self.returns_cache)
         # (median over the timed steps; on a GPU a phase's host time includes waits for a full launch queue, so a
         # sum near step_ms alone does not prove a host-bound step: --profile's GPU busy time does)
         phases = {k: round(1000 * statistics.median(p[i] for p in self.phase_s), 2) for i, k in enumerate(PHASES)}
@@ -470,6 +483,8 @@ def main(argv=None):
             raise SystemExit(f"bench: unknown mode {mode!r} in --modes (expected {', '.join(MODES)})")
     if args.dtype not in ("bf16", "fp32"):
         raise SystemExit(f"bench: unknown --dtype {args.dtype!r} (expected bf16 or fp32)")
+    if args.use_cache not in ("config", "true", "false"):
+        raise SystemExit(f"bench: unknown --use_cache {args.use_cache!r} (expected config, true or false)")
     if args.tiny and args.host_proxy:
         raise SystemExit("bench: --tiny and --host_proxy pick different configs; give one")
     if args.threads < 0:
@@ -486,7 +501,8 @@ def main(argv=None):
                "config": "tiny" if args.tiny else "host_proxy" if args.host_proxy else "papers_110m",
                "threads": torch.get_num_threads(),
                "gradient_checkpointing": args.gradient_checkpointing, "attn_implementation": args.attn_implementation,
-               "steps": args.steps, "rounds": args.rounds, "packed_mean_doc_len": args.packed_mean_doc_len, "runs": []}
+               "steps": args.steps, "rounds": args.rounds, "packed_mean_doc_len": args.packed_mean_doc_len,
+               "use_cache": args.use_cache, "runs": []}
     if "compile" in modes and hasattr(torch._dynamo.config, "automatic_dynamic_local_pgo"):
         # Each run compiles as a fresh process would. PyTorch's profile-guided dynamic shapes (a profile kept on disk,
         # not cleared by torch._dynamo.reset) would otherwise see the previous run's batch or sequence length and

@@ -38,6 +38,7 @@ def test_bench_train_reports_every_model_and_ratio_to_the_best_llama(bench, caps
     for r in runs:
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and 0 < r["final_loss"] < 20
+        assert r["returns_cache"]  # (the configs' default, use_cache on)
     ffn = {r["model"]: r["ffn_width"] for r in runs}
     assert ffn["llama_same_ffn"] == ffn["pldr"] == 85 and ffn["llama_aligned"] == 88
     assert [(row["shape"], row["mode"]) for row in res["summary"]] == [("1x300", "eager"), ("2x32", "eager")]
@@ -60,6 +61,7 @@ def test_bench_train_reports_every_model_and_ratio_to_the_best_llama(bench, caps
     (["--dtype", "fp16"], "unknown --dtype 'fp16'"),
     (["--host_proxy"], "--tiny and --host_proxy pick different configs"),
     (["--threads", "-1"], "--threads must be 0"),
+    (["--use_cache", "no"], "unknown --use_cache 'no'"),
 ])
 def test_bench_rejects_bad_arguments_by_name(bench, argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -138,6 +140,15 @@ def test_gpu_time_by_kind_of_kernel(bench):
     by_kind = bench.gpu_ms_by_kind(kernels, 2)
     assert by_kind == {"gemm": 1.0, "metric_learner": 0.25, "other": 0.005}
     assert list(by_kind) == ["gemm", "metric_learner", "other"]
+
+
+def test_bench_train_without_a_cache_as_trainer_runs_it(bench):
+    # Trainer sets use_cache=False (TrainingArguments.use_cache): --use_cache false trains every model so
+    res = bench.main(["--tiny", "--device", "cpu", "--modes", "eager", "--models", "pldr,llama_aligned", "--steps", "1",
+                      "--warmup", "0", "--batch_size", "1", "--seq_len", "16", "--use_cache", "false"])
+    assert res["use_cache"] == "false"
+    assert [(r["model"], r["returns_cache"]) for r in res["runs"]] == [("pldr", False), ("llama_aligned", False)]
+    assert all(r["final_loss"] > 0 for r in res["runs"])
 
 
 def test_bench_train_packed_rows(bench, capsys):
