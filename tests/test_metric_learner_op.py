@@ -1336,8 +1336,11 @@ launched = _record_launches(ML, ("_rotary_qkv_fwd_kernel", "_rotary_qkv_bwd_kern
 results = []
 for dtype in (torch.float32, torch.bfloat16):
     for interleaved in (True, False):
-        for table_batch in (1, 2):
-            qkv, cos, sin = _rotary_case(S=6, table_batch=table_batch, interleaved=interleaved, dtype=dtype)
+        for table_batch in (1, 2, "expanded"):  # ("expanded": one row broadcast over the batch, as the model passes it)
+            qkv, cos, sin = _rotary_case(S=6, table_batch=2 if table_batch == 2 else 1, interleaved=interleaved,
+                                         dtype=dtype)
+            if table_batch == "expanded":
+                cos, sin = cos.expand(2, -1, -1, -1), sin.expand(2, -1, -1, -1)
             ref = _rotary_as_the_attention_did(qkv, cos, sin, 3, interleaved)
             grads = [torch.randn_like(t) for t in ref]
             grads[1] = grads[1].transpose(2, 3).contiguous().transpose(2, 3)  # (a strided gradient, as SDPA may give)
@@ -1378,6 +1381,7 @@ def test_rotary_qkv_kernels_in_the_interpreter():
     # the kernels compute what the separate ops compute: float32 products, one rounding (the interpreter's numpy may
     # fuse nothing, so equal up to float32 rounding of a sum of two products)
     results = _interpreted(_ROTARY_INTERPRETER_SCRIPT)
+    assert [row[2] for row in results["rotary"]] == [1, 2, "expanded"] * 4
     for dtype, interleaved, table_batch, launched, err, contiguous in results["rotary"]:
         assert launched == ["_rotary_qkv_fwd_kernel", "_rotary_qkv_bwd_kernel"], (dtype, interleaved, launched)
         assert contiguous
