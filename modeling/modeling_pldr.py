@@ -1832,19 +1832,20 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         function builds it on the host before every step with some fifteen small operations, about a fifth of the
         host's time of a compiled step at batch 1 (profiled on an H200). A one-token step with SDPA needs one row per
         batch row, the same as transformers': key position j is visible when j is at most the query's position (the
-        cache's length) and the 2D mask allows it; three operations here. Any other case goes to transformers'
-        function."""
+        cache's length) and the 2D mask (if any) allows it; two or three operations here. Any other case goes to
+        transformers' function."""
         cache = kwargs.get(CACHE_FIELD)
         plain = (config._attn_implementation == "sdpa" and inputs_embeds.shape[1] == 1
-                 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
-                 and attention_mask.shape[0] == inputs_embeds.shape[0] and not attention_mask.is_floating_point()
+                 and (attention_mask is None or isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                      and attention_mask.shape[0] == inputs_embeds.shape[0] and not attention_mask.is_floating_point())
                  and isinstance(cache, Cache) and getattr(cache, "is_compileable", False)
                  and cache.layers and all(type(layer) is StaticLayer for layer in cache.layers)
                  and all(kwargs.get(k) is None for k in ("or_mask_function", "and_mask_function",
                                                           "block_sequence_ids")))
         if plain:
             kv_length, kv_offset = cache.get_mask_sizes(1, 0)
-            plain = isinstance(kv_length, int) and kv_offset == 0 and attention_mask.shape[1] <= kv_length
+            plain = isinstance(kv_length, int) and kv_offset == 0 and (attention_mask is None
+                                                                       or attention_mask.shape[1] <= kv_length)
         if not plain:
             from transformers.masking_utils import create_masks_for_generate
             return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -1853,9 +1854,11 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         positions = self._mask_positions.get((device, kv_length))
         if positions is None:
             positions = self._mask_positions[(device, kv_length)] = torch.arange(kv_length, device=device)
-        query_position = cache.get_seq_length(0)  # (a tensor on the device for a static cache: no sync)
+        visible = positions <= cache.get_seq_length(0)  # (the length: a tensor on the device, read without a sync)
+        if attention_mask is None:  # (transformers >= 5.25 drops a mask of ones before generating)
+            return visible.expand(inputs_embeds.shape[0], 1, 1, kv_length).contiguous()
         padded = F.pad(attention_mask.to(device), (0, kv_length - attention_mask.shape[1]))
-        return torch.logical_and(padded, positions <= query_position)[:, None, None, :]
+        return torch.logical_and(padded, visible)[:, None, None, :]
 
     @torch.no_grad()
     def fill_deductive_cache(

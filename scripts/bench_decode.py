@@ -4,7 +4,9 @@ same-size LlamaForCausalLMs (dynamic cache and static + compiled), in one run. P
 
 Two Llamas: ``llama_*`` keeps PLDR's FFN width (2389), ``llama_aligned_*`` rounds it up to a multiple of 64 (2432, the
 setting a user would pick). ``summary`` gives, per batch size, PLDR-LLM's KV+G dynamic-cache speed against the best
-Llama with a dynamic cache, and its static + compiled speed against the best static + compiled Llama.
+Llama with a dynamic cache, and its static + compiled speed against the best static + compiled Llama; with
+``pldr_static_compiled_hf_mask`` in ``--variants`` too, what the model's own one-token attention mask gains over
+transformers' mask function in the same compiled decoding (``own_mask_vs_hf_mask``).
 
 Every run is greedy and generates exactly ``new_tokens`` tokens per row (min_new_tokens = max_new_tokens); timings
 follow warm-up runs (which also compile) and torch.cuda.synchronize; tokens/s = batch * new_tokens / seconds (best of
@@ -16,6 +18,7 @@ step without the prefill, which the summary compares too.
 
 GPU (the papers' 110M configuration, bf16):
     python scripts/bench_decode.py --output bench_decode.json
+    python scripts/bench_decode.py --variants pldr_static_compiled,pldr_static_compiled_hf_mask --repeats 7
 Quick check on CPU with tiny models:
     python scripts/bench_decode.py --tiny --device cpu
 """
@@ -38,11 +41,13 @@ from bench import graph_counts, rotating_rounds  # noqa: E402  (scripts/bench.py
 from pldr_hf import PldrConfig, PldrForCausalLM  # noqa: E402
 
 VARIANTS = ("pldr_kv_g", "pldr_kv", "pldr_nocache", "pldr_static_compiled", "pldr_layers_kv_g",
-            "pldr_layers_static_compiled", "llama_dynamic", "llama_static_compiled", "llama_aligned_dynamic",
-            "llama_aligned_static_compiled")
-# (pldr_layers_*: the same PLDR-LLM with decoder_cuda_graphs=False, its prompt's forward run layer by layer rather than
-# as the decoder stack's recorded CUDA graph; not in the default set)
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.startswith("pldr_layers"))
+            "pldr_layers_static_compiled", "pldr_static_compiled_hf_mask", "llama_dynamic", "llama_static_compiled",
+            "llama_aligned_dynamic", "llama_aligned_static_compiled")
+# (not in the default set: pldr_layers_*, the same PLDR-LLM with decoder_cuda_graphs=False, its prompt's forward run
+# layer by layer rather than as the decoder stack's recorded CUDA graph; pldr_static_compiled_hf_mask, the same model
+# and compiled step with each step's attention mask made by transformers' create_masks_for_generate instead of the
+# model's own, to see what the model's one-token mask gains)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.startswith("pldr_layers") and not v.endswith("hf_mask"))
 
 
 @dataclass
@@ -83,6 +88,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def transformers_masks(config, inputs_embeds, attention_mask, **kwargs):
+    """transformers' create_masks_for_generate, which generate() calls for models without their own."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                     **kwargs)
+
+
 def prepare_variant(name, models, args, batch, device):
     """A closure that runs one generate() of the variant and returns its seconds (checking the output length)."""
     model = models[next(key for key in ("llama_aligned", "llama", "pldr_layers", "pldr") if name.startswith(key))]
@@ -94,7 +107,7 @@ def prepare_variant(name, models, args, batch, device):
         kw["use_g_cache"] = False
     elif name == "pldr_nocache":
         kw["use_cache"] = False
-    elif name.endswith("static_compiled"):
+    elif "static_compiled" in name:
         # "reduce-overhead" (CUDA graphs) is an inductor mode; other backends take no mode.
         mode = {} if args.compile_backend == "inductor" else {"mode": None}
         cfg = CompileConfig(fullgraph=args.fullgraph, backend=args.compile_backend, **mode)
@@ -103,11 +116,16 @@ def prepare_variant(name, models, args, batch, device):
         kw.update(cache_implementation="static", compile_config=cfg)
 
     def once(new_tokens: int = args.new_tokens):
+        if name.endswith("hf_mask"):  # (an instance attribute: generate() looks the hook up on the model)
+            model.create_masks_for_generate = transformers_masks
         sync(device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**dict(kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
-        sync(device)
+        try:
+            with torch.inference_mode():
+                out = model.generate(**dict(kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+            sync(device)
+        finally:
+            model.__dict__.pop("create_masks_for_generate", None)
         dt = time.perf_counter() - t0
         if out.shape != (batch, args.prompt_len + new_tokens):
             raise RuntimeError(f"{name}: generated shape {tuple(out.shape)}, expected exactly {new_tokens} tokens")
@@ -187,6 +205,13 @@ def summarise(results: dict) -> list[dict]:
                          "best_llama_prefill_ms": value(best, "prefill_ms"),
                          "pldr_decode_step_ms": steps[0], "best_llama_decode_step_ms": steps[1],
                          "pldr_vs_best_llama_decode_step": round(steps[1] / steps[0], 3) if all(steps) else None})
+        own, theirs = "pldr_static_compiled", "pldr_static_compiled_hf_mask"
+        if value(own) and value(theirs):  # what the model's own one-token mask gains, in the same run
+            rows.append({"batch": batch, "mode": "static_compiled_mask", "own_mask_tokens_per_s": value(own),
+                         "hf_mask_tokens_per_s": value(theirs),
+                         "own_mask_vs_hf_mask": round(value(own) / value(theirs), 3),
+                         "own_mask_vs_hf_mask_by_round": round(statistics.median(
+                             b / a for a, b in zip(value(own, "times_s"), value(theirs, "times_s"))), 3)})
     return rows
 
 

@@ -229,6 +229,33 @@ def test_bench_decode_alternates_variants_and_reports_ratios(bench_decode, monke
     assert row["pldr_vs_best_llama_by_round"] == pytest.approx(sum(by_round) / 2, abs=1e-3)  # (the median of two)
 
 
+def test_bench_decode_compares_the_models_mask_with_transformers_in_one_run(bench_decode, monkeypatch):
+    # pldr_static_compiled_hf_mask: the same model and static cache with transformers' mask function at every step
+    # (counted here), the model's own hook back in place after each run
+    import transformers.masking_utils as masking
+
+    reference, steps = masking.create_masks_for_generate, []
+
+    def counted(*args, **kwargs):
+        steps.append(kwargs["inputs_embeds"].shape[1])
+        return reference(*args, **kwargs)
+
+    monkeypatch.setattr(masking, "create_masks_for_generate", counted)
+    report = bench_decode.main(["--tiny", "--device", "cpu", "--variants",
+                                "pldr_static_compiled,pldr_static_compiled_hf_mask", "--batch_sizes", "1",
+                                "--repeats", "2", "--warmup", "1", "--compile_backend", "eager"])
+    new_tokens = report["settings"]["new_tokens"]
+    # runs: warm-up of each, then per round one full and one single-token run of each; transformers' function makes
+    # the prompt's mask in every run, and every step's in the hf_mask runs only
+    runs = 2 + 2 * 2 * 2
+    assert len(steps) == runs + 3 * (new_tokens - 1) and steps.count(1) == 3 * (new_tokens - 1)
+    row = next(r for r in report["summary"] if r["mode"] == "static_compiled_mask")
+    res = report["results"]
+    assert row["own_mask_vs_hf_mask"] == pytest.approx(
+        res["pldr_static_compiled@b1"]["tokens_per_s"] / res["pldr_static_compiled_hf_mask@b1"]["tokens_per_s"],
+        abs=1e-3)
+
+
 def test_bench_decode_rejects_zero_repeats(bench_decode):
     with pytest.raises(SystemExit, match="--repeats must be at least 1"):
         bench_decode.main(["--tiny", "--device", "cpu", "--repeats", "0"])
