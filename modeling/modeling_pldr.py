@@ -31,6 +31,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.generation import GenerationMixin
+from transformers import masking_utils
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -1847,9 +1848,8 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
             plain = isinstance(kv_length, int) and kv_offset == 0 and (attention_mask is None
                                                                        or attention_mask.shape[1] <= kv_length)
         if not plain:
-            from transformers.masking_utils import create_masks_for_generate
-            return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                             **kwargs)
+            return masking_utils.create_masks_for_generate(config=config, inputs_embeds=inputs_embeds,
+                                                           attention_mask=attention_mask, **kwargs)
         device = inputs_embeds.device
         positions = self._mask_positions.get((device, kv_length))
         if positions is None:

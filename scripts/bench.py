@@ -302,15 +302,15 @@ class TrainRun:
         # each given a zero gradient by a compiled backward)
         self.record_phases = False
 
-        cache = {} if args.use_cache == "config" else {"use_cache": args.use_cache == "true"}
+        cache_kwargs = {} if args.use_cache == "config" else {"use_cache": args.use_cache == "true"}
 
         def step():
-            packed = cache
+            kwargs = cache_kwargs
             if args.packed_mean_doc_len:
-                packed = {"position_ids": layouts[next(calls) % len(layouts)], "use_cache": False}
+                kwargs = {"position_ids": layouts[next(calls) % len(layouts)], "use_cache": False}
             t = [time.perf_counter()]
             with amp:
-                out = step_model(input_ids=ids, labels=ids, **packed)
+                out = step_model(input_ids=ids, labels=ids, **kwargs)
             loss, self.returns_cache = out.loss, out.past_key_values is not None
             del out  # (as a training loop keeps only the loss: logits and cache go before the backward)
             t.append(time.perf_counter())

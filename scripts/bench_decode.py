@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import CompileConfig, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig, HfArgumentParser, LlamaConfig, LlamaForCausalLM, masking_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,14 +88,6 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def transformers_masks(config, inputs_embeds, attention_mask, **kwargs):
-    """transformers' create_masks_for_generate, which generate() calls for models without their own."""
-    from transformers.masking_utils import create_masks_for_generate
-
-    return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                     **kwargs)
-
-
 def prepare_variant(name, models, args, batch, device):
     """A closure that runs one generate() of the variant and returns its seconds (checking the output length)."""
     model = models[next(key for key in ("llama_aligned", "llama", "pldr_layers", "pldr") if name.startswith(key))]
@@ -116,8 +108,9 @@ def prepare_variant(name, models, args, batch, device):
         kw.update(cache_implementation="static", compile_config=cfg)
 
     def once(new_tokens: int = args.new_tokens):
-        if name.endswith("hf_mask"):  # (an instance attribute: generate() looks the hook up on the model)
-            model.create_masks_for_generate = transformers_masks
+        if name.endswith("hf_mask"):  # (transformers' function as an instance attribute: generate() looks the hook up
+            # on the model and passes every argument by name)
+            model.create_masks_for_generate = masking_utils.create_masks_for_generate
         sync(device)
         t0 = time.perf_counter()
         try:

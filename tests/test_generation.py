@@ -357,8 +357,7 @@ def test_static_cache_decoding_masks_equal_transformers_masks(monkeypatch, attn,
                          cache_implementation="static")
     assert steps == [6] + [1] * (N - 1)
     assert delegated == ([6] if attn == "sdpa" else steps)
-    monkeypatch.setattr(m, "create_masks_for_generate", lambda config, inputs_embeds, attention_mask, **kw: reference(
-        config, inputs_embeds, attention_mask, **kw))
+    monkeypatch.setattr(m, "create_masks_for_generate", reference)  # (generate() passes every argument by name)
     with torch.no_grad():
         assert torch.equal(out, m.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N,
                                            do_sample=False, cache_implementation="static"))
