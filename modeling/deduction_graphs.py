@@ -44,6 +44,7 @@ its backward (the learner's saved activations) plus its backward's temporaries.
 This file imports only torch: it travels with saved models as remote code.
 """
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -67,6 +68,18 @@ def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+@contextlib.contextmanager
+def _autograd_inside_operator():
+    """Autograd back on inside an operator's implementation (PyTorch runs it below autograd: its dispatch keys
+    excluded), for a function that records or differentiates operators."""
+    K = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (K.AutogradFunctionality, K.AutogradOther, K.AutogradNestedTensor, K.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
 
 
 class _Suspension(threading.local):
@@ -109,7 +122,10 @@ class _EmulatedGraph:
 class _Recorded:
     """One recorded key: the graphs' input tensors, a forward graph, and with gradients a backward graph."""
 
-    def __init__(self, fn: Callable, inputs: tuple, grad: bool, autocast: tuple, emulate: bool, in_place: int = 0):
+    def __init__(self, fn: Callable, inputs: tuple, grad: bool, autocast: tuple, emulate: bool, in_place: int = 0,
+                 requires_grad: tuple | None = None):
+        """``requires_grad``: per input, whether the graphs differentiate with respect to it (default: the inputs'
+        own ``requires_grad``; an operator's implementation gets tensors without it)."""
         self.fn = fn
         self.grad = grad
         self.autocast = autocast
@@ -120,10 +136,12 @@ class _Recorded:
         # still alive (or DDP) may tie to the default stream, a synchronisation that breaks the recording.
         self.static = (tuple(None if t is None else t.detach().clone() for t in inputs[:copied])
                        + tuple(t.detach() for t in inputs[copied:]))
+        if requires_grad is None:
+            requires_grad = tuple(t is not None and t.requires_grad for t in inputs)
         if grad:
-            for s, t in zip(self.static, inputs):
+            for s, rg in zip(self.static, requires_grad):
                 if s is not None:
-                    s.requires_grad_(t.requires_grad)
+                    s.requires_grad_(rg)
         self.targets = [s for s in self.static[:copied] if s is not None]
         self.addresses = [t.data_ptr() for t in inputs[copied:]]
         self.wanted_mask = [s is not None and s.requires_grad for s in self.static]
@@ -317,6 +335,7 @@ class DeductionGraphs:
         self._never: set = set()  # keys that recordable() turned down
         self.disabled: str | None = None
         self._done = None  # CUDA event after the last forward replay's copies out (ordering across streams)
+        self._pending: OrderedDict = OrderedDict()  # ticket -> a forward's autograd outputs and leaves (operators)
         self.replays = 0
         self.recomputed = 0
         self.recordings = 0
@@ -349,13 +368,42 @@ class DeductionGraphs:
             return self._run(inputs, self.fn if fn is None else fn, extra_key, in_place)
 
     def _run(self, inputs: tuple, fn: Callable, extra_key: tuple, in_place: int) -> tuple | None:
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        requires_grad = tuple(t is not None and t.requires_grad for t in inputs)
+        grad = torch.is_grad_enabled() and any(requires_grad)
         device_type = inputs[0].device.type
         autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        recorded = self._recorded_for(inputs, fn, extra_key, in_place, grad, requires_grad, autocast)
+        if recorded is None:
+            return None
+        self.replays += 1
+        if grad:
+            return _Replayed.apply(self, recorded, *inputs)
+        return self._replay_without_grad(recorded, inputs)
+
+    def _replay_without_grad(self, recorded: "_Recorded", inputs: tuple) -> tuple:
+        cuda = inputs[0].is_cuda
+        if cuda and self._done is not None:
+            # (a caller on another stream: this one's copies into the inputs wait for the last one's copies out)
+            torch.cuda.current_stream(inputs[0].device).wait_event(self._done)
+        recorded.replay_forward(inputs)
+        outs = tuple(_copies(recorded.outputs))
+        if cuda:
+            self._done = self._done or torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(inputs[0].device))
+        return outs
+
+    @staticmethod
+    def _key(inputs: tuple, extra_key: tuple, in_place: int, grad: bool, requires_grad: tuple, autocast: tuple):
         copied = len(inputs) - in_place
-        key = (tuple(None if t is None else (t.shape, t.dtype, t.requires_grad, t.device) for t in inputs[:copied]),
-               tuple((t.data_ptr(), t.dtype, t.requires_grad) for t in inputs[copied:]), grad,
-               torch.is_inference_mode_enabled(), autocast, extra_key)
+        return (tuple(None if t is None else (t.shape, t.dtype, rg, t.device)
+                      for t, rg in zip(inputs[:copied], requires_grad)),
+                tuple((t.data_ptr(), t.dtype, rg) for t, rg in zip(inputs[copied:], requires_grad[copied:])), grad,
+                torch.is_inference_mode_enabled(), autocast, extra_key)
+
+    def _recorded_for(self, inputs: tuple, fn: Callable, extra_key: tuple, in_place: int, grad: bool,
+                      requires_grad: tuple, autocast: tuple) -> "_Recorded | None":
+        """The recorded key of this call, recording it at its CAPTURE_AT-th call; None where fn must run."""
+        key = self._key(inputs, extra_key, in_place, grad, requires_grad, autocast)
         recorded = self._recorded.get(key)
         if recorded is None:
             if key in self._never:
@@ -375,7 +423,8 @@ class DeductionGraphs:
                 return None
             self.recordings += 1
             try:
-                recorded = _Recorded(fn, inputs, grad, autocast, emulate=not inputs[0].is_cuda, in_place=in_place)
+                recorded = _Recorded(fn, inputs, grad, autocast, emulate=not inputs[0].is_cuda, in_place=in_place,
+                                     requires_grad=requires_grad)
             except Exception as e:  # noqa: BLE001  (any failure to record: the operators run, as without graphs)
                 self.disabled = f"{type(e).__name__}: {e}"
                 logger.warning("PLDR-LLM: recording a CUDA graph of %s failed (%s); it runs operator by operator "
@@ -386,19 +435,78 @@ class DeductionGraphs:
                 self._recorded.popitem(last=False)
         else:
             self._recorded.move_to_end(key)
-        self.replays += 1
-        if grad:
-            return _Replayed.apply(self, recorded, *inputs)
-        cuda = inputs[0].is_cuda
-        if cuda and self._done is not None:
-            # (a caller on another stream: this one's copies into the inputs wait for the last one's copies out)
-            torch.cuda.current_stream(inputs[0].device).wait_event(self._done)
-        recorded.replay_forward(inputs)
-        outs = tuple(_copies(recorded.outputs))
-        if cuda:
-            self._done = self._done or torch.cuda.Event()
-            self._done.record(torch.cuda.current_stream(inputs[0].device))
-        return outs
+        return recorded
+
+    # -- for an operator with an autograd formula of its own ----------------------------------------------------------
+    # (the decoder stack under torch.compile: an opaque operator, whose implementation gets tensors without autograd
+    # and whose backward is another operator. A forward gives its backward a ticket: > 0 the id of a replayed forward;
+    # < 0 a forward that ran fn with autograd, kept here until its backward (at most PENDING of them); 0 none: the
+    # backward then runs fn again from its inputs, as gradient checkpointing does.)
+    PENDING = 4
+
+    def forward_for_operator(self, inputs: tuple, fn: Callable, extra_key: tuple, in_place: int, grad: bool,
+                             requires_grad: tuple, autocast: tuple) -> tuple[list, int]:
+        """fn's outputs (new tensors) and the ticket for :meth:`backward_for_operator`. ``grad``: whether a backward
+        may follow; ``requires_grad``: per input, whether it wants a gradient; ``autocast``: (device type, enabled,
+        dtype) to compute under. Not replayed while a CUDA graph is being captured (someone else's)."""
+        capturing = inputs[0].is_cuda and torch.cuda.is_current_stream_capturing()
+        with self._lock, _autograd_inside_operator():
+            recorded = None
+            if self.applies_to(inputs[0]) and not capturing:
+                recorded = self._recorded_for(inputs, fn, extra_key, in_place, grad, requires_grad, autocast)
+            if recorded is not None:
+                self.replays += 1
+                if not grad:
+                    return list(self._replay_without_grad(recorded, inputs)), 0
+                ticket = recorded.replay_forward(inputs)
+                return _copies(recorded.outputs), ticket
+            device_type, enabled, dtype = autocast
+            if not grad or capturing:
+                with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    return list(fn(*inputs)), 0
+            leaves = tuple(t.detach().requires_grad_(rg) if t is not None and rg else t
+                           for t, rg in zip(inputs, requires_grad))
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                outs = fn(*leaves)
+            ticket = -next(_forward_ids)
+            self._pending[ticket] = (outs, [t for t, rg in zip(leaves, requires_grad) if rg])
+            while len(self._pending) > self.PENDING:  # (forwards whose backward never came: their backward recomputes)
+                self._pending.popitem(last=False)
+            return [o.detach() for o in outs], ticket
+
+    def backward_for_operator(self, inputs: tuple, output_grads: list, ticket: int, fn: Callable, extra_key: tuple,
+                              in_place: int, requires_grad: tuple, autocast: tuple) -> list:
+        """The gradients of the inputs that want one (None where fn does not use one), in order, given the gradients
+        of fn's outputs (None for one that got none) and the forward's ticket."""
+        with self._lock, _autograd_inside_operator():
+            return self._backward_for_operator(inputs, output_grads, ticket, fn, extra_key, in_place, requires_grad,
+                                               autocast)
+
+    def _backward_for_operator(self, inputs, output_grads, ticket, fn, extra_key, in_place, requires_grad, autocast):
+        capturing = inputs[0].is_cuda and torch.cuda.is_current_stream_capturing()
+        if ticket > 0 and not capturing and not torch.is_grad_enabled():
+            recorded = self._recorded.get(self._key(inputs, extra_key, in_place, True, requires_grad, autocast))
+            if recorded is not None and not recorded.moved(inputs):
+                if recorded.state != ticket:  # another forward of this key ran since: this one's again first
+                    recorded.replay_forward(inputs)
+                    self.recomputed += 1
+                grads = iter(recorded.replay_backward(output_grads))
+                return [next(grads) if wanted else None
+                        for wanted, rg in zip(recorded.wanted_mask, requires_grad) if rg]
+        pending = self._pending.pop(ticket, None) if ticket < 0 else None
+        if pending is None:  # (no forward to continue from: fn again, from the inputs)
+            device_type, enabled, dtype = autocast
+            leaves = tuple(t.detach().requires_grad_(rg) if t is not None and rg else t
+                           for t, rg in zip(inputs, requires_grad))
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                outs = fn(*leaves)
+            pending = (outs, [t for t, rg in zip(leaves, requires_grad) if rg])
+            self.recomputed += 1
+        outs, wanted = pending
+        given = [(o, g) for o, g in zip(outs, output_grads) if g is not None and o.requires_grad]
+        if not given:
+            return [None] * len(wanted)
+        return list(torch.autograd.grad([o for o, _ in given], wanted, [g for _, g in given], allow_unused=True))
 
     # A model copied (deepcopy: e.g. a reference model) or pickled gets its own, empty graphs.
     def __deepcopy__(self, memo):

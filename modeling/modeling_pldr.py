@@ -19,14 +19,18 @@ This file depends only on torch and transformers, so that it can travel with a s
 
 import functools
 import inspect
+import itertools
 import math
 import threading
+import weakref
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, StaticLayer
@@ -1355,12 +1359,18 @@ class PldrModel(PldrPreTrainedModel):
                                                      max_recordings=self.GRAPHED_STACK_RECORDINGS,
                                                      name="the decoder stack (forward only)",
                                                      lock=self._stack_graphs.lock)
+        self._stack_id, self._stack_arch = _register_stack(self)  # (how the compiled stack's operator finds it)
         self._static_cache_buffers = _StaticCacheBuffers()
         # the layers' decoding weight copies, in one buffer (see _DecodePack); used while armed, inside generate
         self._decode_pack = _DecodePack()
         self._decode_armed = False
         self._generate_calls = 0  # generate() calls running on this model, in any thread (see PldrForCausalLM.generate)
         self.post_init()
+
+    def __setstate__(self, state):
+        # (a copy - deepcopy, pickle - is a model of its own for the compiled stack's operator)
+        super().__setstate__(state)
+        self._stack_id, self._stack_arch = _register_stack(self)
 
     def _apply(self, fn, *args, **kwargs):
         # (.to(), .cpu(), .half(), ...: the static caches' kept buffers and the decoding weight copies would stay on the
@@ -1558,7 +1568,7 @@ class PldrModel(PldrPreTrainedModel):
         if self._decode_armed and not torch.is_grad_enabled():
             copies = self._decode_pack.sliced()  # (per layer: attention, FFN, LayerNorms)
         graphed = None
-        if (c.decoder_cuda_graphs and not torch.compiler.is_compiling() and groups is None and not attention_kwargs
+        if (c.decoder_cuda_graphs and groups is None and not attention_kwargs
                 and not (output_attentions or output_hidden_states) and self.past_G_values is None
                 and (fresh_input or _starts_empty(past_key_values))):
             stack_mask = causal_mask
@@ -1621,8 +1631,11 @@ class PldrModel(PldrPreTrainedModel):
         if _global_hooks() or self.gradient_checkpointing:
             return None
         params = []
+        compiling = torch.compiler.is_compiling()
         for layer in self.dec_layers:
             seen = set()
+            if compiling:  # (named_parameters: dynamo's own; id() would make it guard on each parameter's identity)
+                params.extend(p for _, p in layer.named_parameters())
             for module in layer.modules():
                 if (type(module) not in _GRAPHED_STACK_TYPES and type(module).__module__ not in _ACTIVATION_MODULES) or (
                         _has_hooks(module) or (isinstance(module, GradientCheckpointingLayer)
@@ -1630,8 +1643,8 @@ class PldrModel(PldrPreTrainedModel):
                     # (gradient_checkpointing only asked of the layers that have it: a missing attribute of a module
                     # costs an exception inside nn.Module.__getattr__, some 1 us each)
                     return None
-                for p in module._parameters.values():  # (as named_parameters: in order, once per layer)
-                    if p is not None and id(p) not in seen:
+                for p in () if compiling else module._parameters.values():  # (as named_parameters: in order, once
+                    if p is not None and id(p) not in seen:  # per layer)
                         seen.add(id(p))
                         params.append(p)
         return params
@@ -1649,8 +1662,9 @@ class PldrModel(PldrPreTrainedModel):
         the parameters are read where they are, so optimiser steps are seen; forwards without a backward have graphs
         of their own). The cache is then filled from the graph's keys, values and deductive tensors."""
         c = self.config
-        if (torch.compiler.is_compiling()
-                or not (self._stack_graphs.applies_to(hidden) or self._stack_forward_graphs.applies_to(hidden))
+        if torch.compiler.is_compiling():
+            return self._stack_operator(hidden, cos, sin, mask, token_mask, cache, output_pldr_attentions, use_g_cache)
+        if (not (self._stack_graphs.applies_to(hidden) or self._stack_forward_graphs.applies_to(hidden))
                 or hidden.numel() > self.GRAPHED_STACK_MAX_ELEMENTS or c._attn_implementation != "sdpa"
                 or (self.training and c.attention_dropout)):
             return None
@@ -1673,6 +1687,48 @@ class PldrModel(PldrPreTrainedModel):
                               extra_key=(want_cache, want_deductive), in_place=len(params))
         if outs is None:
             return None
+        return self._stack_results(outs, cache, want_cache, want_deductive, output_pldr_attentions, use_g_cache)
+
+    def _stack_operator(self, hidden, cos, sin, mask, token_mask, cache, output_pldr_attentions, use_g_cache):
+        """Under ``torch.compile``: the recorded stack as one opaque operator (``pldr::decoder_stack``, its backward
+        ``pldr::decoder_stack_backward``) in the compiled graph, where the recorded stack would be used in eager mode.
+        A small batch's compiled step is paced by the host's time for each kernel launch (some 30 launches a layer
+        forward and backward, even fused), and the recorded graphs launch the whole stack at once. Not while exporting
+        (the operator refers to this model object), with shapes that dynamo made dynamic (each length would be a
+        recording of its own, and past the recordings' limit the layers would run eagerly inside the operator), or
+        where the eager path would not use the graphs; dynamo guards on what decides it (shapes, the graphs'
+        ``disabled``), so a change retraces."""
+        c = self.config
+        if (_is_exporting() or not (hidden.is_cuda or DeductionGraphs.EMULATE_ON_CPU)
+                # (False for dynamic shapes: not known for every size)
+                or not statically_known_true(hidden.numel() <= self.GRAPHED_STACK_MAX_ELEMENTS)
+                or c._attn_implementation != "sdpa"
+                or (self.training and c.attention_dropout)):
+            return None
+        params = self._plain_stack_params()
+        if params is None:
+            return None
+        if callable(mask):
+            mask = mask()
+        tensors = [hidden, cos, sin, mask, token_mask, *params]
+        requires_grad = [t is not None and t.requires_grad for t in tensors]
+        grad = torch.is_grad_enabled() and any(requires_grad)
+        if (self._stack_graphs if grad else self._stack_forward_graphs).disabled is not None:
+            return None
+        want_cache = cache is not None
+        want_deductive = want_cache or bool(output_pldr_attentions)
+        device_type = hidden.device.type
+        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        outs = torch.ops.pldr.decoder_stack(self._stack_id, self._stack_arch, [grad, want_cache, want_deductive],
+                                            autocast_dtype,
+                                            [t is not None for t in tensors], requires_grad,
+                                            [t for t in tensors if t is not None])
+        return self._stack_results(outs[:-1], cache, want_cache, want_deductive, output_pldr_attentions,
+                                   use_g_cache)
+
+    def _stack_results(self, outs, cache, want_cache, want_deductive, output_pldr_attentions, use_g_cache):
+        """The recorded stack's outputs as the layers give them: the last hidden states and the deductive outputs;
+        the cache filled from the keys, values and deductive tensors."""
         layers = len(self.dec_layers)
         kv = outs[1:1 + 2 * layers] if want_cache else ()
         found = outs[1 + len(kv):]
@@ -1729,6 +1785,138 @@ class PldrModel(PldrPreTrainedModel):
         if position_ids is not None:
             return groups_from_position_ids(position_ids, token_mask, B), token_mask
         return None, token_mask
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (PyTorch >= 2.5)
+
+
+# -- the decoder stack's recorded graphs as operators, under torch.compile (PldrModel._stack_operator) ----------------
+# The operators find their model through its number (a CPU tensor input of the graph): the model's recorded graphs and
+# layers are not values an operator could take.
+_STACK_MODELS: "weakref.WeakValueDictionary[int, PldrModel]" = weakref.WeakValueDictionary()
+_STACK_ARCHES: "dict[int, weakref.WeakSet]" = {}
+_stack_ids = itertools.count(1)
+
+
+def _register_stack(model: "PldrModel") -> tuple[torch.Tensor, int]:
+    """The model's number, as a CPU tensor: an input of the compiled graph rather than a constant (dynamo guards on
+    an integer attribute's value: every model would compile its own graph, and past torch's limit of recompilations
+    run eagerly). And the number of its configuration, a constant of the graph: the operators' fake implementations
+    (shapes and dtypes while tracing, where the tensor has no value) run the layers of any model of that
+    configuration, on the given parameters."""
+    stack_id = next(_stack_ids)
+    _STACK_MODELS[stack_id] = model
+    arch = zlib.crc32(model.config.to_json_string().encode())
+    _STACK_ARCHES.setdefault(arch, weakref.WeakSet()).add(model)
+    return torch.tensor(stack_id, device="cpu"), arch  # (explicitly: from_pretrained builds models under a meta device)
+
+
+def _stack_inputs(present: list[bool], tensors) -> tuple:
+    """The recorded function's inputs: ``tensors`` (the operators' schema has no optional tensors in a list with
+    gradients) with None where ``present`` says."""
+    given = iter(tensors)
+    return tuple(next(given) if p else None for p in present)
+
+
+def _stack_call(stack_id: torch.Tensor | int, flags: list[bool], autocast_dtype, tensors):
+    """The model's graphs for this call, the recorded function, its key and autocast state. ``stack_id``: the model's
+    number, or (an int) its configuration's: then a model of that configuration."""
+    if isinstance(stack_id, int):
+        model = next(iter(_STACK_ARCHES.get(stack_id, ())), None)
+    else:
+        model = _STACK_MODELS.get(int(stack_id))
+    if model is None:
+        raise RuntimeError(f"pldr::decoder_stack: model {int(stack_id)} no longer exists (a compiled graph was called "
+                           "after the model it was compiled for was deleted)")
+    grad, want_cache, want_deductive = flags
+    graphs = model._stack_graphs if grad else model._stack_forward_graphs
+    device_type = tensors[0].device.type
+    autocast = (device_type, autocast_dtype is not None,
+                torch.get_autocast_dtype(device_type) if autocast_dtype is None else autocast_dtype)
+    return (graphs, functools.partial(model._stack_body, want_cache, want_deductive), (want_cache, want_deductive),
+            autocast)
+
+
+def _layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t with the strides of ``torch.empty_like(like)`` (what the fake implementations promise)."""
+    out = torch.empty_like(like)
+    return t if t.stride() == out.stride() else out.copy_(t)
+
+
+def _unaliased(outs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """outs, each one that shares memory with an input or an earlier output cloned (an operator's outputs must not
+    alias: autograd may pass an output's gradient on as an input's, e.g. through a residual connection)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    found = []
+    for o in outs:
+        if o.untyped_storage().data_ptr() in seen:
+            o = o.clone()
+        seen.add(o.untyped_storage().data_ptr())
+        found.append(o)
+    return found
+
+
+@torch.library.custom_op("pldr::decoder_stack", mutates_args=())
+def _decoder_stack_op(stack_id: torch.Tensor, arch: int, flags: list[bool], autocast_dtype: torch.dtype | None,
+                      present: list[bool], requires_grad: list[bool], tensors: list[torch.Tensor]
+                      ) -> list[torch.Tensor]:
+    """``flags``: whether a backward may follow, whether the cache's and the deductive tensors are wanted.
+    ``tensors``: hidden states, cos, sin, mask, token mask, the layers' parameters, leaving out those that are None
+    (``present``, per input). Returns the recorded stack's outputs (contiguous) and a ticket (a CPU integer) for the
+    backward."""
+    inputs = _stack_inputs(present, tensors)
+    graphs, fn, key, autocast = _stack_call(stack_id, flags, autocast_dtype, tensors)
+    outs, ticket = graphs.forward_for_operator(inputs, fn, key, len(inputs) - 5, flags[0], tuple(requires_grad),
+                                               autocast)
+    return _unaliased([o.contiguous() for o in outs], tensors) + [torch.tensor(ticket, device="cpu")]
+
+
+@_decoder_stack_op.register_fake
+def _decoder_stack_fake(stack_id, arch, flags, autocast_dtype, present, requires_grad, tensors):
+    _, fn, _, (device_type, enabled, dtype) = _stack_call(arch, flags, autocast_dtype, tensors)
+    with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        outs = fn(*_stack_inputs(present, tensors))
+    return ([torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outs]
+            + [torch.empty((), dtype=torch.long, device="cpu")])
+
+
+@torch.library.custom_op("pldr::decoder_stack_backward", mutates_args=())
+def _decoder_stack_backward_op(stack_id: torch.Tensor, arch: int, flags: list[bool],
+                               autocast_dtype: torch.dtype | None, present: list[bool], requires_grad: list[bool],
+                               ticket: torch.Tensor, tensors: list[torch.Tensor],
+                               output_grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The gradients of the inputs that want one (``requires_grad``), in order."""
+    inputs = _stack_inputs(present, tensors)
+    graphs, fn, key, autocast = _stack_call(stack_id, flags, autocast_dtype, tensors)
+    grads = graphs.backward_for_operator(inputs, list(output_grads), int(ticket), fn, key, len(inputs) - 5,
+                                         tuple(requires_grad), autocast)
+    wanted = [t for t, rg in zip(inputs, requires_grad) if rg]
+    return _unaliased([torch.zeros_like(t) if g is None else _layout_of(g, t) for g, t in zip(grads, wanted)],
+                      [*tensors, *(g for g in output_grads if g is not None)])
+
+
+@_decoder_stack_backward_op.register_fake
+def _decoder_stack_backward_fake(stack_id, arch, flags, autocast_dtype, present, requires_grad, ticket, tensors,
+                                 output_grads):
+    return [torch.empty_like(t) for t, rg in zip(_stack_inputs(present, tensors), requires_grad) if rg]
+
+
+def _decoder_stack_setup(ctx, inputs, output):
+    stack_id, arch, flags, autocast_dtype, present, requires_grad, tensors = inputs
+    ctx.args = (arch, flags, autocast_dtype, present, requires_grad)
+    ctx.save_for_backward(stack_id, output[-1], *tensors)
+
+
+def _decoder_stack_grad(ctx, output_grads):
+    stack_id, ticket, *tensors = ctx.saved_tensors
+    present, requires_grad = ctx.args[3:]
+    found = iter(torch.ops.pldr.decoder_stack_backward(stack_id, *ctx.args, ticket, tensors,
+                                                       list(output_grads[:-1])))
+    grads = [next(found) if rg else None for rg in requires_grad]
+    return None, None, None, None, None, None, [g for g, p in zip(grads, present) if p]
+
+
+_decoder_stack_op.register_autograd(_decoder_stack_grad, setup_context=_decoder_stack_setup)
 
 
 def _starts_empty(cache: Cache | None) -> bool:
