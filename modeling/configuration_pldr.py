@@ -46,14 +46,16 @@ class PldrConfig(PreTrainedConfig):
             batches. ``False`` runs it operator by operator. Not used under ``torch.compile``, with gradient
             checkpointing, with adapters or hooks on the deduction's modules, or where the metric learner runs on
             cuBLAS rather than its Triton kernels (float32 without autocast).
-        decoder_cuda_graphs: In eager mode on CUDA with small batches (at most ``PldrModel.
-            GRAPHED_STACK_MAX_ELEMENTS`` hidden-state elements, 4 x 1024 tokens at 896 wide), run the whole decoder
-            stack, forward and (in training) backward, as recorded CUDA graphs once a batch shape recurs: the same
-            kernels and numbers, with the host (CPU) time of a few calls instead of every operator's. Training steps,
+        decoder_cuda_graphs: On CUDA with small batches (at most ``PldrModel.GRAPHED_STACK_MAX_ELEMENTS``
+            hidden-state elements, 4 x 1024 tokens at 896 wide), run the whole decoder stack, forward and (in
+            training) backward, as recorded CUDA graphs once a batch shape recurs: the same kernels and numbers, with
+            the host (CPU) time of a few calls instead of every operator's. Training steps,
             evaluation forwards and ``generate()``'s prompt forward. ``False`` runs the layers operator by operator.
             Only with SDPA attention without dropout, no cache to continue from (none, or an empty dynamic or static
             one), no packed rows, no hidden states or attention weights asked for, and plain modules without hooks (no
-            adapters, gradient checkpointing, FSDP); not under ``torch.compile``.
+            adapters, gradient checkpointing, FSDP). Under ``torch.compile`` the same recorded stack is one operator
+            of the compiled graph (``pldr::decoder_stack``) where these hold, except with dynamic shapes and while
+            exporting; ``False`` lets inductor compile the layers themselves.
         output_pldr_attentions: Return the deductive outputs (A, A_LM, exponents, G_LM...) of every layer.
         attention_dropout: Dropout on the attention probabilities.
         initializer_range: Kept for compatibility with the published configs (the original's init is used).

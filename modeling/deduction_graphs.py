@@ -33,6 +33,11 @@ operators one by one, so the results are the same bit for bit.
   the config. A key is not recorded inside a backward pass, and a failed recording
   turns the layer's graphs off with a warning.
 
+* An operator with an autograd formula of its own (the decoder stack under ``torch.compile``: an opaque custom
+  operator, whose implementation runs below autograd) uses :meth:`DeductionGraphs.forward_for_operator` and
+  :meth:`DeductionGraphs.backward_for_operator` instead of :meth:`DeductionGraphs.run`: the same keys and graphs, a
+  ticket from the forward to its backward in place of an autograd node.
+
 Threads: one call at a time per :class:`DeductionGraphs` (a lock around recording, replay and the copies in and
 out, also a replayed backward); a forward replay without gradients also orders itself after the last one's copies out
 on the GPU (an event), for callers on other CUDA streams. So threads that share a model (a server's concurrent
