@@ -53,9 +53,13 @@ class PldrConfig(PreTrainedConfig):
             evaluation forwards and ``generate()``'s prompt forward. ``False`` runs the layers operator by operator.
             Only with SDPA attention without dropout, no cache to continue from (none, or an empty dynamic or static
             one), no packed rows, no hidden states or attention weights asked for, and plain modules without hooks (no
-            adapters, gradient checkpointing, FSDP). Under ``torch.compile`` the same recorded stack is one operator
-            of the compiled graph (``pldr::decoder_stack``) where these hold, except with dynamic shapes and while
-            exporting; ``False`` lets inductor compile the layers themselves.
+            adapters, gradient checkpointing, FSDP). Under ``torch.compile`` see ``decoder_graphs_under_compile``.
+        decoder_graphs_under_compile: Under ``torch.compile``, run the recorded decoder stack of
+            ``decoder_cuda_graphs`` (where it applies; not with dynamic shapes nor while exporting) as one operator of
+            the compiled graph (``pldr::decoder_stack`` and its backward) instead of letting inductor compile the
+            layers: the whole stack is then a few launches, where a small batch's compiled step is paced by the host's
+            launches of every kernel. Off by default until measured on a GPU (tested on CPU, where the graphs are
+            emulated).
         output_pldr_attentions: Return the deductive outputs (A, A_LM, exponents, G_LM...) of every layer.
         attention_dropout: Dropout on the attention probabilities.
         initializer_range: Kept for compatibility with the published configs (the original's init is used).
@@ -94,6 +98,7 @@ class PldrConfig(PreTrainedConfig):
     use_g_cache: bool = True
     deduction_cuda_graphs: bool = True
     decoder_cuda_graphs: bool = True
+    decoder_graphs_under_compile: bool = False
     output_pldr_attentions: bool = False
 
     def __post_init__(self, **kwargs):

@@ -1690,8 +1690,9 @@ class PldrModel(PldrPreTrainedModel):
         return self._stack_results(outs, cache, want_cache, want_deductive, output_pldr_attentions, use_g_cache)
 
     def _stack_operator(self, hidden, cos, sin, mask, token_mask, cache, output_pldr_attentions, use_g_cache):
-        """Under ``torch.compile``: the recorded stack as one opaque operator (``pldr::decoder_stack``, its backward
-        ``pldr::decoder_stack_backward``) in the compiled graph, where the recorded stack would be used in eager mode.
+        """Under ``torch.compile``, with ``config.decoder_graphs_under_compile``: the recorded stack as one opaque
+        operator (``pldr::decoder_stack``, its backward ``pldr::decoder_stack_backward``) in the compiled graph, where
+        the recorded stack would be used in eager mode.
         A small batch's compiled step is paced by the host's time for each kernel launch (some 30 launches a layer
         forward and backward, even fused), and the recorded graphs launch the whole stack at once. Not while exporting
         (the operator refers to this model object), with shapes that dynamo made dynamic (each length would be a
@@ -1699,7 +1700,8 @@ class PldrModel(PldrPreTrainedModel):
         where the eager path would not use the graphs; dynamo guards on what decides it (shapes, the graphs'
         ``disabled``), so a change retraces."""
         c = self.config
-        if (_is_exporting() or not (hidden.is_cuda or DeductionGraphs.EMULATE_ON_CPU)
+        if (not c.decoder_graphs_under_compile or _is_exporting()
+                or not (hidden.is_cuda or DeductionGraphs.EMULATE_ON_CPU)
                 # (False for dynamic shapes: not known for every size)
                 or not statically_known_true(hidden.numel() <= self.GRAPHED_STACK_MAX_ELEMENTS)
                 or c._attn_implementation != "sdpa"

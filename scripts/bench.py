@@ -21,7 +21,9 @@ fp32``: without) on random token ids. Models, built in the same process:
 * ``pldr_no_graphs`` and ``pldr_no_stack_graphs`` (only when named in ``--models``): PLDR-LLM without recorded CUDA
   graphs in eager mode (``deduction_cuda_graphs=False``, ``decoder_cuda_graphs=False``), and with its layers'
   deductions recorded but not the whole decoder stack (``decoder_cuda_graphs=False``), to see what the graphs gain
-  (the same model under compile).
+  (the same model under compile). ``pldr_graphs_under_compile`` (also only when named): ``decoder_graphs_under_compile``
+  on, the recorded decoder stack as one operator under ``torch.compile`` (small batches); the summary gives each
+  variant's ratio to the best Llama too.
 
 With ``--packed_mean_doc_len``, every row packs documents of random (exponential) length with position ids restarting
 at each (as DataCollatorWithFlattening or document-masked pretraining give them; a new layout every step, from a pool
@@ -82,7 +84,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import pldr_hf  # noqa: E402,F401  (registers the model)
 from pldr_hf import PldrConfig, PldrForCausalLM  # noqa: E402
 
-MODELS = ("pldr", "llama_same_ffn", "llama_aligned", "pldr_no_graphs", "pldr_no_stack_graphs")
+MODELS = ("pldr", "llama_same_ffn", "llama_aligned", "pldr_no_graphs", "pldr_no_stack_graphs",
+          "pldr_graphs_under_compile")
 DEFAULT_MODELS = MODELS[:3]
 MODES = ("eager", "compile")
 
@@ -157,8 +160,11 @@ def model_configs(tiny: bool, seq_len: int, host_proxy: bool = False) -> dict:
     align = 8 if tiny or host_proxy else 64
     no_graphs, no_stack_graphs = copy.deepcopy(pldr), copy.deepcopy(pldr)
     no_graphs.deduction_cuda_graphs = no_graphs.decoder_cuda_graphs = no_stack_graphs.decoder_cuda_graphs = False
+    under_compile = copy.deepcopy(pldr)
+    under_compile.decoder_graphs_under_compile = True  # (the recorded stack as one operator under torch.compile)
     configs = {"pldr": (PldrForCausalLM, pldr), "pldr_no_graphs": (PldrForCausalLM, no_graphs),
-               "pldr_no_stack_graphs": (PldrForCausalLM, no_stack_graphs)}
+               "pldr_no_stack_graphs": (PldrForCausalLM, no_stack_graphs),
+               "pldr_graphs_under_compile": (PldrForCausalLM, under_compile)}
     for name, ffn in (("llama_same_ffn", pldr.intermediate_size),
                       ("llama_aligned", math.ceil(pldr.intermediate_size / align) * align)):
         configs[name] = (LlamaForCausalLM, LlamaConfig(
@@ -456,6 +462,11 @@ def summarise(runs: list[dict]) -> list[dict]:
         row["pldr_vs_best_llama_by_round"] = round(statistics.median(by_round), 3)
         for r in llamas:
             row[f"pldr_vs_{r['model']}"] = round(pldr["tokens_per_s"] / r["tokens_per_s"], 3)
+        for r in group:  # (PLDR-LLM's variants named in --models, against the same Llama)
+            if r["model"].startswith("pldr_"):
+                row[f"{r['model']}_vs_best_llama"] = round(r["tokens_per_s"] / best["tokens_per_s"], 3)
+                row[f"{r['model']}_vs_best_llama_by_round"] = round(statistics.median(
+                    b / p for p, b in zip(r["round_step_ms"], best["round_step_ms"])), 3)
         if "peak_mem_GiB" in pldr:
             row["pldr_peak_mem_GiB"] = pldr["peak_mem_GiB"]
             row["best_llama_peak_mem_GiB"] = best["peak_mem_GiB"]

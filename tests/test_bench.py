@@ -151,6 +151,21 @@ def test_bench_train_without_a_cache_as_trainer_runs_it(bench):
     assert all(r["final_loss"] > 0 for r in res["runs"])
 
 
+def test_bench_train_reports_pldr_variants_against_the_same_llama(bench):
+    # a variant named in --models (here the recorded stack as one operator under torch.compile) gets its own ratios
+    configs = bench.model_configs(True, 32)
+    assert configs["pldr_graphs_under_compile"][1].decoder_graphs_under_compile
+    assert not configs["pldr"][1].decoder_graphs_under_compile
+    res = bench.main(["--tiny", "--device", "cpu", "--modes", "eager", "--models",
+                      "pldr,pldr_graphs_under_compile,llama_aligned", "--steps", "1", "--rounds", "2", "--warmup", "0",
+                      "--batch_size", "1", "--seq_len", "16"])
+    tps = {r["model"]: r["tokens_per_s"] for r in res["runs"]}
+    (row,) = res["summary"]
+    assert row["pldr_graphs_under_compile_vs_best_llama"] == pytest.approx(
+        tps["pldr_graphs_under_compile"] / tps["llama_aligned"], abs=1e-3)
+    assert row["pldr_graphs_under_compile_vs_best_llama_by_round"] > 0
+
+
 def test_bench_train_packed_rows(bench, capsys):
     pos = bench.packed_position_ids(3, 40, 6, seed=0, device="cpu")
     assert pos.shape == (3, 40) and (pos == 0).sum() > 3  # several documents a row

@@ -389,7 +389,7 @@ def test_compiled_model_runs_the_recorded_stack_as_one_operator(emulated, fresh_
     it (with autograd, kept for their backward), the third records, the rest replay; losses and gradients are those
     of the model without graphs, also with a cache returned (the bench's and the config's default) and with a
     padding mask; a compiled forward without gradients uses the forward-only graphs."""
-    on, off = pair(20)
+    on, off = pair(20, decoder_graphs_under_compile=True)
     compiled, found = operator_calls(on, backend)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :3] = 0
@@ -426,7 +426,7 @@ def test_compiled_two_forwards_before_their_backwards(emulated, fresh_dynamo):
     """Two compiled forwards of one shape before their backwards (the second overwrites the graphs' saved
     activations of the first): the first's forward is replayed again for its backward; the gradients are those of the
     layers. (A second backward with retain_graph is refused by AOTAutograd itself: donated buffers.)"""
-    on, off = pair(21)
+    on, off = pair(21, decoder_graphs_under_compile=True)
     compiled, _ = operator_calls(on, "aot_eager")
     x, y = ids(220, (2, 8)), ids(221, (2, 8))
     for model in (compiled, off):
@@ -446,7 +446,7 @@ def test_compiled_backward_without_a_kept_forward_recomputes(emulated, fresh_dyn
     """More forwards than the graphs keep before their backwards (before the recording): the oldest one's backward
     runs the layers again from its inputs, with the same gradients."""
     monkeypatch.setattr(mp.DeductionGraphs, "PENDING", 1)
-    on, off = pair(22)
+    on, off = pair(22, decoder_graphs_under_compile=True)
     compiled, _ = operator_calls(on, "aot_eager")
     x, y = ids(230, (2, 8)), ids(231, (2, 9))
     for model in (compiled, off):
@@ -457,11 +457,12 @@ def test_compiled_backward_without_a_kept_forward_recomputes(emulated, fresh_dyn
     assert stack(on).recomputed == 1 and stack(on).replays == 0
 
 
-@pytest.mark.parametrize("case", ["dynamic", "config_off", "large", "copy"])
+@pytest.mark.parametrize("case", ["default", "dynamic", "config_off", "large", "copy"])
 def test_compiled_stack_operator_left_out_or_per_model(emulated, fresh_dynamo, monkeypatch, case):
-    """Dynamic shapes, the config's switch and large batches compile the layers themselves (no operator); a copy of
-    the model (deepcopy, as a reference model is made) runs its own graphs."""
-    on, off = pair(23)
+    """The config's default (``decoder_graphs_under_compile`` off), dynamic shapes, ``decoder_cuda_graphs`` off and
+    large batches compile the layers themselves (no operator); a copy of the model (deepcopy, as a reference model is
+    made) runs its own graphs."""
+    on, off = pair(23, decoder_graphs_under_compile=case != "default")
     if case == "config_off":
         on.config.decoder_cuda_graphs = False
     if case == "large":
@@ -575,7 +576,7 @@ def test_cuda_compiled_training_through_the_stack_operator():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     on, off = pair(12, device="cuda", hidden_size=128, num_attention_heads=2, head_dim=64, intermediate_size=170,
-                   A_dff=170)
+                   A_dff=170, decoder_graphs_under_compile=True)
     models = [torch.compile(m, fullgraph=True) for m in (on, off)]
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (on, off)]
     with sdpa_kernel(SDPBackend.MATH):
