@@ -422,6 +422,27 @@ def test_compiled_model_runs_the_recorded_stack_as_one_operator(emulated, fresh_
     assert forward_stack(on).replays == 2
 
 
+def test_compiled_stack_operator_under_inductor(emulated, fresh_dynamo):
+    """Inductor's own lowering of the operators (an extern kernel with a list of outputs and a CPU ticket): the
+    operator is in the graph, records and replays, and losses and gradients agree with the model without graphs to
+    inductor's rounding on CPU (its other parts are inductor's C++ kernels: 3e-3 relative measured, the same with the
+    layers compiled by inductor instead; a wrong or stale buffer would be of order 1)."""
+    on, off = pair(24, decoder_graphs_under_compile=True)
+    compiled, found = operator_calls(on, "inductor")
+    for step in range(5):
+        x = ids(250 + step % 2, (2, 12))
+        on.zero_grad()
+        off.zero_grad()
+        losses = [m(x, labels=x, use_cache=step == 4).loss for m in (compiled, off)]
+        for loss in losses:
+            loss.backward()
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+        for (name, p), q in zip(on.named_parameters(), off.parameters()):
+            err = ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
+            assert err < 2e-2, (step, name, err)
+    assert found == [1, 1] and stack(on).recorded_keys == 1 and stack(on).replays == 2
+
+
 def test_compiled_two_forwards_before_their_backwards(emulated, fresh_dynamo):
     """Two compiled forwards of one shape before their backwards (the second overwrites the graphs' saved
     activations of the first): the first's forward is replayed again for its backward; the gradients are those of the
