@@ -1822,14 +1822,18 @@ def _stack_inputs(present: list[bool], tensors) -> tuple:
 
 def _stack_call(stack_id: torch.Tensor | int, flags: list[bool], autocast_dtype, tensors):
     """The model's graphs for this call, the recorded function, its key and autocast state. ``stack_id``: the model's
-    number, or (an int) its configuration's: then a model of that configuration."""
+    number, or (an int, while tracing) its configuration's: then a model of that configuration with the parameters'
+    layout."""
     if isinstance(stack_id, int):
-        model = next(iter(_STACK_ARCHES.get(stack_id, ())), None)
+        model = next((m for m in list(_STACK_ARCHES.get(stack_id, ())) if _lays_out(m, tensors)), None)
+        if model is None:
+            raise RuntimeError(f"pldr::decoder_stack: no model of configuration {stack_id} with these parameters' "
+                               "shapes exists (traced after the model was deleted?)")
     else:
         model = _STACK_MODELS.get(int(stack_id))
-    if model is None:
-        raise RuntimeError(f"pldr::decoder_stack: model {int(stack_id)} no longer exists (a compiled graph was called "
-                           "after the model it was compiled for was deleted)")
+        if model is None:
+            raise RuntimeError(f"pldr::decoder_stack: model {int(stack_id)} no longer exists (a compiled graph was "
+                               "called after the model it was compiled for was deleted)")
     grad, want_cache, want_deductive = flags
     graphs = model._stack_graphs if grad else model._stack_forward_graphs
     device_type = tensors[0].device.type
@@ -1837,6 +1841,14 @@ def _stack_call(stack_id: torch.Tensor | int, flags: list[bool], autocast_dtype,
                 torch.get_autocast_dtype(device_type) if autocast_dtype is None else autocast_dtype)
     return (graphs, functools.partial(model._stack_body, want_cache, want_deductive), (want_cache, want_deductive),
             autocast)
+
+
+def _lays_out(model: "PldrModel", tensors) -> bool:
+    """Whether the model's layers have parameters of the shapes of ``tensors``' last ones, in order (two models of one
+    configuration differ where one's metric learners are modules: ``use_metric_learner_modules``)."""
+    shapes = [p.shape for layer in model.dec_layers for _, p in layer.named_parameters()]
+    return 3 <= len(tensors) - len(shapes) <= 5 and all(
+        s == t.shape for s, t in zip(shapes, tensors[len(tensors) - len(shapes):]))
 
 
 def _layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

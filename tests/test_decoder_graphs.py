@@ -510,6 +510,30 @@ def test_compiled_stack_operator_left_out_or_per_model(emulated, fresh_dynamo, m
         assert sum(counted) == 0 and stack(on).replays == 0 and stack(on).recordings == 0
 
 
+def test_compiled_stack_operator_models_of_one_configuration_with_other_parameters(emulated, fresh_dynamo):
+    """Two models of one configuration, one with its metric learners as modules (``use_metric_learner_modules``:
+    other parameters), each compiled: each graph's operator is traced (its fake implementation) and run with its own
+    model's layers; losses and the embeddings' gradients (through the whole stack) are those of the layers."""
+    on, off = pair(26, decoder_graphs_under_compile=True)
+    units = copy.deepcopy(on).use_metric_learner_modules()
+    assert len(list(units.parameters())) != len(list(on.parameters()))
+    compiled = [operator_calls(m, "aot_eager") for m in (on, units)]
+    for step in range(4):
+        x = ids(260 + step, (2, 8))
+        off.zero_grad()
+        want = off(x, labels=x, use_cache=False).loss
+        want.backward()
+        for model, (fn, _) in zip((on, units), compiled):
+            model.zero_grad()
+            loss = fn(x, labels=x, use_cache=False).loss
+            loss.backward()
+            torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+            torch.testing.assert_close(model.get_input_embeddings().weight.grad, off.get_input_embeddings().weight.grad,
+                                       rtol=1e-5, atol=1e-6)
+    assert [found for _, found in compiled] == [[1], [1]]
+    assert stack(on).replays == 2 and stack(units).replays == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
 def test_cuda_recorded_stack_trains_as_the_layers_do():
     """Real graphs: the forward replays the same kernels (the recording step's loss is bit-identical); the backward's
