@@ -1870,7 +1870,14 @@ def _unaliased(outs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[tor
     return found
 
 
-@torch.library.custom_op("pldr::decoder_stack", mutates_args=())
+# Inductor's CUDA graphs (mode="reduce-overhead", "max-autotune") leave the operators out (their own graphs replay or
+# record inside; inside another capture they could only run the layers, and the backward would recompute the forward).
+_OUTSIDE_CUDA_GRAPHS = ({"tags": (torch._C.Tag.cudagraph_unsafe,)} if hasattr(torch._C.Tag, "cudagraph_unsafe")
+                        and "tags" in inspect.signature(torch.library.custom_op).parameters
+                        else {})  # (PyTorch >= 2.8; before, inductor skips CUDA graphs for a graph with CPU tensors)
+
+
+@torch.library.custom_op("pldr::decoder_stack", mutates_args=(), **_OUTSIDE_CUDA_GRAPHS)
 def _decoder_stack_op(stack_id: torch.Tensor, arch: int, flags: list[bool], autocast_dtype: torch.dtype | None,
                       present: list[bool], requires_grad: list[bool], tensors: list[torch.Tensor]
                       ) -> list[torch.Tensor]:
@@ -1894,7 +1901,7 @@ def _decoder_stack_fake(stack_id, arch, flags, autocast_dtype, present, requires
             + [torch.empty((), dtype=torch.long, device="cpu")])
 
 
-@torch.library.custom_op("pldr::decoder_stack_backward", mutates_args=())
+@torch.library.custom_op("pldr::decoder_stack_backward", mutates_args=(), **_OUTSIDE_CUDA_GRAPHS)
 def _decoder_stack_backward_op(stack_id: torch.Tensor, arch: int, flags: list[bool],
                                autocast_dtype: torch.dtype | None, present: list[bool], requires_grad: list[bool],
                                ticket: torch.Tensor, tensors: list[torch.Tensor],

@@ -443,6 +443,31 @@ def test_compiled_stack_operator_under_inductor(emulated, fresh_dynamo):
     assert found == [1, 1] and stack(on).recorded_keys == 1 and stack(on).replays == 2
 
 
+@pytest.mark.skipif(not hasattr(torch._C.Tag, "cudagraph_unsafe"), reason="PyTorch < 2.8: no graph partitions")
+def test_compiled_stack_operators_stay_out_of_inductors_cuda_graphs(emulated, fresh_dynamo):
+    """Inductor's CUDA graphs (mode="reduce-overhead" or "max-autotune") split the compiled graph around the forward
+    and backward operators, by inductor's own test of a node (in a capture they could only run the layers, and the
+    backward would recompute the forward); the other operators of the graphs stay in."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.utils import is_cudagraph_unsafe_fx_node
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    on, _ = pair(27, decoder_graphs_under_compile=True)
+    compiled = torch.compile(on, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    x = ids(270, (2, 8))
+    compiled(x, labels=x, use_cache=False).loss.backward()
+    stack_ops = (torch.ops.pldr.decoder_stack.default, torch.ops.pldr.decoder_stack_backward.default)
+    unsafe = [[str(n.target) for n in gm.graph.nodes if n.op == "call_function" and is_cudagraph_unsafe_fx_node(n)]
+              for gm in graphs]
+    assert unsafe == [[str(stack_ops[0])], [str(stack_ops[1])]]
+
+
 def test_compiled_two_forwards_before_their_backwards(emulated, fresh_dynamo):
     """Two compiled forwards of one shape before their backwards (the second overwrites the graphs' saved
     activations of the first): the first's forward is replayed again for its backward; the gradients are those of the
@@ -614,15 +639,18 @@ def test_cuda_prefills_through_the_recorded_stack():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
-def test_cuda_compiled_training_through_the_stack_operator():
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_compiled_training_through_the_stack_operator(mode):
     """Under torch.compile (inductor) the recorded stack is one operator of the compiled graph: training steps agree
     with the same model compiled without graphs (inductor's own kernels for the layers: bf16 rounding apart), the
-    graphs are recorded once and replayed, and a compiled forward without gradients uses the forward-only graphs."""
+    graphs are recorded once and replayed, and a compiled forward without gradients uses the forward-only graphs.
+    Also with inductor's CUDA graphs around the operator (reduce-overhead)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    torch._dynamo.reset()
     on, off = pair(12, device="cuda", hidden_size=128, num_attention_heads=2, head_dim=64, intermediate_size=170,
                    A_dff=170, decoder_graphs_under_compile=True)
-    models = [torch.compile(m, fullgraph=True) for m in (on, off)]
+    models = [torch.compile(m, fullgraph=True, mode=mode) for m in (on, off)]
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (on, off)]
     with sdpa_kernel(SDPBackend.MATH):
         for step in range(6):
@@ -630,10 +658,11 @@ def test_cuda_compiled_training_through_the_stack_operator():
             losses = []
             for model, opt in zip(models, opts):
                 opt.zero_grad()
+                torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = model(x, labels=x, use_cache=False).loss
                 loss.backward()
-                losses.append(loss.detach())
+                losses.append(loss.detach().clone())  # (inductor's CUDA graphs reuse their outputs' memory)
                 opt.step()
             assert torch.allclose(losses[0], losses[1], rtol=2e-3 if step <= 2 else 5e-3), (step, losses)
         assert stack(on).disabled is None and stack(on).recorded_keys == 1 and stack(on).replays == 4
@@ -641,7 +670,8 @@ def test_cuda_compiled_training_through_the_stack_operator():
             model.eval()
         x = ids(140, (2, 64), "cuda")
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = [[m(x).logits.float() for _ in range(4)] for m in models]
+            logits = [[m(x).logits.float().clone() for _ in range(4)] for m in models]
+    torch._dynamo.reset()
     for a, b in zip(*logits):
         assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)
     assert forward_stack(on).replays == 2 and forward_stack(on).disabled is None
