@@ -465,19 +465,26 @@ class DeductionGraphs:
                     return list(self._replay_without_grad(recorded, inputs)), 0
                 ticket = recorded.replay_forward(inputs)
                 return _copies(recorded.outputs), ticket
-            device_type, enabled, dtype = autocast
             if not grad or capturing:
+                device_type, enabled, dtype = autocast
                 with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
                     return list(fn(*inputs)), 0
-            leaves = tuple(t.detach().requires_grad_(rg) if t is not None and rg else t
-                           for t, rg in zip(inputs, requires_grad))
-            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                outs = fn(*leaves)
             ticket = -next(_forward_ids)
-            self._pending[ticket] = (outs, [t for t, rg in zip(leaves, requires_grad) if rg])
+            outs, leaves = self._with_autograd(fn, inputs, requires_grad, autocast)
+            self._pending[ticket] = outs, leaves
             while len(self._pending) > self.PENDING:  # (forwards whose backward never came: their backward recomputes)
                 self._pending.popitem(last=False)
             return [o.detach() for o in outs], ticket
+
+    @staticmethod
+    def _with_autograd(fn: Callable, inputs: tuple, requires_grad: tuple, autocast: tuple) -> tuple[tuple, list]:
+        """fn's outputs with autograd, on new leaves of the inputs that want a gradient; and those leaves."""
+        device_type, enabled, dtype = autocast
+        leaves = tuple(t.detach().requires_grad_(rg) if t is not None and rg else t
+                       for t, rg in zip(inputs, requires_grad))
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            outs = fn(*leaves)
+        return outs, [t for t, rg in zip(leaves, requires_grad) if rg]
 
     def backward_for_operator(self, inputs: tuple, output_grads: list, ticket: int, fn: Callable, extra_key: tuple,
                               in_place: int, requires_grad: tuple, autocast: tuple) -> list:
@@ -500,12 +507,7 @@ class DeductionGraphs:
                         for wanted, rg in zip(recorded.wanted_mask, requires_grad) if rg]
         pending = self._pending.pop(ticket, None) if ticket < 0 else None
         if pending is None:  # (no forward to continue from: fn again, from the inputs)
-            device_type, enabled, dtype = autocast
-            leaves = tuple(t.detach().requires_grad_(rg) if t is not None and rg else t
-                           for t, rg in zip(inputs, requires_grad))
-            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                outs = fn(*leaves)
-            pending = (outs, [t for t, rg in zip(leaves, requires_grad) if rg])
+            pending = self._with_autograd(fn, inputs, requires_grad, autocast)
             self.recomputed += 1
         outs, wanted = pending
         given = [(o, g) for o, g in zip(outs, output_grads) if g is not None and o.requires_grad]

@@ -454,19 +454,17 @@ def summarise(runs: list[dict]) -> list[dict]:
             continue
         best = max(llamas, key=lambda r: r["tokens_per_s"])
         row = {"shape": f"{b}x{s}", "mode": mode, "pldr_tokens_per_s": pldr["tokens_per_s"],
-               "best_llama": best["model"], "best_llama_tokens_per_s": best["tokens_per_s"],
-               "pldr_vs_best_llama": round(pldr["tokens_per_s"] / best["tokens_per_s"], 3)}
-        # Round by round: each round times every model once, close together, so the host's slower drift cancels in
-        # that round's ratio (the best rounds of two models may come from different phases of the host).
-        by_round = [b / p for p, b in zip(pldr["round_step_ms"], best["round_step_ms"])]
-        row["pldr_vs_best_llama_by_round"] = round(statistics.median(by_round), 3)
+               "best_llama": best["model"], "best_llama_tokens_per_s": best["tokens_per_s"]}
+        for r in group:  # PLDR-LLM and its variants named in --models, against the same Llama
+            if r["model"] == "pldr" or r["model"].startswith("pldr_"):
+                row[f"{r['model']}_vs_best_llama"] = round(r["tokens_per_s"] / best["tokens_per_s"], 3)
+                # Round by round: each round times every model once, close together, so the host's slower drift
+                # cancels in that round's ratio (the best rounds of two models may come from different phases of the
+                # host).
+                row[f"{r['model']}_vs_best_llama_by_round"] = round(statistics.median(
+                    llama_ms / ms for ms, llama_ms in zip(r["round_step_ms"], best["round_step_ms"])), 3)
         for r in llamas:
             row[f"pldr_vs_{r['model']}"] = round(pldr["tokens_per_s"] / r["tokens_per_s"], 3)
-        for r in group:  # (PLDR-LLM's variants named in --models, against the same Llama)
-            if r["model"].startswith("pldr_"):
-                row[f"{r['model']}_vs_best_llama"] = round(r["tokens_per_s"] / best["tokens_per_s"], 3)
-                row[f"{r['model']}_vs_best_llama_by_round"] = round(statistics.median(
-                    b / p for p, b in zip(r["round_step_ms"], best["round_step_ms"])), 3)
         if "peak_mem_GiB" in pldr:
             row["pldr_peak_mem_GiB"] = pldr["peak_mem_GiB"]
             row["best_llama_peak_mem_GiB"] = best["peak_mem_GiB"]
