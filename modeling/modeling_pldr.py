@@ -1986,8 +1986,12 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.decoder = PldrModel(config)
         self.final_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=config.final_bias)
-        self._mask_positions = {}  # (create_masks_for_generate: key positions per device and static cache length)
+        self._mask_positions = {}  # (create_masks_for_generate: key positions 0, 1, ... per device, the longest asked)
         self.post_init()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._mask_positions.clear()  # (.to(), .cpu(), ...: the positions would keep the old device's memory)
+        return super()._apply(fn, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.decoder.embedding
@@ -2060,9 +2064,11 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
             return masking_utils.create_masks_for_generate(config=config, inputs_embeds=inputs_embeds,
                                                            attention_mask=attention_mask, **kwargs)
         device = inputs_embeds.device
-        positions = self._mask_positions.get((device, kv_length))
-        if positions is None:
-            positions = self._mask_positions[(device, kv_length)] = torch.arange(kv_length, device=device)
+        positions = self._mask_positions.get(device)
+        if positions is None or positions.shape[0] < kv_length:  # (one per device: cache lengths come and go)
+            positions = self._mask_positions[device] = torch.arange(kv_length, device=device)
+        if positions.shape[0] != kv_length:
+            positions = positions[:kv_length]
         visible = positions <= cache.get_seq_length(0)  # (the length: a tensor on the device, read without a sync)
         if attention_mask is None:  # (transformers >= 5.25 drops a mask of ones before generating)
             return visible.expand(inputs_embeds.shape[0], 1, 1, kv_length).contiguous()

@@ -355,8 +355,12 @@ def test_static_cache_decoding_masks_equal_transformers_masks(monkeypatch, attn,
     with torch.no_grad():
         out = m.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False,
                          cache_implementation="static")
-    assert steps == [6] + [1] * (N - 1)
-    assert delegated == ([6] if attn == "sdpa" else steps)
+        # (then a shorter static cache: the positions kept from the longer one serve it)
+        m.generate(ids, attention_mask=mask, max_new_tokens=N - 4, min_new_tokens=N - 4, do_sample=False,
+                   cache_implementation="static")
+    assert steps == [6] + [1] * (N - 1) + [6] + [1] * (N - 5)
+    assert delegated == ([6, 6] if attn == "sdpa" else steps)
+    assert len(m._mask_positions) == (1 if attn == "sdpa" else 0)  # (one per device, not one per cache length)
     monkeypatch.setattr(m, "create_masks_for_generate", reference)  # (generate() passes every argument by name)
     with torch.no_grad():
         assert torch.equal(out, m.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N,
@@ -572,7 +576,9 @@ def test_moving_the_model_frees_what_generate_keeps(monkeypatch):
     cache = getattr(out, CACHE_FIELD)
     kept = [weakref.ref(t) for t in (cache.layers[0].keys, cache.get_deductive(0)[0],
                                      model.decoder.dec_layers[0].ffn._decode_weights[0],
-                                     model.decoder.dec_layers[0].mha1._decode_weights[0])]
+                                     model.decoder.dec_layers[0].mha1._decode_weights[0],
+                                     *model._mask_positions.values())]
+    assert len(kept) == 5
     del out, cache
     gc.collect()
     assert all(r() is not None for r in kept)  # kept by the model between calls
