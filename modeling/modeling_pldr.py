@@ -1158,6 +1158,8 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
+        if weights is not None and weights.dim() != 4:
+            weights = None  # (flex attention gives its log-sum-exp there, not attention weights)
         copies = self._armed_weights(decode_weights)
         if copies is not None and copies[2] is not None and plain_linears(self.dense):
             out = F.linear(out.reshape(B, S, -1), copies[2], copies[3])
@@ -1261,7 +1263,7 @@ class PldrPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     # The published port also saves a boolean "status" buffer next to past_G_values; it carries no information.
@@ -1499,7 +1501,7 @@ class PldrModel(PldrPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embedding(input_ids)
         B, S, D = inputs_embeds.shape
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != B:
+        if _is_2d(attention_mask) and attention_mask.shape[0] != B:
             raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {B}.")
 
         past_key_values = _one_cache(past_key_values, cache)
@@ -1527,7 +1529,7 @@ class PldrModel(PldrPreTrainedModel):
 
         # Positions excluded from the metric tensor A: the padding of the current input.
         token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if _is_2d(attention_mask):
             if attention_mask.shape[1] < S:
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, the input has {S}.")
             token_mask = attention_mask[:, -S:]
@@ -1779,6 +1781,14 @@ class PldrModel(PldrPreTrainedModel):
             cu_seq_lens = kwargs.get("cu_seq_lens_k")
         if cu_seq_lens is not None:
             return groups_from_cu_seq_lens(cu_seq_lens, token_mask, B, S), token_mask
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            # (flex attention's BlockMask: its mask function is code, which A cannot read its padding or sequences from)
+            if not computes_A:
+                return None, None
+            raise ValueError(
+                f"attention_mask is a {type(attention_mask).__name__} and this forward computes the metric tensor A, "
+                "which must know the padding and the sequences of each row: pass the 2D padding mask (or position "
+                "ids, or a 4D tensor mask) for this forward. A BlockMask serves the steps after it, whose A is cached.")
         if attention_mask is not None and attention_mask.dim() == 4:
             # A custom mask is used as given for attention; A needs its sequences (and padding) only when computed.
             if not computes_A:
@@ -1790,6 +1800,11 @@ class PldrModel(PldrPreTrainedModel):
 
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (PyTorch >= 2.5)
+
+
+def _is_2d(mask) -> bool:
+    """Whether an attention mask is a 2D padding mask (not a 4D one, nor flex attention's BlockMask)."""
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2
 
 
 # -- the decoder stack's recorded graphs as operators, under torch.compile (PldrModel._stack_operator) ----------------
@@ -2031,11 +2046,13 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask,
                                                        inputs_embeds=inputs_embeds, **kwargs)
         mask = inputs.get("attention_mask")
-        if (mask is not None and mask.dim() == 4 and (attention_mask is None or attention_mask.dim() == 2)
+        if (mask is not None and not _is_2d(mask)
+                and (attention_mask is None or _is_2d(attention_mask))
                 and self._computes_metric_tensor(_cache_kwarg(kwargs))):
-            # generate() turns the mask into a 4D one for compileable (static) caches, for the compiled decoding steps.
-            # The forward that computes A (the prefill, never compiled by generate) needs to know the padding of the
-            # prompt, which A excludes: it gets the caller's 2D mask (or none) and builds the 4D one itself.
+            # generate() turns the mask into a 4D one (flex attention: a BlockMask) for compileable (static) caches,
+            # for the compiled decoding steps. The forward that computes A (the prefill, never compiled by generate)
+            # needs to know the padding of the prompt, which A excludes: it gets the caller's 2D mask (or none) and
+            # builds the 4D one itself.
             inputs.pop("attention_mask")
             if attention_mask is not None:
                 inputs["attention_mask"] = attention_mask
@@ -2050,7 +2067,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         transformers' function."""
         cache = kwargs.get(CACHE_FIELD)
         plain = (config._attn_implementation == "sdpa" and inputs_embeds.shape[1] == 1
-                 and (attention_mask is None or isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                 and (attention_mask is None or _is_2d(attention_mask)
                       and attention_mask.shape[0] == inputs_embeds.shape[0] and not attention_mask.is_floating_point())
                  and isinstance(cache, Cache) and getattr(cache, "is_compileable", False)
                  and cache.layers and all(type(layer) is StaticLayer for layer in cache.layers)
@@ -2097,7 +2114,7 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
         if self.decoder.past_G_values is not None or any(t is not None for t in cache.get_deductive(0)):
             return cache
         self.decoder._static_cache_buffers.lend(cache)
-        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+        if position_ids is None and _is_2d(attention_mask):
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         out = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            position_ids=position_ids, use_cache=False, output_pldr_attentions=True)
@@ -2278,7 +2295,7 @@ class PldrForSequenceClassification(PldrPreTrainedModel):
                                output_pldr_attentions=output_pldr_attentions, return_dict=True, **kwargs)
         logits = self.score(outputs.last_hidden_state)
         batch = logits.shape[0]
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if _is_2d(attention_mask):
             mask = attention_mask[:, -logits.shape[1]:].to(torch.int32)
         elif input_ids is not None and self.config.pad_token_id is not None:
             mask = (input_ids != self.config.pad_token_id).to(torch.int32)

@@ -242,6 +242,79 @@ def test_set_attn_implementation_flash_needs_the_package():
         assert model.config._attn_implementation == "flash_attention_2"
 
 
+def test_flex_attention_equals_sdpa_in_forward_and_generate():
+    # attn_implementation="flex_attention", as an in-tree model takes it: a forward (torch's compiled flex kernel),
+    # padded and packed rows (A still excludes padding and keeps sequences apart: the 2D mask and the position ids are
+    # read before the BlockMask is made), and greedy generation with a dynamic and a static cache, whose decoding steps
+    # get generate()'s BlockMask. (Flex attention on CPU has no backward in torch; the CUDA test trains with it.)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sdpa = make(12)
+    flex = make(12)
+    flex.set_attn_implementation("flex_attention")
+    assert flex.config._attn_implementation == "flex_attention"
+    x = tokens(12, 9, batch=2)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(flex(x).logits, sdpa(x).logits, **TOL)
+        modeling_pldr.logger.warning_once.cache_clear()
+        out = flex(x, attention_mask=mask, output_attentions=True)
+    torch.testing.assert_close(out.logits[real], sdpa(x, attention_mask=mask).logits[real], **TOL)
+    assert out.attentions == (None,) * TINY["num_hidden_layers"]  # (not flex's log-sum-exp)
+    packed = torch.cat([x[0], x[1, 3:]])[None]
+    positions = torch.cat([torch.arange(9), torch.arange(6)])[None]
+    with torch.no_grad():
+        got = flex(packed, position_ids=positions).logits[0]
+    with torch.no_grad():
+        torch.testing.assert_close(got[9:], sdpa(x[1:, 3:]).logits[0], **TOL)
+    with torch.compiler.set_stance("force_eager"):  # (torch's CPU kernel for a one-token query fails to compile)
+        for cache_implementation in ("dynamic", "static"):
+            kw = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                      cache_implementation=cache_implementation)
+            with torch.no_grad():
+                assert torch.equal(flex.generate(x, **kw), sdpa.generate(x, **kw)), cache_implementation
+        # A BlockMask of one's own: refused where A is computed (its padding and sequences are code, not data), used
+        # for a step after the prompt, whose A the cache holds.
+        causal = create_block_mask(lambda b, h, q, k: q >= k, None, None, 9, 9, device="cpu")
+        with pytest.raises(ValueError, match="BlockMask.*metric tensor A"):
+            flex(x, attention_mask=causal)
+        with torch.no_grad():
+            cache = flex(x[:, :8], use_cache=True)[modeling_pldr.CACHE_FIELD]
+            last = create_block_mask(lambda b, h, q, k: k <= 8, None, None, 1, 9, device="cpu")
+            step = flex(x[:, 8:], attention_mask=last, **{modeling_pldr.CACHE_FIELD: cache}).logits
+            cache = sdpa(x[:, :8], use_cache=True)[modeling_pldr.CACHE_FIELD]
+            want = sdpa(x[:, 8:], **{modeling_pldr.CACHE_FIELD: cache}).logits
+        torch.testing.assert_close(step, want, **TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention's backward and decoding kernels need a GPU")
+def test_cuda_flex_attention_trains_and_generates_as_sdpa():
+    # On a GPU: torch's compiled flex kernels, forward and backward, in a padded training step (gradients as SDPA's),
+    # attention weights not confused with flex's log-sum-exp, and greedy decoding with its BlockMasks (static cache).
+    sdpa = make(13, head_dim=16, hidden_size=32).cuda().train()
+    flex = copy.deepcopy(sdpa)
+    flex.set_attn_implementation("flex_attention")
+    x = tokens(13, 32, batch=2).cuda()
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    labels = x.masked_fill(mask == 0, -100)
+    losses = [m(x, attention_mask=mask, labels=labels).loss for m in (sdpa, flex)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-4)
+    for (name, a), b in zip(sdpa.named_parameters(), flex.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
+    for m in (sdpa, flex):
+        m.eval()
+    with torch.no_grad():
+        assert flex(x, attention_mask=mask, output_attentions=True).attentions == (None,) * TINY["num_hidden_layers"]
+        kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                  cache_implementation="static")
+        assert torch.equal(flex.generate(x, **kw), sdpa.generate(x, **kw))
+
+
 def test_output_attentions_warns_where_the_kernel_has_no_weights_and_eager_gives_them():
     # As transformers' SDPA and flash attention functions do for an in-tree model: attentions asked for from a kernel
     # that never materialises them is said, not silently None; eager gives the causal softmax weights
