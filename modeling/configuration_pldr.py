@@ -105,6 +105,14 @@ class PldrConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.check_pldr_options()
 
+    def to_dict(self):
+        # (``rope_scaling`` stays a key for the published configs, which hold it as null; written as null, transformers
+        # >= 5.25 warns that it is deprecated where a generic config reads the file, e.g. Trainer's resume)
+        out = super().to_dict()
+        if out.get("rope_scaling", 0) is None:
+            del out["rope_scaling"]
+        return out
+
     def validate_architecture(self):
         super().validate_architecture()
         self.check_pldr_options()

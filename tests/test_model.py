@@ -80,6 +80,21 @@ def test_published_config_json_loads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(published))
     c = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(c, PldrConfig) and c.A_dff == 170 and c.num_reslayerA == 8
+    # Saved again, it drops the always-null rope_scaling, which a generic config (Trainer's resume from a checkpoint)
+    # would read with transformers' deprecation warning; the file still loads as the same config.
+    import warnings
+
+    from transformers import PreTrainedConfig
+
+    c.save_pretrained(tmp_path / "again")
+    assert "rope_scaling" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        PreTrainedConfig.from_json_file(str(tmp_path / "again" / "config.json"))
+    again = AutoConfig.from_pretrained(tmp_path / "again")
+    drop = {"_name_or_path"}
+    assert again.rope_scaling is None
+    assert {k: v for k, v in again.to_dict().items() if k not in drop} == {k: v for k, v in c.to_dict().items() if k not in drop}
 
 
 @pytest.mark.parametrize(
