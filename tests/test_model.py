@@ -423,16 +423,27 @@ def test_half_precision_forward_backward_finite_with_tiny_A_LM(dtype, exponent):
         assert p.grad is None or torch.isfinite(p.grad).all(), n
 
 
-def test_gradient_checkpointing_same_loss_and_grads():
+@pytest.mark.parametrize("options", [{}, {"every_n_layers": 2}, pytest.param({"offload": True}, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="transformers' offload pins host memory, which needs an accelerator"))])
+def test_gradient_checkpointing_same_loss_and_grads(options):
+    # transformers >= 5.25's activation_checkpointing_enable also checkpoints every n-th layer only, or keeps the
+    # checkpoints' inputs in host memory
+    import inspect
+
+    device = "cuda" if options.get("offload") else "cpu"
     torch.manual_seed(0)
-    x = ids(15, (2, 10))
-    ref = tiny_model(16).train()
+    x = ids(15, (2, 10)).to(device)
+    ref = tiny_model(16, num_hidden_layers=3).to(device).train()
     ref.config.attention_dropout = 0.0
     loss = ref(x, labels=x).loss
     loss.backward()
-    ck = tiny_model(16).train()
-    (getattr(ck, "activation_checkpointing_enable", None) or ck.gradient_checkpointing_enable)()  # renamed in 5.x
-    assert ck.decoder.dec_layers[0].gradient_checkpointing
+    ck = tiny_model(16, num_hidden_layers=3).to(device).train()
+    enable = getattr(ck, "activation_checkpointing_enable", None) or ck.gradient_checkpointing_enable  # (renamed)
+    if options and not set(options) <= set(inspect.signature(enable).parameters):
+        pytest.skip(f"this transformers' checkpointing takes no {sorted(options)}")
+    enable(**options)
+    checkpointed = [layer.gradient_checkpointing for layer in ck.decoder.dec_layers]
+    assert checkpointed == ([True, False, True] if options.get("every_n_layers") == 2 else [True] * 3)
     loss2 = ck(x, labels=x).loss
     loss2.backward()
     torch.testing.assert_close(loss, loss2)
