@@ -490,9 +490,15 @@ def _padded_reference(model, seqs, **kw):
     return logits, A
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_packed_position_ids_equal_the_padded_batch(attn, use_cache):
+    # (flex attention run eagerly: its compiled CPU kernel costs some ten seconds a shape; the flex test compiles it)
+    with torch.compiler.set_stance("force_eager") if attn == "flex_attention" else contextlib.nullcontext():
+        _packed_position_ids(attn, use_cache)
+
+
+def _packed_position_ids(attn, use_cache):
     model = make(10, attn=attn)
     seqs = _sequences()
     ref_logits, ref_A = _padded_reference(model, seqs)
