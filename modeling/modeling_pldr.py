@@ -2039,6 +2039,15 @@ class PldrForCausalLM(PldrPreTrainedModel, GenerationMixin):
     # prompt's deductive tensors filled in beforehand: assisted decoding (its first forward is prompt + draft tokens)
     # and chunked prefill (each chunk would otherwise see only part of the prompt).
     # ------------------------------------------------------------------------------------------------------------------
+    def init_continuous_batching(self, *args, **kwargs):
+        """Continuous batching (``generate_batch``, ``init_continuous_batching``, ``transformers serve``) is not
+        supported, rather than left to fail inside its worker, which logs the error and returns empty generations."""
+        raise NotImplementedError(
+            "PLDR-LLM does not support continuous batching (generate_batch, init_continuous_batching, transformers "
+            "serve): each request's metric tensor A must be computed over its whole prompt and its G_LM kept for its "
+            "decoding steps, which the paged cache neither schedules (it may split a prompt into chunks) nor holds. "
+            "Use generate() with a batch of left-padded prompts (tokenizer(..., padding=True) with padding_side='left').")
+
     def _computes_metric_tensor(self, cache: Cache | None) -> bool:
         """Whether the next forward with ``cache`` computes A (it holds no deductive tensors yet, and the model has no
         fixed G). Asked at every decoding step: the cache's answer, the common one there, comes first."""

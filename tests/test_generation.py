@@ -163,6 +163,21 @@ def test_assisted_decoding_without_cache_is_refused(model):
         gen(model, prompt(6, 5), assistant_model=make_model(1), use_cache=False)
 
 
+def test_continuous_batching_is_refused_with_a_clear_error(model):
+    # transformers' continuous batching would run the model in a worker that logs the model's error and returns empty
+    # generations; generate_batch, init_continuous_batching and generate(cache_implementation="paged") say why instead
+    if not hasattr(model, "generate_batch"):
+        pytest.skip("this transformers has no continuous batching")
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for call in (lambda: model.generate_batch(inputs=[[5, 6, 7], [8, 9]], generation_config=config),
+                 lambda: model.init_continuous_batching(generation_config=config),
+                 lambda: gen(model, prompt(9, 4), cache_implementation="paged")):
+        with pytest.raises(NotImplementedError, match="does not support continuous batching.*left-padded"):
+            call()
+
+
 def test_chunked_prefill_equals_greedy(model):
     p = prompt(8, 9)
     assert torch.equal(gen(model, p, prefill_chunk_size=4), gen(model, p))
