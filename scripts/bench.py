@@ -291,7 +291,8 @@ class TrainRun:
         config._attn_implementation = args.attn_implementation
         model = cls(config).to(device)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # (transformers >= 5.25 renames it, with a FutureWarning on the old name)
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.train()
         # (fused AdamW on CPU too: one kernel per dtype and device group there as well, as on the GPU)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=True)
