@@ -446,9 +446,10 @@ def test_gradient_checkpointing_same_loss_and_grads(options):
     assert checkpointed == ([True, False, True] if options.get("every_n_layers") == 2 else [True] * 3)
     loss2 = ck(x, labels=x).loss
     loss2.backward()
-    torch.testing.assert_close(loss, loss2)
+    tol = {} if device == "cpu" else dict(rtol=1e-4, atol=1e-5)  # (GPU kernels: other orders of sums)
+    torch.testing.assert_close(loss, loss2, **tol)
     for (n, a), (_, b) in zip(ref.named_parameters(), ck.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=n)
+        torch.testing.assert_close(a.grad, b.grad, msg=n, **tol)
     assert PldrForCausalLM._no_split_modules == ["PldrDecoderLayer"]
 
 
