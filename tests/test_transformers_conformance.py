@@ -548,8 +548,8 @@ def test_data_collator_with_flattening_equals_the_padded_batch():
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
         padded = model(ids, attention_mask=mask, labels=labels, use_cache=False)
-        for flash_kwargs in (False, True):
-            batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(features)
+        for flash_kwargs in (False, True):  # (True: also seq_idx, as TRL's padding-free collator passes them all)
+            batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, return_seq_idx=flash_kwargs)(features)
             assert ("cu_seq_lens_q" in batch) == flash_kwargs and "attention_mask" not in batch
             out = model(**batch, use_cache=False)
             torch.testing.assert_close(out.loss, padded.loss, **TOL)
