@@ -2,6 +2,7 @@
 quickstart (tiny, CPU, offline, seeded)."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -446,6 +447,38 @@ def test_lora_trains_only_adapters_and_merge_equals_adapter(corpus, tok_dir, tmp
         assert not torch.allclose(base(x).logits, merged(x).logits, atol=1e-4)
     out = merged.generate(x[:, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_trl_sft_padding_free_equals_padded(corpus, tok_dir, tmp_path):
+    # TRL's SFTTrainer, the usual fine-tuning path: padding_free=True flattens each batch into one row with position
+    # ids, cu_seq_lens and seq_idx. Each document keeps its own A and attends to itself alone, so the first logged loss
+    # (the initial weights) equals the padded batch's; a leak between documents would change it.
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from pldr_hf import PldrConfig, PldrForCausalLM
+
+    texts = corpus.read_text().splitlines()[:16]
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    config = dict(vocab_size=len(tok), hidden_size=16, num_attention_heads=2, head_dim=8, num_hidden_layers=2,
+                  intermediate_size=42, A_dff=12, num_reslayerA=2, num_denseA=2, max_position_embeddings=64)
+    losses = {}
+    for padding_free in (False, True):
+        torch.manual_seed(0)
+        model = PldrForCausalLM(PldrConfig(**config))
+        args = trl.SFTConfig(output_dir=str(tmp_path / str(padding_free)), per_device_train_batch_size=4, max_steps=3,
+                             learning_rate=1e-3, logging_steps=1, save_strategy="no", use_cpu=True, seed=0,
+                             data_seed=0, report_to="none", disable_tqdm=True, max_length=None,
+                             padding_free=padding_free)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                                 processing_class=tok)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert ("position_ids" in batch and "attention_mask" not in batch) == padding_free
+        trainer.train()
+        losses[padding_free] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses[True]) == 3 and all(math.isfinite(x) for x in losses[True])
+    assert losses[True][0] == pytest.approx(losses[False][0], abs=1e-4)
 
 
 def test_quickstart_small_learns(tmp_path):
