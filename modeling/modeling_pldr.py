@@ -1555,9 +1555,8 @@ class PldrModel(PldrPreTrainedModel):
                 and not causal_mask.is_floating_point()):
             # A 4D mask of one's own reaches transformers' flex attention as it is, which adds it to the scores: a
             # boolean (or 0/1) one would add 1 or 0, masking nothing. As eager attention takes it: 0 or the minimum.
-            dtype = inputs_embeds.dtype if inputs_embeds.is_floating_point() else torch.float32
-            causal_mask = torch.zeros(causal_mask.shape, dtype=dtype, device=causal_mask.device).masked_fill(
-                causal_mask == 0, torch.finfo(dtype).min)
+            causal_mask = torch.zeros(causal_mask.shape, dtype=inputs_embeds.dtype, device=causal_mask.device
+                                      ).masked_fill(causal_mask == 0, torch.finfo(inputs_embeds.dtype).min)
         # What the attention kernels themselves read (flash attention's variable-length path).
         attention_kwargs = {k: kwargs[k] for k in _ATTENTION_KWARGS if kwargs.get(k) is not None}
         if "flash" in (c._attn_implementation or ""):

@@ -39,6 +39,11 @@ def make(seed=0, cls=PldrForCausalLM, attn="sdpa", **overrides):
     return model
 
 
+def _flex_eagerly(attn):
+    """For flex attention, torch.compile'd functions (transformers' flex kernel) run eagerly inside the context."""
+    return torch.compiler.set_stance("force_eager") if attn == "flex_attention" else contextlib.nullcontext()
+
+
 def tokens(seed, n, batch=None):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, 64, (n,) if batch is None else (batch, n), generator=g)
@@ -260,7 +265,6 @@ def test_flex_attention_equals_sdpa_in_forward_and_generate():
     real = mask.bool()
     with torch.no_grad():
         torch.testing.assert_close(flex(x).logits, sdpa(x).logits, **TOL)
-        modeling_pldr.logger.warning_once.cache_clear()
         out = flex(x, attention_mask=mask, output_attentions=True)
     torch.testing.assert_close(out.logits[real], sdpa(x, attention_mask=mask).logits[real], **TOL)
     assert out.attentions == (None,) * TINY["num_hidden_layers"]  # (not flex's log-sum-exp)
@@ -268,7 +272,6 @@ def test_flex_attention_equals_sdpa_in_forward_and_generate():
     positions = torch.cat([torch.arange(9), torch.arange(6)])[None]
     with torch.no_grad():
         got = flex(packed, position_ids=positions).logits[0]
-    with torch.no_grad():
         torch.testing.assert_close(got[9:], sdpa(x[1:, 3:]).logits[0], **TOL)
     with torch.compiler.set_stance("force_eager"):  # (torch's CPU kernel for a one-token query fails to compile)
         for cache_implementation in ("dynamic", "static"):
@@ -494,7 +497,7 @@ def _padded_reference(model, seqs, **kw):
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_packed_position_ids_equal_the_padded_batch(attn, use_cache):
     # (flex attention run eagerly: its compiled CPU kernel costs some ten seconds a shape; the flex test compiles it)
-    with torch.compiler.set_stance("force_eager") if attn == "flex_attention" else contextlib.nullcontext():
+    with _flex_eagerly(attn):
         _packed_position_ids(attn, use_cache)
 
 
@@ -608,7 +611,7 @@ def _shared_prefix_mask(p, continuations, dtype=torch.bool):
 def test_shared_prefix_4d_mask_gives_each_continuation_its_own_A(attn, mask_dtype):
     # (flex attention: transformers adds a 4D tensor mask to the scores, so the model gives it a boolean one as 0 / the
     # minimum. Run eagerly: torch 2.13's compiled CPU flex kernel with a tensor mask crashes the process, a Llama's too.)
-    with torch.compiler.set_stance("force_eager") if attn == "flex_attention" else contextlib.nullcontext():
+    with _flex_eagerly(attn):
         _shared_prefix_4d_mask(attn, mask_dtype)
 
 
