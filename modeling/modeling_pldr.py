@@ -1269,6 +1269,14 @@ class PldrPreTrainedModel(PreTrainedModel):
     # The published port also saves a boolean "status" buffer next to past_G_values; it carries no information.
     _keys_to_ignore_on_load_unexpected = [r"past_G_values_status"]
 
+    def __init__(self, config: PldrConfig, *args, **kwargs):
+        # A config is checked when it is made, and again here: one changed afterwards (config.tie_word_embeddings = True,
+        # a new hidden_size) gets the same error naming the key, not a tied head silently left untied or a failure deep
+        # inside a layer's construction.
+        if isinstance(config, PldrConfig):
+            config.check_pldr_options()
+        super().__init__(config, *args, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, also when the model's class was swapped for a subclass made on the fly
         elsewhere (FSDP2's ``fully_shard`` turns PldrForCausalLM into ``FSDPPldrForCausalLM`` of torch's fsdp module):

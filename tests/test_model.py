@@ -116,6 +116,13 @@ def test_published_config_json_loads(tmp_path):
 def test_config_rejects_bad_values_naming_the_key(kwargs, key):
     with pytest.raises(ValueError, match=f"`{key}`"):
         PldrConfig(**{**TINY, **kwargs})
+    # a config changed after it was made is checked when a model is built from it (a tied head would otherwise be
+    # ignored silently, and a misshaped one fail deep inside the layers)
+    config = PldrConfig(**TINY)
+    for name, value in kwargs.items():
+        setattr(config, name, value)
+    with pytest.raises(ValueError, match=f"`{key}`"):
+        PldrForCausalLM(config)
 
 
 def test_config_allows_a_learner_without_units_or_without_glus(tmp_path):
