@@ -1504,11 +1504,11 @@ def rotary_swap(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
 
 
 def apply_rotary_tables(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor, interleaved: bool):
-    """Rotary embedding of x [batch, seq, heads, head_dim] in float32, cast back to x's dtype, from the tables of
-    :func:`rotary_tables`: ``x * cos + swap(x) * signed_sin`` where swap exchanges the two members of every rotated
-    pair: ``(x0 cos - x1 sin, x1 cos + x0 sin)``, the original's float ops. ``interleaved=True`` pairs (2i, 2i+1) (the
-    original PLDR-LLM), otherwise (i, i + d/2) (``rotate_half``)."""
-    xf = x.float()
+    """Rotary embedding of x [batch, seq, heads, head_dim] in float32 (float64 for float64 x), cast back to x's dtype,
+    from the tables of :func:`rotary_tables`: ``x * cos + swap(x) * signed_sin`` where swap exchanges the two members of
+    every rotated pair: ``(x0 cos - x1 sin, x1 cos + x0 sin)``, the original's float ops. ``interleaved=True`` pairs
+    (2i, 2i+1) (the original PLDR-LLM), otherwise (i, i + d/2) (``rotate_half``)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     swapped = rotary_swap(xf, interleaved)
     # Not addcmul: its fused multiply-add rounds differently from the original's separate products.
     return (xf * cos_full + swapped * sin_signed).to(x.dtype)

@@ -186,6 +186,15 @@ def _linear_bias_folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return F.linear(x_aug, w_aug)
 
 
+def _wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of the metric sum, the power law and the other steps that 16-bit models compute in float32: float32,
+    or float64 where a tensor is float64 (a float64 model computes everything in float64, e.g. for gradcheck)."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
 def _joint_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
     """``F.linear`` of x with several linears' weights (and biases) stacked along the output features: one GEMM instead
     of one per linear (fewer kernels in the forward and the backward, and larger GEMMs), the outputs concatenated on
@@ -789,13 +798,15 @@ def _power_law_step(A, params) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # (e.g. a 16-bit model's prefill: the kernel reads the 16-bit tensors as float32 itself, two casts fewer)
         return power_law_forward(A, params)
-    return power_law(A.float(), params.float())
+    dtype = _wide_dtype(A.dtype, params.dtype)
+    return power_law(A.to(dtype), params.to(dtype))
 
 
 def _normed_metric(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """The LayerNorm of the float32 metric sum A (``layernorm1`` of the attention), in the LayerNorm's dtype."""
-    if weight.dtype == torch.float32:
-        return F.layer_norm(A, weight.shape, weight, bias, eps)
+    """The LayerNorm of the float32 (float64) metric sum A (``layernorm1`` of the attention), in the LayerNorm's
+    dtype."""
+    if weight.dtype == _wide_dtype(weight.dtype):
+        return F.layer_norm(A.to(weight.dtype), weight.shape, weight, bias, eps)
     # A float16/bfloat16 model normalises the float32 sum before casting it: the raw sum grows with the sequence
     # length and |q|^2 and overflows float16 (65504) on long or large-norm inputs (inf, then NaN).
     return F.layer_norm(A, weight.shape, weight.float(), bias.float(), eps).to(weight.dtype)
@@ -861,7 +872,7 @@ def eager_attention_forward(
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.softmax(scores, dim=-1, dtype=_wide_dtype(query.dtype)).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights
@@ -1030,10 +1041,11 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         if sequence_groups is not None:
             with torch.autocast(device_type=q.device.type, enabled=False):
                 return sequence_groups.metric_sum(q)
-        mask = None if token_mask is None else token_mask[:, None, :, None].to(torch.float32)
+        dtype = _wide_dtype(q.dtype)
+        mask = None if token_mask is None else token_mask[:, None, :, None].to(dtype)
         # (without gradients, e.g. a prefill, the autograd function's own host cost is saved)
         gram = _GramFunction.apply if torch.is_grad_enabled() else _gram
-        return gram(q, mask, torch.float32)
+        return gram(q, mask, dtype)
 
     def _learned_metric(self, A: torch.Tensor) -> torch.Tensor:
         """The LayerNorm of the metric sum A, then the metric learner: one operator, where the LayerNorm and the
@@ -1042,7 +1054,7 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
         if (isinstance(learner, PldrMetricLearner) and ln.eps == learner.eps and plain_layer_norms(ln)
                 and not _has_hooks(learner)):
             return learner(A, norm=(ln.weight, ln.bias))
-        A = ln(A) if ln.weight.dtype == torch.float32 else _normed_metric(A, ln.weight, ln.bias, ln.eps)
+        A = ln(A) if ln.weight.dtype == A.dtype else _normed_metric(A, ln.weight, ln.bias, ln.eps)
         # The metric learner as one operator per layer (Triton kernels on GPU), in training, inference and under
         # torch.compile. Learners kept as modules (use_metric_learner_modules) run through the same operator unless
         # they are not plain (adapters, hooks): then the modules themselves run.

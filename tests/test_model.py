@@ -647,6 +647,43 @@ def test_gram_function_gradients_equal_autograd():
     assert gq.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("case", ["sdpa", "eager", "padded", "packed", "learner_modules"])
+def test_float64_model_computes_in_float64_and_passes_gradcheck(case):
+    # A float64 model (as a Llama) computes every step in float64: the metric sum, the rotation, the power law and
+    # the eager softmax, which a 16-bit or float32 model computes in float32, so that torch.autograd.gradcheck holds
+    # for the whole model (numerical against analytical gradients of the logits, through every operator's own
+    # backward: the metric sum's, the learner's, the power law's). Any of them computed in float32 leaves the
+    # numerical derivative float32 noise (the rotation's alone: 81.8 against 88.8 at eps 1e-6).
+    model = tiny_model(5).double()
+    if case == "eager":
+        model.config._attn_implementation = "eager"
+    if case == "learner_modules":
+        model.use_metric_learner_modules()
+    x = ids(6, (2, 7))
+    kwargs = {}
+    if case == "padded":
+        kwargs["attention_mask"] = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    if case == "packed":  # two documents in the first row (A of each its own), one in the second
+        kwargs["position_ids"] = torch.tensor([[0, 1, 2, 0, 1, 2, 3], list(range(7))])
+    out = model(input_ids=x, output_pldr_attentions=True, **kwargs)
+    for d in out.pldr_attentions:
+        assert d.A.dtype == d.A_LM.dtype == d.G_LM.dtype == torch.float64
+    layer = model.decoder.dec_layers[0].mha1
+    learner = layer.reslayerAs
+    named = {"decoder.dec_layers.0.mha1.plgatt_layer.power_params": layer.plgatt_layer.power_params}
+    if case != "learner_modules":
+        named["decoder.dec_layers.0.mha1.reslayerAs.glu_weights"] = learner.glu_weights
+        named["decoder.dec_layers.0.mha1.reslayerAs.biases_and_layernorms"] = learner.biases_and_layernorms
+    embeds = model.get_input_embeddings()(x).detach()
+
+    def logits(e, *params):
+        return torch.func.functional_call(model, dict(zip(named, params)), (),
+                                          dict(inputs_embeds=e, **kwargs)).logits
+
+    inputs = [embeds.requires_grad_(), *(p.detach().clone().requires_grad_() for p in named.values())]
+    assert torch.autograd.gradcheck(logits, inputs, fast_mode=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (16-bit GEMMs with a float32 result)")
 def test_gram_function_bf16_on_cuda_is_the_float32_gram_of_the_same_values():
     from pldr_hf.modeling import modeling_pldr as M
