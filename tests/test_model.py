@@ -682,6 +682,8 @@ def test_float64_model_computes_in_float64_and_passes_gradcheck(case):
 
     inputs = [embeds.requires_grad_(), *(p.detach().clone().requires_grad_() for p in named.values())]
     assert torch.autograd.gradcheck(logits, inputs, fast_mode=True)
+    if case == "eager":  # second derivatives too (SDPA's CPU kernel has none, for a Llama neither)
+        assert torch.autograd.gradgradcheck(logits, inputs, fast_mode=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (16-bit GEMMs with a float32 result)")
