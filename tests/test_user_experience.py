@@ -185,6 +185,34 @@ def test_device_cuda_without_cuda_one_line_error(command, cuda_build, folder, tm
     assert ("no CUDA GPU is visible" if cuda_build else "no CUDA support") in line
 
 
+@pytest.mark.parametrize("bad", ["truncated_shard", "missing_shard", "not_safetensors"])
+def test_sharded_folder_errors_name_the_shard(bad, folder, tmp_path, capsys):
+    # A folder saved in shards (save_pretrained(max_shard_size=...), as large models are): each shard the index names
+    # is checked, and the error names the shard that is cut short, missing or not a safetensors file.
+    model = PldrForCausalLM.from_pretrained(folder)
+    d = tmp_path / "sharded"
+    model.save_pretrained(d, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            (d / name).write_bytes((folder / name).read_bytes())
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (d / "model.safetensors.index.json").is_file()
+    assert cli_main(_commands(d, tmp_path)["inspect"]) == 0  # (whole: the command runs)
+    capsys.readouterr()
+    victim = shards[1]
+    if bad == "truncated_shard":
+        with open(victim, "r+b") as fh:
+            fh.truncate(victim.stat().st_size - 10)
+    elif bad == "missing_shard":
+        victim.unlink()
+    else:
+        victim.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    assert cli_main(_commands(d, tmp_path)["inspect"]) == 1
+    line = _one_line_error(capsys, "pldr-hf inspect", victim.name)
+    assert {"truncated_shard": "truncated", "missing_shard": "missing",
+            "not_safetensors": "not a safetensors file"}[bad] in line
+
+
 def test_bad_input_exit_status_and_stderr_of_the_real_command(truncated):
     r = subprocess.run([sys.executable, "-m", "pldr_hf.cli", "inspect", str(truncated), "--prompts", __file__,
                         "--out", str(truncated.parent / "r")], capture_output=True, text=True, cwd=REPO, timeout=600)
