@@ -368,6 +368,34 @@ def test_packing_plain_and_document_masked():
     assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["position_ids"].shape == (2, 64)
 
 
+def test_corpus_from_a_saved_dataset_folder_and_its_errors(tmp_path):
+    # --dataset_name may name a folder written by save_to_disk (a Dataset or a DatasetDict), offline: its rows come
+    # back in order, the last 10% held out without a validation split; a wrong column or split is named.
+    import datasets
+
+    from pldr_hf.data import load_corpus
+
+    texts = [f"document number {i}" for i in range(40)]
+    datasets.Dataset.from_dict({"text": texts, "other": list(range(40))}).save_to_disk(tmp_path / "ds")
+    raw = load_corpus(dataset_name=str(tmp_path / "ds"), validation_split_percentage=10)
+    assert raw["train"]["text"] == texts[:36] and raw["validation"]["text"] == texts[36:]
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts[:5]}),
+                                 "validation": datasets.Dataset.from_dict({"body": texts[5:7]})})
+    both.save_to_disk(tmp_path / "dd")
+    raw = load_corpus(dataset_name=str(tmp_path / "dd"), text_column="body")
+    assert raw["train"]["body"] == texts[:5] and raw["validation"]["body"] == texts[5:7]
+    with pytest.raises(ValueError, match="no column 'text'.*body.*--text_column"):
+        load_corpus(dataset_name=str(tmp_path / "dd"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": texts})}).save_to_disk(tmp_path / "t")
+    with pytest.raises(ValueError, match="no 'train' split.*test"):
+        load_corpus(dataset_name=str(tmp_path / "t"))
+    with pytest.raises(ValueError, match="only 1 rows"):
+        datasets.Dataset.from_dict({"text": ["one"]}).save_to_disk(tmp_path / "one")
+        load_corpus(dataset_name=str(tmp_path / "one"))
+    with pytest.raises(ValueError, match="exactly one corpus"):
+        load_corpus(train_files=[str(tmp_path / "x.txt")], dataset_name=str(tmp_path / "ds"))
+
+
 def test_document_masked_pretraining_runs(corpus, tok_dir, tmp_path):
     trainer = pretrain(_model_args(tok_dir), DataArguments(train_file=[str(corpus)], block_size=32,
                                                           document_masking=True), _args(tmp_path / "dm", 3))
