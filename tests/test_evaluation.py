@@ -144,6 +144,32 @@ def test_clear_errors_missing_model_and_unknown_task(saved, tmp_path):
     assert r.returncode == 1 and "model folder not found" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_clear_errors_for_bad_evaluation_arguments(saved, tmp_path):
+    # each bad combination is named before lm-eval starts: the G sources, the g_cache mode, a missing tokenizer, an
+    # empty task list, a G-cache comparison on a fixed-G model and a G prompt without tokens
+    from pldr_hf.evaluation import PldrLM, run_offline_eval
+
+    with pytest.raises(ValueError, match="g_prompt or g_file, not both"):
+        run_offline_eval(saved, g_prompt="four score", g_file=tmp_path / "g.safetensors")
+    with pytest.raises(ValueError, match="g_cache must be 'off', 'on' or 'both', got 'yes'"):
+        run_offline_eval(saved, g_cache="yes")
+    with pytest.raises(ValueError, match="no task given"):
+        run_offline_eval(saved, tasks=[" "])
+    with pytest.raises(ValueError, match="in-memory model needs tokenizer="):
+        run_offline_eval(make_model())
+    bare = tmp_path / "bare"
+    make_model().save_pretrained(bare)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.*tokenizer=PATH"):
+        PldrLM(pretrained=str(bare))
+    fixed = tmp_path / "fixed"
+    make_model(custom_G_type="identity").save_pretrained(fixed)
+    make_tokenizer().save_pretrained(fixed)
+    with pytest.raises(ValueError, match="needs a learned-G model.*identity"):
+        PldrLM(pretrained=str(fixed), g_prompt="four score", device="cpu")
+    with pytest.raises(ValueError, match="gives no tokens"):
+        PldrLM(pretrained=str(saved), g_prompt=" ", device="cpu")
+
+
 def test_inspect_writes_report_and_pngs_identity_invariance_is_zero(tmp_path):
     from pldr_hf.deductive import inspect_prompts
 
