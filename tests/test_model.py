@@ -111,6 +111,10 @@ def test_published_config_json_loads(tmp_path):
         (dict(tie_word_embeddings=True), "tie_word_embeddings"),
         (dict(intermediate_size="big"), "intermediate_size"),
         (dict(hidden_act="bogus"), "hidden_act"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(attention_dropout=1.0), "attention_dropout"),
+        (dict(cache_first_G="yes"), "cache_first_G"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_key(kwargs, key):
