@@ -112,6 +112,34 @@ def test_cache_is_taken_under_either_name_and_returned_under_the_installed_ones(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# resize_token_embeddings
+# ----------------------------------------------------------------------------------------------------------------------
+def test_resize_token_embeddings_keeps_the_old_tokens_and_round_trips(tmp_path):
+    # Adding tokens (tokenizer.add_tokens, then model.resize_token_embeddings) grows the embedding and the LM head
+    # (with its bias): the old tokens' logits stay as they were, generation and save/load work with the new size.
+    model = make(2)
+    x = tokens(2, 9, batch=2)
+    with torch.no_grad():
+        before = model(x).logits
+    model.resize_token_embeddings(70, pad_to_multiple_of=8)
+    assert model.config.vocab_size == 72
+    assert model.get_input_embeddings().weight.shape == (72, 16)
+    assert model.final_layer.weight.shape == (72, 16) and model.final_layer.bias.shape == (72,)
+    new = torch.tensor([[70, 71, 5, 6]])
+    with torch.no_grad():
+        after = model(x).logits
+        assert torch.isfinite(model(new).logits).all()
+    torch.testing.assert_close(after[..., :64], before, rtol=0, atol=0)
+    out = model.generate(x, max_new_tokens=4, do_sample=False)
+    model.save_pretrained(tmp_path)
+    loaded = PldrForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.vocab_size == 72
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, after, rtol=0, atol=0)
+    assert torch.equal(loaded.generate(x, max_new_tokens=4, do_sample=False), out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # return_dict=False
 # ----------------------------------------------------------------------------------------------------------------------
 def test_loss_and_logits_unpack_from_a_tuple():
