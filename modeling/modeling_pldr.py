@@ -1523,6 +1523,10 @@ class PldrModel(PldrPreTrainedModel):
         B, S, D = inputs_embeds.shape
         if _is_2d(attention_mask) and attention_mask.shape[0] != B:
             raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {B}.")
+        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[0] not in (1, B)
+                                         or position_ids.shape[1] != S):
+            raise ValueError(f"position_ids must have shape [batch ({B}) or 1, seq_len ({S})], got "
+                             f"{tuple(position_ids.shape)}.")
 
         past_key_values = _one_cache(past_key_values, cache)
         fresh_input = past_key_values is None
@@ -1535,6 +1539,15 @@ class PldrModel(PldrPreTrainedModel):
             lent_layers = self._static_cache_buffers.lend(past_key_values)
 
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+            shape = tuple(attention_mask.shape)
+            # (a static cache's length is a tensor: the key positions are then not checked, which would sync)
+            short = isinstance(past_seen, int) and shape[3] < past_seen + S
+            if shape[0] not in (1, B) or shape[1] not in (1, c.num_attention_heads) or shape[2] != S or short:
+                keys = f"at least {past_seen + S}" if isinstance(past_seen, int) else "the cache's length"
+                raise ValueError(
+                    f"a 4D attention_mask must have shape [batch ({B}) or 1, heads ({c.num_attention_heads}) or 1, "
+                    f"query positions ({S}), key positions ({keys})], got {shape}.")
         given_positions = position_ids is not None and fresh_input and position_ids.shape[-1] > 1
         if position_ids is None and kwargs.get("cu_seq_lens_q") is not None:
             position_ids = positions_from_cu_seq_lens(kwargs["cu_seq_lens_q"], B, S)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -507,6 +508,29 @@ def test_bad_inputs_give_clear_errors():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"hold no positions"):
         model(inputs_embeds=torch.zeros(1, 0, 16))
+    with pytest.raises(ValueError, match=r"inputs_embeds must have shape \[batch, seq_len, 16\], got \(2, 5, 15\)"):
+        model(inputs_embeds=torch.zeros(2, 5, 15))
+    with pytest.raises(ValueError, match="attention_mask covers 4 positions, the input has 5"):
+        model(ids(1, (2, 5)), attention_mask=torch.ones(2, 4, dtype=torch.long))
+    # position ids of another length or batch, or without a batch dimension (torch's broadcasting errors otherwise)
+    for bad in (torch.arange(4)[None], torch.arange(5)[None].expand(3, 5), torch.arange(5)):
+        with pytest.raises(ValueError, match=rf"position_ids must have shape \[batch \(2\) or 1, seq_len \(5\)\], "
+                                             rf"got {re.escape(str(tuple(bad.shape)))}"):
+            model(ids(1, (2, 5)), position_ids=bad)
+    # a 4D mask for other query or key positions (a cache of 3 positions: at least 3 + 5 keys)
+    from transformers import DynamicCache
+
+    _, cache = model(ids(2, (2, 3)), use_cache=True, return_dict=False)
+    for bad, past in ((torch.zeros(2, 1, 4, 5), None), (torch.zeros(2, 1, 5, 7), cache), (torch.zeros(3, 1, 5, 5), None),
+                      (torch.zeros(2, 3, 5, 5), None)):
+        with pytest.raises(ValueError, match=rf"a 4D attention_mask must have shape .*got "
+                                             rf"{re.escape(str(tuple(bad.shape)))}"):
+            model(ids(1, (2, 5)), attention_mask=bad, past_key_values=past)
+    ok = torch.zeros(2, 1, 5, 8)  # (and one that fits the cache passes)
+    assert model(ids(1, (2, 5)), attention_mask=ok, past_key_values=cache).logits.shape == (2, 5, 64)
+    assert isinstance(cache, DynamicCache)
+    with pytest.raises(ValueError, match="set_fixed_G needs a model with config.custom_G_type"):
+        model.decoder.set_fixed_G(torch.zeros(2, 2, 8, 8))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
