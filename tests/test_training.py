@@ -509,6 +509,57 @@ def test_trl_sft_padding_free_equals_padded(corpus, tok_dir, tmp_path):
     assert losses[True][0] == pytest.approx(losses[False][0], abs=1e-4)
 
 
+def test_trl_dpo_scores_each_pair_as_alone(corpus, tok_dir, tmp_path):
+    # TRL's DPOTrainer scores chosen and rejected completions in one right-padded batch. Its logged log-probabilities
+    # (the batch mean of each completion's summed token log-probabilities) must be those of every prompt + completion
+    # scored alone: the padding of the batch excluded from each row's A. With the policy equal to the reference, the
+    # first loss is ln 2.
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from pldr_hf import PldrConfig, PldrForCausalLM
+
+    lines = corpus.read_text().split()
+    rng = random.Random(0)
+
+    def words(lo, hi):
+        return " ".join(rng.choice(lines) for _ in range(rng.randint(lo, hi)))
+
+    rows = [{"prompt": words(2, 6), "chosen": " " + words(1, 5), "rejected": " " + words(1, 5)} for _ in range(8)]
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    config = dict(vocab_size=len(tok), hidden_size=16, num_attention_heads=2, head_dim=8, num_hidden_layers=2,
+                  intermediate_size=42, A_dff=12, num_reslayerA=2, num_denseA=2, max_position_embeddings=64)
+
+    def build():
+        torch.manual_seed(0)
+        return PldrForCausalLM(PldrConfig(**config))
+
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), max_steps=1,
+                         learning_rate=1e-3, logging_steps=1, save_strategy="no", use_cpu=True, report_to="none",
+                         disable_tqdm=True, bf16=False)  # (TRL's default: bfloat16 autocast, on a CPU too)
+    trainer = trl.DPOTrainer(model=build(), ref_model=build(), args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok)
+    lengths = {len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in trainer.train_dataset}
+    assert len(lengths) > 2  # (rows of several lengths: the batch is padded)
+    alone = build().eval()
+
+    def completion_logp(prompt_ids, completion_ids):
+        # (the whole sequence is the input, as in the batch: A sums over every position of it, the last one too)
+        ids = torch.tensor([prompt_ids + completion_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(alone(ids).logits[0].float(), -1)
+        return sum(logp[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(completion_ids))
+
+    want = {kind: sum(completion_logp(r["prompt_ids"], r[f"{kind}_ids"]) for r in trainer.train_dataset) / len(rows)
+            for kind in ("chosen", "rejected")}
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["logps/chosen"] == pytest.approx(want["chosen"], abs=1e-4)
+    assert first["logps/rejected"] == pytest.approx(want["rejected"], abs=1e-4)
+
+
 def test_quickstart_small_learns(tmp_path):
     from pldr_hf.quickstart import run_quickstart
 
