@@ -115,7 +115,8 @@ class SequenceGroups:
     source: str
 
     def metric_sum(self, q: torch.Tensor) -> torch.Tensor:
-        """``sum q_s^T q_s`` over each group's tokens in float32 (float64 for float64 q): q [batch, heads, seq, d] -> [groups, heads, d, d]."""
+        """``sum q_s^T q_s`` over each group's tokens in float32 (float64 for float64 q): q [batch, heads, seq, d] ->
+        [groups, heads, d, d]."""
         x = self.members.gather(_flat_tokens(q))  # [chunks, CHUNK, heads, d]
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # (float32, or float64 in a float64 model)
         weighted = x if self.member_weight is None else x * self.member_weight[:, :, None, None].to(x.dtype)
