@@ -1025,16 +1025,6 @@ class PldrAttention(_DecodeWeightCopies, nn.Module):
                     row += lin.out_features
         return targets + [t for t in (dw, db) if t is not None]
 
-    def metric_tensor(
-        self, q: torch.Tensor, token_mask: torch.Tensor | None, sequence_groups: SequenceGroups | None = None
-    ) -> torch.Tensor:
-        """A = metric learner(LayerNorm(sum over non-padding positions s of q_s^T q_s)); q: [B, H, S, d] contiguous.
-
-        The sum is taken in float32 (also under autocast): it runs over the whole sequence. With ``sequence_groups``
-        (rows holding several sequences) it runs over each sequence and A has one entry per sequence, [groups, H, d, d].
-        """
-        return self._learned_metric(self._metric_sum(q, token_mask, sequence_groups))
-
     def _metric_sum(self, q: torch.Tensor, token_mask: torch.Tensor | None,
                     sequence_groups: SequenceGroups | None) -> torch.Tensor:
         """``sum over non-padding positions s of q_s^T q_s`` in float32 (per sequence with ``sequence_groups``)."""
