@@ -662,7 +662,7 @@ class PldrMetricLearner(_PortNamedParameters):
             return _PortNameView(self, name + ".")
         return super().__getattr__(name)
 
-    # -- conversion to and from modules ----------------------------------------------------------------------------
+    # -- conversion to modules ----------------------------------------------------------------------------------
     @torch.no_grad()
     def to_units(self) -> nn.ModuleList:
         """The same learner as a ModuleList of :class:`PldrResidualMetricUnit` (the port's modules), with copies of
@@ -673,15 +673,6 @@ class PldrMetricLearner(_PortNamedParameters):
         for name in self._port_names:
             own[name].copy_(self._port_get(name))
         return units
-
-    @torch.no_grad()
-    def load_units(self, units: nn.ModuleList):
-        """Copies the weights of a ModuleList of :class:`PldrResidualMetricUnit` of the same sizes into this learner."""
-        own = dict(units.named_parameters())
-        if set(own) != set(self._port_names):
-            raise ValueError("metric learner: the units do not have this learner's sizes")
-        for name, value in own.items():
-            self._port_set(name, value.detach())
 
 
 class _PortNameView(nn.Module):
