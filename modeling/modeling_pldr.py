@@ -662,7 +662,7 @@ class PldrMetricLearner(_PortNamedParameters):
             return _PortNameView(self, name + ".")
         return super().__getattr__(name)
 
-    # -- conversion to modules ----------------------------------------------------------------------------------
+    # -- conversion to modules -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def to_units(self) -> nn.ModuleList:
         """The same learner as a ModuleList of :class:`PldrResidualMetricUnit` (the port's modules), with copies of
