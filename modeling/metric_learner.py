@@ -288,10 +288,14 @@ def _check(x, w12, w3, b12, b3, ln_w, ln_b) -> LearnerLayout:
     return LearnerLayout(U, G // U, h, d, bias)
 
 
-def _stream_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the residual stream, the LayerNorms and the saved pre-LayerNorm sums: float32 (float64 for a float64
-    learner)."""
-    return torch.promote_types(torch.float32, compute_dtype)
+def _wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of the steps that 16-bit models compute in float32 (the learner's residual stream, LayerNorms and
+    saved pre-LayerNorm sums; the rotation, the metric sum, the power law): float32, or float64 where one of ``dtypes``
+    is float64 (a float64 model computes everything in float64, e.g. for gradcheck)."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
 
 
 def _linear(x, w, b):
@@ -304,7 +308,7 @@ def _reference_forward(x, W12, W3, B12, B3, LNW, LNB, layout: LearnerLayout, eps
     w12, w3 = W12.to(cd).reshape(G, 2 * h, d), W3.to(cd)
     b12 = B12.to(cd).reshape(G, 2 * h) if B12 is not None else None
     b3 = B3.to(cd) if B3 is not None else None
-    acc = _stream_dtype(cd)
+    acc = _wide_dtype(cd)
     lnw, lnb = LNW.to(acc), LNB.to(acc)
     if norm is not None:  # (the input LayerNorm, as the model's separate LayerNorm of A computes it)
         w_in, b_in = norm
@@ -336,7 +340,7 @@ def _reference_backward(gout, W12, W3, B12, B3, LNW, LNB, xins, zs, means, rstds
     N = gout.shape[0]
     w12, w3 = W12.to(cd).reshape(G, 2 * h, d), W3.to(cd)
     b12 = B12.to(cd).reshape(G, 2 * h) if B12 is not None else None
-    acc = _stream_dtype(cd)
+    acc = _wide_dtype(cd)
     lnw, lnb = LNW.to(acc), LNB.to(acc)
     if param_grads:
         flat = torch.empty(layout.total, dtype=acc, device=gout.device)
@@ -867,7 +871,7 @@ def _fwd_fake(x, weights, norms, norm_weight, norm_bias, units, glus, hidden, ep
     N, d = x.shape
     U = layout.units
     out = x.new_empty((N, d), dtype=out_dtype)
-    f32 = _stream_dtype(compute_dtype)
+    f32 = _wide_dtype(compute_dtype)
     # (opaque operators run without Triton, so on the reference path: no staged weights)
     staged = (x.new_empty(0, dtype=compute_dtype), x.new_empty(0, dtype=torch.float32))
     if not save:
@@ -1508,7 +1512,7 @@ def apply_rotary_tables(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: tor
     from the tables of :func:`rotary_tables`: ``x * cos + swap(x) * signed_sin`` where swap exchanges the two members of
     every rotated pair: ``(x0 cos - x1 sin, x1 cos + x0 sin)``, the original's float ops. ``interleaved=True`` pairs
     (2i, 2i+1) (the original PLDR-LLM), otherwise (i, i + d/2) (``rotate_half``)."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    xf = x if x.dtype == torch.float64 else x.float()  # (every decoding step: no dtype promotion on the host)
     swapped = rotary_swap(xf, interleaved)
     # Not addcmul: its fused multiply-add rounds differently from the original's separate products.
     return (xf * cos_full + swapped * sin_signed).to(x.dtype)

@@ -67,6 +67,7 @@ from .metric_learner import (  # noqa: F401  (A_LM_EPSILON, apply_rotary_tables,
     _global_hooks,
     _gram,
     _has_hooks,
+    _wide_dtype,
     _widens,
     apply_rotary_tables,
     LearnerLayout,
@@ -184,15 +185,6 @@ def _linear_bias_folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     x_aug = torch.cat((x, ones, x.new_zeros(*x.shape[:-1], extra - 1)), dim=-1)
     w_aug = torch.cat((weight, bias[:, None].to(weight.dtype), weight.new_zeros(weight.shape[0], extra - 1)), dim=1)
     return F.linear(x_aug, w_aug)
-
-
-def _wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """The dtype of the metric sum, the power law and the other steps that 16-bit models compute in float32: float32,
-    or float64 where a tensor is float64 (a float64 model computes everything in float64, e.g. for gradcheck)."""
-    out = torch.float32
-    for dtype in dtypes:
-        out = torch.promote_types(out, dtype)
-    return out
 
 
 def _joint_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
@@ -796,7 +788,7 @@ def _power_law_step(A, params) -> tuple[torch.Tensor, torch.Tensor]:
 def _normed_metric(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """The LayerNorm of the float32 (float64) metric sum A (``layernorm1`` of the attention), in the LayerNorm's
     dtype."""
-    if weight.dtype == _wide_dtype(weight.dtype):
+    if weight.dtype in (torch.float32, torch.float64):
         return F.layer_norm(A.to(weight.dtype), weight.shape, weight, bias, eps)
     # A float16/bfloat16 model normalises the float32 sum before casting it: the raw sum grows with the sequence
     # length and |q|^2 and overflows float16 (65504) on long or large-norm inputs (inf, then NaN).

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .metric_learner import _wide_dtype
+
 CHUNK = 64  # slots per chunk: one chunk's x^T x and x G_LM are [64, d] x [d, d] GEMMs, batched over chunks and heads
 
 
@@ -118,7 +120,7 @@ class SequenceGroups:
         """``sum q_s^T q_s`` over each group's tokens in float32 (float64 for float64 q): q [batch, heads, seq, d] ->
         [groups, heads, d, d]."""
         x = self.members.gather(_flat_tokens(q))  # [chunks, CHUNK, heads, d]
-        x = x.to(torch.promote_types(x.dtype, torch.float32))  # (float32, or float64 in a float64 model)
+        x = x.to(_wide_dtype(x.dtype))  # (float32, or float64 in a float64 model)
         weighted = x if self.member_weight is None else x * self.member_weight[:, :, None, None].to(x.dtype)
         partial = torch.einsum("clhd,clhe->chde", weighted, x)
         total = partial.new_zeros((self.num_groups,) + tuple(partial.shape[1:]))
